@@ -1,0 +1,84 @@
+"""Regenerate the bundled sample data and the shipped tokenizer.
+
+    python -m embedded.generate
+
+Writes, deterministically:
+  data/sample/chat_arithmetic.jsonl   ChatML `messages`, addition and two-turn follow-ups
+  data/sample/reverse_alpaca.json     Alpaca `instruction/input/output` JSON array, word reversal
+  data/sample/heldout.jsonl           held-out dialogues of all three tasks, never trained on
+  embedded/assets/tokenizer/          the byte-level BPE with the ChatML template
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from embedded.tasks import Message, addition, follow_up, reversal, sample_dialogue, to_alpaca
+from embedded.tokenizer import save_tokenizer, train_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+TOKENIZER_DIR = REPO_ROOT / "embedded" / "assets" / "tokenizer"
+
+HELDOUT_PER_TASK = 20
+CHAT_SAMPLES = 2400
+ALPACA_SAMPLES = 1200
+
+
+def _key(messages: list[Message]) -> str:
+    return json.dumps(messages, sort_keys=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def generate_samples() -> dict[str, list]:
+    """Held-out dialogues first, then training dialogues that never repeat a held-out one."""
+    rng = random.Random(1234)
+    heldout: list[list[Message]] = []
+    seen: set[str] = set()
+    for task in (addition, reversal, follow_up):
+        drawn = 0
+        while drawn < HELDOUT_PER_TASK:
+            dialogue = task(rng)
+            if _key(dialogue) not in seen:
+                seen.add(_key(dialogue))
+                heldout.append(dialogue)
+                drawn += 1
+
+    chat, alpaca = [], []
+    while len(chat) < CHAT_SAMPLES:
+        dialogue = rng.choice((addition, follow_up))(rng)
+        if _key(dialogue) not in seen:
+            chat.append({"messages": dialogue})
+    while len(alpaca) < ALPACA_SAMPLES:
+        dialogue = reversal(rng)
+        if _key(dialogue) not in seen:
+            alpaca.append(to_alpaca(dialogue))
+    return {"heldout": [{"messages": m} for m in heldout], "chat": chat, "alpaca": alpaca}
+
+
+def tokenizer_corpus(n: int = 4000) -> list[str]:
+    rng = random.Random(99)
+    return [
+        "\n".join(m["content"] for m in sample_dialogue(rng)) + "\nuser\nassistant\nsystem\nYou are a helpful assistant."
+        for _ in range(n)
+    ]
+
+
+def main() -> None:
+    SAMPLE_DIR.mkdir(parents=True, exist_ok=True)
+    samples = generate_samples()
+    _write_atomic(SAMPLE_DIR / "chat_arithmetic.jsonl", "".join(json.dumps(r) + "\n" for r in samples["chat"]))
+    _write_atomic(SAMPLE_DIR / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in samples["heldout"]))
+    _write_atomic(SAMPLE_DIR / "reverse_alpaca.json", json.dumps(samples["alpaca"], indent=1) + "\n")
+    save_tokenizer(train_tokenizer(tokenizer_corpus()), TOKENIZER_DIR)
+
+
+if __name__ == "__main__":
+    main()

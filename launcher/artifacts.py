@@ -1,0 +1,107 @@
+"""Files every run leaves in its output directory, whatever tracker is used.
+
+- `config.yaml`: the resolved configuration of the run.
+- `metrics.jsonl`: one JSON object per logging event (step, loss, nll, avg_p_correct, ...).
+- `loss.png`: loss and nll against the step (eval points marked), refreshed at each save and at the end.
+All are written by rank 0, to a temporary path then renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE, LOSS_PLOT_FILE, CONFIG_FILE = "metrics.jsonl", "loss.png", "config.yaml"
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    tmp.replace(path)
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(output_dir: str | Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    train = [r for r in records if "loss" in r and "nll" in r]
+    evals = [r for r in records if "eval_nll" in r]
+    if not train and not evals:
+        return None
+    fig, loss_axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+    loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("loss (optimised)", color="tab:blue")
+    nll_axis = loss_axis.twinx()
+    nll_axis.plot([r["step"] for r in train], [r["nll"] for r in train], color="tab:orange", label="nll")
+    nll_axis.scatter([r["step"] for r in evals], [r["eval_nll"] for r in evals], color="tab:red", marker="x", label="eval_nll")
+    nll_axis.set_ylabel("nll (cross-entropy)", color="tab:orange")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    path = Path(output_dir) / LOSS_PLOT_FILE
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+class RunArtifactsCallback(TrainerCallback):
+    """Appends each log event to `metrics.jsonl`, logs a plain summary line, and redraws `loss.png`."""
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.output_dir = Path(output_dir)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, **{k: _jsonable(v) for k, v in logs.items()}}
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        logger.info("step %d/%d %s", state.global_step, state.max_steps, _summary(logs))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            plot_loss(self.output_dir)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            plot_loss(self.output_dir)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _summary(logs: dict[str, Any]) -> str:
+    parts = []
+    for key, value in logs.items():
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)

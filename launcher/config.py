@@ -1,0 +1,195 @@
+"""Typed configuration: the schema every Hydra composition is checked against.
+
+The dataclasses below are registered with Hydra's ConfigStore as the base of
+`conf/config.yaml`, so a misspelled key or a value of the wrong type fails at
+composition time, before anything is built, with Hydra naming the full key.
+`TrainingConfig` is generated from `transformers.TrainingArguments` itself, so
+every Trainer field is settable as `training.<field>=...` under its usual
+name and type, and a new transformers release brings its new fields along.
+`to_run_config` turns the composed config into these dataclasses, which runs
+each `__post_init__` value check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from transformers import TrainingArguments
+
+_PRIMITIVES = (bool, int, float, str)
+
+
+def _schema_type(hint: Any) -> Any:
+    """Map a TrainingArguments annotation to one OmegaConf can check (primitives, else Any)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(members) == 1:
+            return Optional[_schema_type(members[0])]
+        return Any
+    if hint in _PRIMITIVES:
+        return hint
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return str
+    return Any
+
+
+def _schema_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        value = f.default
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return [v.value if isinstance(v, enum.Enum) else v for v in value]
+    return value
+
+
+def _training_config_class() -> type:
+    hints = typing.get_type_hints(TrainingArguments)
+    fields = []
+    for f in dataclasses.fields(TrainingArguments):
+        if not f.init:
+            continue
+        schema_type = _schema_type(hints[f.name])
+        default = _schema_default(f)
+        if default is None and schema_type is not Any and typing.get_origin(schema_type) is not typing.Union:
+            schema_type = Optional[schema_type]
+        if isinstance(default, (list, dict)):
+            fields.append((f.name, schema_type, field(default_factory=lambda d=default: type(d)(d))))
+        else:
+            fields.append((f.name, schema_type, field(default=default)))
+    return dataclasses.make_dataclass(
+        "TrainingConfig", fields, namespace={"__doc__": "Every `transformers.TrainingArguments` field, typed."}
+    )
+
+
+TrainingConfig = _training_config_class()
+
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+LOSS_TYPES = ("dft", "ce")
+LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "embedded:tiny-qwen2"
+    """A hub id or local directory, or `embedded:<name>` for a tiny model built and cached locally."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Defaults to `name_or_path`."""
+    dtype: str = "auto"
+    """Weights dtype at load: auto (bfloat16 when `training.bf16`, else float32), bfloat16, float16, float32."""
+    attn_implementation: str = "auto"
+    """auto: flash_attention_2 when the package and a GPU are present, else sdpa."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model; off unless you trust its author."""
+    cache_dir: str = ".cache/models"
+    """Where embedded models are built once and reused."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = MISSING
+    """Chat files (JSONL or JSON array) in ChatML `messages`, ShareGPT or Alpaca schema."""
+    max_length: int = 512
+    """Samples longer than this are truncated from the end; samples left with no trainable token are dropped."""
+    num_proc: int = 2
+    """Worker processes for tokenisation."""
+    validation_split_percentage: float = 0.0
+    """Share of samples held out for `eval_loss`/`eval_nll` (deterministic with `training.seed`)."""
+
+    def __post_init__(self) -> None:
+        if len(self.sources) == 0:
+            raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length={self.max_length} is too small (at least 8 tokens)")
+        if self.num_proc < 1:
+            raise ValueError(f"data.num_proc={self.num_proc} must be >= 1")
+        if not 0.0 <= self.validation_split_percentage < 100.0:
+            raise ValueError(
+                f"data.validation_split_percentage={self.validation_split_percentage} must be in [0, 100)"
+            )
+
+
+@dataclass
+class LossConfig:
+    type: str = "dft"
+    """dft: CE weighted by alpha * p_correct.detach() + (1 - alpha); ce: the model's own cross-entropy."""
+    alpha: float = 1.0
+    """DFT weight of the probability term: 1 is the paper's DFT, 0 is cross-entropy."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.type", self.type, LOSS_TYPES)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"loss.alpha={self.alpha} must be in [0, 1]")
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: Optional[str] = None
+    """Path of a DeepSpeed JSON under ds_config/, or null for a plain (DDP or single-process) run."""
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"
+    """none, swanlab, wandb or tensorboard; only rank 0 starts a tracker."""
+    project: str = "dft-sft"
+    run_name: Optional[str] = None
+    """Defaults to the output directory's name."""
+    mode: str = "offline"
+    """Tracker mode: online, offline (or local for SwanLab)."""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.backend", self.backend, LOGGER_BACKENDS)
+
+
+@dataclass
+class HeldoutConfig:
+    file: Optional[str] = None
+    """ChatML JSONL whose dialogues end with the reference reply; null skips the before/after table."""
+    max_samples: int = 60
+    max_new_tokens: int = 16
+    show: int = 8
+    """Rows of generations printed in the before/after table."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/demo"
+    """One directory for every rank (no per-rank timestamps): model, config, metrics, logs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and build the typed dataclasses (runs every `__post_init__` check)."""
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,58 @@
+"""Model and tokenizer loading: embedded models, dtype and attention backend choice."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from embedded.base_model import is_embedded, resolve_embedded_model
+from launcher.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model_cfg: ModelConfig) -> str:
+    """A local directory or hub id; embedded models are built once and cached."""
+    if is_embedded(model_cfg.name_or_path):
+        return str(resolve_embedded_model(model_cfg.name_or_path, model_cfg.cache_dir))
+    return model_cfg.name_or_path
+
+
+def load_tokenizer(model_cfg: ModelConfig, model_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_cfg.tokenizer_name_or_path or model_path, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def choose_attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def choose_dtype(requested: str, bf16: bool, deepspeed: bool) -> torch.dtype:
+    # Without DeepSpeed the Trainer keeps fp32 master weights only if the model is loaded in fp32;
+    # DeepSpeed's bf16 mode keeps its own fp32 copy, so bf16 weights are safe (and half the memory) there.
+    if requested == "auto":
+        return torch.bfloat16 if (bf16 and deepspeed) else torch.float32
+    return getattr(torch, requested)
+
+
+def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: bool) -> PreTrainedModel:
+    attn = choose_attn_implementation(model_cfg.attn_implementation)
+    dtype = choose_dtype(model_cfg.dtype, bf16, deepspeed)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("Loaded %s: %s parameters, dtype %s, attention %s", Path(model_path).name, f"{n_params:,}", dtype, attn)
+    return model

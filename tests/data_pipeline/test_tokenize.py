@@ -1,0 +1,99 @@
+"""Assistant-only labels: decoding the labelled tokens gives exactly the assistant replies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from data_pipeline.prepare import build_datasets
+from data_pipeline.tokenize import check_assistant_mask, tokenize_dialogue
+from dft.loss import IGNORE_INDEX
+from tests.conftest import SAMPLE_SOURCES
+
+DIALOGUE = [
+    {"role": "system", "content": "Answer with a number."},
+    {"role": "user", "content": "What is 3+4?"},
+    {"role": "assistant", "content": "7"},
+    {"role": "user", "content": "Now add 2."},
+    {"role": "assistant", "content": "9"},
+]
+
+# A Llama-3 style layout (headers, <|eot_id|>), written with generation markers.
+LLAMA3_STYLE_TEMPLATE = (
+    "{{- '<|begin_of_text|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + '<|eot_id|>' }}{%- endgeneration %}"
+    "{%- else %}{{- message['content'] + '<|eot_id|>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer(chatml_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    tokenizer.eos_token = "<|eot_id|>"
+    tokenizer.chat_template = LLAMA3_STYLE_TEMPLATE
+    return tokenizer
+
+
+def labelled_text(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
+    return tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3_style"])
+def test_labels_cover_every_assistant_turn_and_nothing_else(name: str, request: pytest.FixtureRequest) -> None:
+    tokenizer = request.getfixturevalue(f"{name}_tokenizer")
+    row = tokenize_dialogue(DIALOGUE, tokenizer, max_length=512)
+    end_of_turn = tokenizer.eos_token
+    assert labelled_text(row, tokenizer) == f"7{end_of_turn}9{end_of_turn}"
+    assert len(row["labels"]) == len(row["input_ids"]) == len(row["attention_mask"])
+    trained = [i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX]
+    assert all(row["labels"][i] == row["input_ids"][i] for i in trained)
+    check_assistant_mask(tokenizer)
+
+
+def test_truncation_keeps_the_start_and_counts_trainable_tokens(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    full = tokenize_dialogue(DIALOGUE, chatml_tokenizer, max_length=512)
+    first_reply_end = next(i for i, t in enumerate(full["labels"]) if t != IGNORE_INDEX) + 2
+    cut = tokenize_dialogue(DIALOGUE, chatml_tokenizer, max_length=first_reply_end)
+    assert cut["truncated"] and not full["truncated"]
+    assert cut["input_ids"] == full["input_ids"][:first_reply_end]
+    assert cut["num_trainable_tokens"] == 2 and full["num_trainable_tokens"] == 4
+
+
+def test_template_without_generation_markers_is_refused(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace(
+        "{%- endgeneration %}", ""
+    )
+    with pytest.raises(ValueError, match="empty assistant mask"):
+        check_assistant_mask(tokenizer)
+
+
+def test_build_datasets_on_the_sample_files(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    train, validation, stats = build_datasets(SAMPLE_SOURCES, chatml_tokenizer, 128, 2, 5.0, seed=0)
+    records = sum(s.records for s in stats.sources.values())
+    assert records == len(train) + len(validation)
+    assert all(s.kept + sum(s.dropped.values()) == s.records for s in stats.sources.values())
+    assert set(train.column_names) == {"input_ids", "attention_mask", "labels"}
+    assert abs(len(validation) - 0.05 * records) <= 1
+
+
+def test_samples_truncated_to_nothing_trainable_are_dropped_and_counted(
+    chatml_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    # 12 tokens keep the ChatML prompt of a two-turn addition but cut every reply.
+    train, _, stats = build_datasets(SAMPLE_SOURCES[:1], chatml_tokenizer, 12, 1, 0.0, seed=0)
+    source = stats.sources[SAMPLE_SOURCES[0]]
+    assert source.dropped.get("no_trainable_tokens_after_truncation", 0) > 0
+    assert source.kept + sum(source.dropped.values()) == source.records == 2400
+    assert len(train) == source.kept
+    assert all(any(t != IGNORE_INDEX for t in labels) for labels in train["labels"])
