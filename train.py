@@ -2,7 +2,7 @@
 
     python train.py                                   # embedded default: tiny model, bundled data, CPU
     python train.py loss.type=ce training.max_steps=50
-    deepspeed --num_gpus=8 train.py +experiment=qwen2_5_7b_zero3
+    deepspeed --num_gpus=8 train.py experiment=qwen2_5_7b_zero3
     torchrun --nproc_per_node=8 train.py deepspeed=zero3 model.name_or_path=/models/Qwen2.5-7B-Instruct
 
 The recipe: typed config -> logging -> model path and tokenizer -> held-out baseline
@@ -61,9 +61,10 @@ def main(cfg: DictConfig) -> None:
     tokenizer = load_tokenizer(run.model, model_path)
     before = heldout_eval(run, model_path)
 
-    training_args = TrainingArguments(**dataclasses.asdict(run.training))
-    if not torch.cuda.is_available() and not training_args.use_cpu:
-        training_args.use_cpu = True
+    training_kwargs = dataclasses.asdict(run.training)
+    if not torch.cuda.is_available():
+        training_kwargs["use_cpu"] = True  # the Trainer refuses bf16 on a GPU-less machine otherwise
+    training_args = TrainingArguments(**training_kwargs)
     try:
         train_set, validation_set, data_stats = build_datasets(
             run.data.sources,

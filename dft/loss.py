@@ -78,3 +78,172 @@ def dft_loss(
         num_tokens=num_valid,
     )
     return weighted_sum / denominator, stats
+
+
+def _loss_denominator(num_valid: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int:
+    """The step's token count when given, else the micro-batch's own count (at least 1, so never 0/0)."""
+    denominator = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
+    return denominator.to(num_valid.device) if torch.is_tensor(denominator) else denominator
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 logits of one chunk of rows, soft-capped when asked, and `tanh(logits / cap)` for the chain rule.
+
+    The matmul runs in the weight's dtype (the hidden rows are cast, not the `[vocab, hidden]` weight) with autocast
+    off, so the backward's recomputation gives the forward's logits bit for bit whatever autocast state it runs in.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = F.linear(hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).float()
+    if softcap is None:
+        return logits, None
+    # Gemma-2 style: cap * tanh(z / cap); d/dz = 1 - tanh^2, so tanh is kept for the backward.
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
+class _FusedLinearDFT(torch.autograd.Function):
+    """`sum_t w_t * CE_t` over the given rows of `hidden @ weight.T (+ bias)`, one chunk of logits at a time.
+
+    The forward keeps only per-token vectors (`lse`, `w`); the backward recomputes each chunk's logits, so neither
+    pass holds more than one `[chunk, vocab]` block (plus its float32 temporaries).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: torch.Tensor,
+        targets: torch.Tensor,
+        alpha: float,
+        chunk_size: int,
+        softcap: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nll = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(nll)
+        for start in range(0, rows.numel(), chunk_size):
+            end = start + chunk_size
+            logits, _ = _chunk_logits(hidden.index_select(0, rows[start:end]), weight, bias, softcap)
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            nll[start:end] = lse[start:end] - logits.gather(1, targets[start:end, None]).squeeze(1)
+            del logits  # free this chunk before the next one is allocated
+        token_weights = dft_token_weights(nll, alpha)
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, token_weights, lse)
+        ctx.chunk_size, ctx.softcap = chunk_size, softcap
+        sum_p_correct, sum_nll = torch.exp(-nll).sum(), nll.sum()
+        ctx.mark_non_differentiable(sum_p_correct, sum_nll)
+        return (nll * token_weights).sum(), sum_p_correct, sum_nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_weighted_sum: torch.Tensor,
+        _grad_sum_p_correct: torch.Tensor,
+        _grad_sum_nll: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, rows, targets, token_weights, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # d(sum_t w_t CE_t)/d(logits_t) = w_t * (softmax_t - onehot_t), w_t held constant (stop-gradient).
+        row_scale = token_weights * grad_weighted_sum.float()
+        # Each hidden row is written once, by one matmul, so it needs no float32 buffer; the weight and bias
+        # gradients sum over every chunk and accumulate in float32.
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            end = start + ctx.chunk_size
+            chunk_rows = rows[start:end]
+            chunk_hidden = hidden.index_select(0, chunk_rows)
+            logits, tanh = _chunk_logits(chunk_hidden, weight, bias, ctx.softcap)
+            grad_logits = logits.sub_(lse[start:end, None]).exp_()  # softmax, in place of the logits
+            grad_logits[torch.arange(chunk_rows.numel(), device=grad_logits.device), targets[start:end]] -= 1.0
+            grad_logits.mul_(row_scale[start:end, None])
+            if tanh is not None:
+                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
+                del tanh
+            if need_hidden:
+                chunk_grad = grad_logits.to(weight.dtype) @ weight
+                grad_hidden.index_copy_(0, chunk_rows, chunk_grad.to(hidden.dtype))
+            if need_weight:
+                # float32 addmm in place: no [vocab, hidden] temporary per chunk.
+                grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            del logits, grad_logits
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fused_dft_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int = 1024,
+    logit_softcap: float | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, DFTStats]:
+    """DFT loss from the hidden states, without materialising the `[tokens, vocab]` logits.
+
+    Same value, gradients and statistics as `dft_loss(hidden_states @ lm_head_weight.T, ...)`, but logits exist one
+    chunk of valid tokens at a time, in the forward and again (recomputed) in the backward. Tokens whose target is
+    `ignore_index` are never projected, and their hidden states get a zero gradient.
+
+    Args:
+        hidden_states: `[batch, seq, hidden]`, the input of the LM head (after the final norm).
+        lm_head_weight: `[vocab, hidden]`. The matmul runs in its dtype; logsumexp and CE in float32.
+        labels: `[batch, seq]`, aligned with the input ids; shifted here.
+        alpha: weight of the probability term; 0 gives cross-entropy.
+        ignore_index: label value of tokens that are not trained.
+        num_items_in_batch: denominator; the count of valid tokens when None.
+        chunk_size: valid tokens per chunk of logits: peak extra memory is a few `[chunk_size, vocab]` float32
+            blocks.
+        logit_softcap: when set, logits become `cap * tanh(logits / cap)` (Gemma-2) before the softmax.
+        lm_head_bias: `[vocab]`, when the LM head has a bias.
+
+    Returns:
+        The float32 scalar loss and the micro-batch's detached `DFTStats`. With no valid token the loss is a zero
+        still connected to the graph: the hidden states, weight and bias get zero gradients, not None.
+
+    Raises:
+        ValueError: on a non-positive `chunk_size` or `logit_softcap`, or shapes that do not match.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size}: must be a positive number of tokens")
+    if logit_softcap is not None and logit_softcap <= 0:
+        raise ValueError(f"logit_softcap={logit_softcap}: must be positive, or None for no soft-cap")
+    if hidden_states.shape[:-1] != labels.shape or hidden_states.size(-1) != lm_head_weight.size(-1):
+        raise ValueError(
+            f"hidden_states {tuple(hidden_states.shape)}, lm_head_weight {tuple(lm_head_weight.shape)} and labels "
+            f"{tuple(labels.shape)} do not match: expected [batch, seq, hidden], [vocab, hidden] and [batch, seq]"
+        )
+    targets = shift_labels(labels, ignore_index).reshape(-1).to(hidden_states.device)
+    valid = targets != ignore_index
+    rows = valid.nonzero().squeeze(1)
+    weighted_sum, sum_p_correct, sum_nll = _FusedLinearDFT.apply(
+        hidden_states.reshape(-1, hidden_states.size(-1)),
+        lm_head_weight,
+        lm_head_bias,
+        rows,
+        targets[rows],
+        alpha,
+        chunk_size,
+        logit_softcap,
+    )
+    num_valid = valid.sum()
+    stats = DFTStats(sum_p_correct=sum_p_correct, sum_nll=sum_nll, num_tokens=num_valid)
+    return weighted_sum / _loss_denominator(num_valid, num_items_in_batch), stats

@@ -192,4 +192,22 @@ def register_configs() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Resolve interpolations and build the typed dataclasses (runs every `__post_init__` check)."""
+    _reject_unknown_keys(cfg, RunConfig, prefix="")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing mandatory config values: {missing} (set them on the command line, e.g. {missing[0]}=...)")
     return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    # Hydra's `+key=value` opens the struct flag, so OmegaConf would accept a misspelled key there.
+    known = {f.name: f.type for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        if key not in known:
+            raise ValueError(f"unknown config key '{prefix}{key}' (valid keys under '{prefix or '<root>'}': {sorted(known)})")
+        child_schema = hints[key]
+        if dataclasses.is_dataclass(child_schema) and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], child_schema, prefix=f"{prefix}{key}.")

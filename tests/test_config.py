@@ -1,0 +1,106 @@
+"""Every config composes into the typed schema; bad keys and values fail before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from transformers import TrainingArguments
+
+from launcher.config import RunConfig, TrainingConfig, register_configs, to_run_config
+from tests.conftest import REPO_ROOT
+
+CONF_DIR = REPO_ROOT / "conf"
+register_configs()
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_run_config(compose(config_name="config", overrides=overrides))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_training_arguments_field_is_settable() -> None:
+    expected = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert expected == {f.name for f in dataclasses.fields(TrainingConfig)}
+
+
+def test_default_config_builds_training_arguments() -> None:
+    run = compose_run([])
+    assert run.model.name_or_path.startswith("embedded:")
+    assert run.loss.type == "dft" and run.training.output_dir == run.output_dir
+    args = TrainingArguments(**dataclasses.asdict(run.training))
+    assert args.learning_rate == run.training.learning_rate
+
+
+@pytest.mark.parametrize("group", ["model", "training", "deepspeed", "logger", "debug"])
+def test_every_group_option_composes(group: str) -> None:
+    for option in group_options(group):
+        overrides = [f"{group}={option}"]
+        if option == "hf":
+            overrides.append("model.name_or_path=/models/any")
+        run = compose_run(overrides)
+        if group == "training":
+            TrainingArguments(**{**dataclasses.asdict(run.training), "deepspeed": None, "use_cpu": True})
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_experiment_composes(experiment: str) -> None:
+    run = compose_run([f"experiment={experiment}", "data.sources=[a.jsonl]"])
+    assert isinstance(run, RunConfig)
+    assert run.output_dir != "outputs/demo"
+
+
+def test_training_arguments_are_overridable_by_their_usual_name() -> None:
+    run = compose_run(["training.learning_rate=3e-4", "training.lr_scheduler_type=constant", "training.max_steps=7"])
+    assert (run.training.learning_rate, run.training.lr_scheduler_type, run.training.max_steps) == (3e-4, "constant", 7)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.bogus_key=1", "Key 'bogus_key' not in 'TrainingConfig'"),
+        ("+training.bogus_key=1", "unknown config key 'training.bogus_key'"),
+        ("+model.nmae_or_path=x", "unknown config key 'model.nmae_or_path'"),
+        ("loss.alhpa=0.5", "Key 'alhpa' not in 'LossConfig'"),
+        ("training.max_steps=many", "training.max_steps"),
+        ("data.max_length=long", "data.max_length"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(Exception) as raised:
+        compose_run([override])
+    assert message in f"{raised.value} {raised.value.__cause__}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.type=mse", "loss.type='mse' is not one of"),
+        ("loss.alpha=1.5", "loss.alpha=1.5 must be in [0, 1]"),
+        ("data.sources=[]", "data.sources is empty"),
+        ("logger.backend=mlflow", "logger.backend='mlflow'"),
+        ("model.dtype=int8", "model.dtype='int8'"),
+    ],
+)
+def test_bad_values_fail_with_the_key(override: str, message: str) -> None:
+    with pytest.raises(Exception) as raised:
+        compose_run([override])
+    assert message in str(raised.value)
+
+
+def test_missing_data_sources_in_experiment_is_reported() -> None:
+    with pytest.raises(Exception, match="data.sources"):
+        compose_run(["experiment=qwen2_5_7b_zero3"])
+
+
+def test_conf_yaml_files_open_with_a_comment() -> None:
+    for path in Path(CONF_DIR).rglob("*.yaml"):
+        assert path.read_text().lstrip().startswith("#"), f"{path} should open with its purpose"
