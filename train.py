@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -27,7 +28,7 @@ from data_pipeline.sources import check_source_paths
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
 from evaluation.heldout import HeldoutResult, evaluate_heldout, format_comparison, load_heldout
-from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, write_atomic
+from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, use_readable_progress, write_atomic
 from launcher.config import RunConfig, register_configs, to_run_config
 from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
 from launcher.model import load_model, load_tokenizer, resolve_model_path
@@ -64,6 +65,8 @@ def main(cfg: DictConfig) -> None:
     training_kwargs = dataclasses.asdict(run.training)
     if not torch.cuda.is_available():
         training_kwargs["use_cpu"] = True  # the Trainer refuses bf16 on a GPU-less machine otherwise
+    if training_kwargs["disable_tqdm"] is None and not sys.stdout.isatty():
+        training_kwargs["disable_tqdm"] = True  # nohup/Slurm logs: plain lines that `tail -f` can read
     training_args = TrainingArguments(**training_kwargs)
     try:
         train_set, validation_set, data_stats = build_datasets(
@@ -88,6 +91,7 @@ def main(cfg: DictConfig) -> None:
             loss_type=run.loss.type,
             alpha=run.loss.alpha,
         )
+        use_readable_progress(trainer)
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         model.config.use_cache = True
         trainer.save_model(str(output_dir))

@@ -81,7 +81,9 @@ def _from_sharegpt(turns: Any, path: Path, line: int) -> list[Message]:
         speaker = turn.get("from") if isinstance(turn, dict) else None
         if speaker not in SHAREGPT_ROLES:
             raise DataFormatError(path, line, f"conversations[{i}]: unknown speaker {speaker!r}")
-        out.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), path, line, f"conversations[{i}]")})
+        out.append(
+            {"role": SHAREGPT_ROLES[speaker], "content": _text(turn.get("value"), path, line, f"conversations[{i}]")}
+        )
     return out
 
 

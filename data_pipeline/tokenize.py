@@ -43,7 +43,7 @@ def tokenize_dialogue(
     mask = list(encoded["assistant_masks"])
     truncated = len(input_ids) > max_length
     input_ids, mask = input_ids[:max_length], mask[:max_length]
-    labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask)]
+    labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
     return {
         INPUT_IDS_KEY: input_ids,
         ATTENTION_MASK_KEY: [1] * len(input_ids),

@@ -45,7 +45,9 @@ class DFTTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         labels = inputs["labels"]
         if self.loss_type == "ce":
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             with torch.no_grad():
                 _, stats = dft_loss(outputs.logits, labels, alpha=0.0)
         else:

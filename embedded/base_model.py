@@ -47,7 +47,7 @@ class BaseModelRecipe:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    pretrain_steps: int = 400
+    pretrain_steps: int = 800
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 7
@@ -135,9 +135,7 @@ def _pretrain(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, recip
     model.train()
     start = time.monotonic()
     for step in range(1, recipe.pretrain_steps + 1):
-        texts = [
-            tokenizer.apply_chat_template(sample_dialogue(rng), tokenize=False) for _ in range(recipe.batch_size)
-        ]
+        texts = [tokenizer.apply_chat_template(sample_dialogue(rng), tokenize=False) for _ in range(recipe.batch_size)]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss

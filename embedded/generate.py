@@ -66,7 +66,8 @@ def generate_samples() -> dict[str, list]:
 def tokenizer_corpus(n: int = 4000) -> list[str]:
     rng = random.Random(99)
     return [
-        "\n".join(m["content"] for m in sample_dialogue(rng)) + "\nuser\nassistant\nsystem\nYou are a helpful assistant."
+        "\n".join(m["content"] for m in sample_dialogue(rng))
+        + "\nuser\nassistant\nsystem\nYou are a helpful assistant."
         for _ in range(n)
     ]
 

@@ -83,9 +83,7 @@ def evaluate_heldout(
         reply_mask = full["assistant_masks"].to(model.device).bool()
         reply_mask[:, : prompt_ids.shape[1]] = False  # only the final, reference reply
         logits = model(input_ids=input_ids).logits[:, :-1].float()
-        token_nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
-        )
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
         nll_sum += token_nll[reply_mask[:, 1:]].sum().item()
         nll_count += int(reply_mask[:, 1:].sum())
     model.train(was_training)
@@ -96,10 +94,10 @@ def evaluate_heldout(
 def format_comparison(before: HeldoutResult, after: HeldoutResult, show: int) -> str:
     """A plain-text before/after table: a few generations, then accuracy and NLL."""
     rows = [("prompt", "reference", "before", "after")]
-    for b, a in list(zip(before.generations, after.generations))[:show]:
+    for b, a in list(zip(before.generations, after.generations, strict=True))[:show]:
         rows.append((b.prompt.replace("\n", " "), b.reference, _mark(b), _mark(a)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     n = len(before.generations)
     lines += [

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ def plot_loss(output_dir: str | Path) -> Path | None:
     loss_axis.set_ylabel("loss (optimised)", color="tab:blue")
     nll_axis = loss_axis.twinx()
     nll_axis.plot([r["step"] for r in train], [r["nll"] for r in train], color="tab:orange", label="nll")
-    nll_axis.scatter([r["step"] for r in evals], [r["eval_nll"] for r in evals], color="tab:red", marker="x", label="eval_nll")
+    nll_axis.scatter(
+        [r["step"] for r in evals], [r["eval_nll"] for r in evals], color="tab:red", marker="x", label="eval_nll"
+    )
     nll_axis.set_ylabel("nll (cross-entropy)", color="tab:orange")
     fig.legend(loc="upper right")
     fig.tight_layout()
@@ -70,8 +73,24 @@ class RunArtifactsCallback(TrainerCallback):
     def __init__(self, output_dir: str | Path) -> None:
         self.output_dir = Path(output_dir)
 
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        # A fresh run starts a fresh file; a resumed one keeps the history up to its checkpoint.
+        kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= state.global_step]
+        if state.global_step == 0:
+            kept = []
+        write_atomic(self.output_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+
     def on_log(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
@@ -84,9 +103,25 @@ class RunArtifactsCallback(TrainerCallback):
         if state.is_world_process_zero:
             plot_loss(self.output_dir)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero:
             plot_loss(self.output_dir)
+
+
+class _BarOnlyProgressCallback(ProgressCallback):
+    """tqdm bars without the dict dump of each log event: RunArtifactsCallback logs a readable line instead."""
+
+    def on_log(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def use_readable_progress(trainer: Trainer) -> None:
+    """One plain log line per logging interval; a tqdm bar (rank 0) only when the console is a TTY."""
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarOnlyProgressCallback())
 
 
 def _jsonable(value: Any) -> Any:

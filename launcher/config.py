@@ -124,9 +124,7 @@ class DataConfig:
         if self.num_proc < 1:
             raise ValueError(f"data.num_proc={self.num_proc} must be >= 1")
         if not 0.0 <= self.validation_split_percentage < 100.0:
-            raise ValueError(
-                f"data.validation_split_percentage={self.validation_split_percentage} must be in [0, 100)"
-            )
+            raise ValueError(f"data.validation_split_percentage={self.validation_split_percentage} must be in [0, 100)")
 
 
 @dataclass
@@ -195,7 +193,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     _reject_unknown_keys(cfg, RunConfig, prefix="")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ValueError(f"missing mandatory config values: {missing} (set them on the command line, e.g. {missing[0]}=...)")
+        raise ValueError(
+            f"missing mandatory config values: {missing} (set them on the command line, e.g. {missing[0]}=...)"
+        )
     return OmegaConf.to_object(cfg)
 
 
@@ -207,7 +207,9 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
         if key == "hydra":
             continue
         if key not in known:
-            raise ValueError(f"unknown config key '{prefix}{key}' (valid keys under '{prefix or '<root>'}': {sorted(known)})")
+            raise ValueError(
+                f"unknown config key '{prefix}{key}' (valid keys under '{prefix or '<root>'}': {sorted(known)})"
+            )
         child_schema = hints[key]
         if dataclasses.is_dataclass(child_schema) and isinstance(node[key], DictConfig):
             _reject_unknown_keys(node[key], child_schema, prefix=f"{prefix}{key}.")

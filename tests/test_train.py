@@ -1,0 +1,116 @@
+"""train.py end to end, as a user runs it: a subprocess on the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from launcher.artifacts import read_metrics
+from tests.conftest import REPO_ROOT
+
+TRAIN_METRICS = ("loss", "nll", "avg_p_correct", "learning_rate", "grad_norm", "trainable_tokens_per_second")
+
+
+def run_train(output_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [sys.executable, "train.py", f"output_dir={output_dir}", *overrides]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def run_ok(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    result = run_train(output_dir, *overrides)
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+
+
+@pytest.mark.slow
+def test_quick_run_leaves_a_complete_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_ok(out, "debug=quick")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+    assert model.config.use_cache is True
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert (out / "model.safetensors").exists()
+
+    saved_config = (out / "config.yaml").read_text()
+    assert "max_steps: 6" in saved_config and "${" not in saved_config  # resolved
+
+    train_records = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    for record in train_records:
+        assert set(TRAIN_METRICS) <= set(record), record
+        assert 0.0 < record["avg_p_correct"] < 1.0 and record["nll"] > 0
+    assert all("train/" not in key for record in read_metrics(out) for key in record)
+    assert any("eval_nll" in r for r in read_metrics(out))
+
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5_000
+    log = (out / "logs" / "rank0.log").read_text()
+    assert "Saved the final model" in log and "held-out exact match" in log
+
+
+@pytest.mark.slow
+def test_ce_and_alpha_zero_give_the_same_loss_at_every_step(tmp_path: Path) -> None:
+    common = ("debug=quick", "training.logging_steps=1", "heldout.file=null", "training.eval_strategy=no")
+    run_ok(tmp_path / "ce", "loss.type=ce", *common)
+    run_ok(tmp_path / "alpha0", "loss.type=dft", "loss.alpha=0", *common)
+    run_ok(tmp_path / "dft", "loss.type=dft", "loss.alpha=1", *common)
+    ce, alpha0, dft = (train_losses(tmp_path / name) for name in ("ce", "alpha0", "dft"))
+    assert len(ce) == 6
+    torch.testing.assert_close(torch.tensor(alpha0), torch.tensor(ce), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.tensor(dft), torch.tensor(ce), rtol=1e-2)  # the weighting does something
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_split_gives_the_same_losses(tmp_path: Path) -> None:
+    common = ("debug=quick", "training.logging_steps=1", "heldout.file=null", "training.eval_strategy=no")
+    run_ok(tmp_path / "ga1", "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1", *common)
+    run_ok(tmp_path / "ga4", "training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=4", *common)
+    whole, split = train_losses(tmp_path / "ga1"), train_losses(tmp_path / "ga4")
+    assert len(whole) == 6
+    torch.testing.assert_close(torch.tensor(split), torch.tensor(whole), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.bogus_key=1"], "training.bogus_key"),
+        (["data.sources=[missing.jsonl]"], "data.sources[0]: no such file 'missing.jsonl'"),
+        (["loss.type=mse"], "loss.type='mse'"),
+    ],
+)
+def test_bad_config_fails_before_any_model_is_built(tmp_path: Path, overrides: list[str], message: str) -> None:
+    out = tmp_path / "run"
+    result = run_train(out, *overrides, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_default_demo_shows_learning(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = run_ok(out)
+    report = (out / "heldout.txt").read_text()
+    assert report in result.stdout + (out / "logs" / "rank0.log").read_text()
+    accuracy = re.search(r"exact match .*before ([\d.]+)%\s+after ([\d.]+)%", report)
+    nll = re.search(r"assistant NLL:\s+before ([\d.]+)\s+after ([\d.]+)", report)
+    assert accuracy and nll, report
+    assert float(accuracy.group(2)) > float(accuracy.group(1)), report
+    assert float(nll.group(2)) < float(nll.group(1)), report
+    evals = [r["eval_nll"] for r in read_metrics(out) if "eval_nll" in r]
+    assert evals[-1] < evals[0], evals
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
