@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+import deepspeed
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +33,7 @@ from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, use_readable_p
 from launcher.config import RunConfig, register_configs, to_run_config
 from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
 from launcher.model import load_model, load_tokenizer, resolve_model_path
+from launcher.preflight import check_deepspeed_config
 from launcher.trackers import tracker_callbacks
 
 logger = logging.getLogger("train")
@@ -52,6 +54,7 @@ def heldout_eval(run: RunConfig, model_path: str) -> HeldoutResult | None:
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
     check_source_paths(run.data.sources + ([run.heldout.file] if run.heldout.file else []))
+    check_deepspeed_config(run.deepspeed.config)
     output_dir = Path(run.output_dir)
     log_path = setup_logging(output_dir)
     if is_rank_zero():
@@ -68,6 +71,8 @@ def main(cfg: DictConfig) -> None:
     if training_kwargs["disable_tqdm"] is None and not sys.stdout.isatty():
         training_kwargs["disable_tqdm"] = True  # nohup/Slurm logs: plain lines that `tail -f` can read
     training_args = TrainingArguments(**training_kwargs)
+    if training_args.deepspeed:
+        deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     try:
         train_set, validation_set, data_stats = build_datasets(
             run.data.sources,

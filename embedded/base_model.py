@@ -47,7 +47,7 @@ class BaseModelRecipe:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    pretrain_steps: int = 800
+    pretrain_steps: int = 400
     batch_size: int = 32
     learning_rate: float = 3e-3
     seed: int = 7

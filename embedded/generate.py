@@ -3,7 +3,7 @@
     python -m embedded.generate
 
 Writes, deterministically:
-  data/sample/chat_arithmetic.jsonl   ChatML `messages`, addition and two-turn follow-ups
+  data/sample/chat_letters.jsonl      ChatML `messages`, rotation and two-turn follow-ups
   data/sample/reverse_alpaca.json     Alpaca `instruction/input/output` JSON array, word reversal
   data/sample/heldout.jsonl           held-out dialogues of all three tasks, never trained on
   embedded/assets/tokenizer/          the byte-level BPE with the ChatML template
@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from embedded.tasks import Message, addition, follow_up, reversal, sample_dialogue, to_alpaca
+from embedded.tasks import Message, follow_up, reversal, rotation, sample_dialogue, to_alpaca
 from embedded.tokenizer import save_tokenizer, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,8 +27,8 @@ CHAT_SAMPLES = 2400
 ALPACA_SAMPLES = 1200
 
 
-def _key(messages: list[Message]) -> str:
-    return json.dumps(messages, sort_keys=True)
+def _word(messages: list[Message]) -> str:
+    return messages[0]["content"].split("\n")[1]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -38,27 +38,27 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def generate_samples() -> dict[str, list]:
-    """Held-out dialogues first, then training dialogues that never repeat a held-out one."""
+    """Held-out dialogues first, each on its own word; training dialogues never use a held-out word."""
     rng = random.Random(1234)
     heldout: list[list[Message]] = []
-    seen: set[str] = set()
-    for task in (addition, reversal, follow_up):
+    heldout_words: set[str] = set()
+    for task in (reversal, rotation, follow_up):
         drawn = 0
         while drawn < HELDOUT_PER_TASK:
             dialogue = task(rng)
-            if _key(dialogue) not in seen:
-                seen.add(_key(dialogue))
+            if _word(dialogue) not in heldout_words:
+                heldout_words.add(_word(dialogue))
                 heldout.append(dialogue)
                 drawn += 1
 
     chat, alpaca = [], []
     while len(chat) < CHAT_SAMPLES:
-        dialogue = rng.choice((addition, follow_up))(rng)
-        if _key(dialogue) not in seen:
+        dialogue = rng.choice((rotation, follow_up))(rng)
+        if _word(dialogue) not in heldout_words:
             chat.append({"messages": dialogue})
     while len(alpaca) < ALPACA_SAMPLES:
         dialogue = reversal(rng)
-        if _key(dialogue) not in seen:
+        if _word(dialogue) not in heldout_words:
             alpaca.append(to_alpaca(dialogue))
     return {"heldout": [{"messages": m} for m in heldout], "chat": chat, "alpaca": alpaca}
 
@@ -75,7 +75,7 @@ def tokenizer_corpus(n: int = 4000) -> list[str]:
 def main() -> None:
     SAMPLE_DIR.mkdir(parents=True, exist_ok=True)
     samples = generate_samples()
-    _write_atomic(SAMPLE_DIR / "chat_arithmetic.jsonl", "".join(json.dumps(r) + "\n" for r in samples["chat"]))
+    _write_atomic(SAMPLE_DIR / "chat_letters.jsonl", "".join(json.dumps(r) + "\n" for r in samples["chat"]))
     _write_atomic(SAMPLE_DIR / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in samples["heldout"]))
     _write_atomic(SAMPLE_DIR / "reverse_alpaca.json", json.dumps(samples["alpaca"], indent=1) + "\n")
     save_tokenizer(train_tokenizer(tokenizer_corpus()), TOKENIZER_DIR)

@@ -1,12 +1,15 @@
 """Synthetic, learnable chat tasks for the embedded default.
 
-Three small task families that a few-hundred-thousand-parameter model can learn
-on two CPU cores in a minute: addition of small numbers, reversing a short
-word, and a two-turn follow-up ("now add k") that needs the previous answer.
+Three letter-permutation tasks on three-letter words over a six-letter alphabet:
+reversal, left rotation, and a two-turn dialogue (reverse, then "now rotate it
+left") whose second answer depends on the first. A few-hundred-thousand-parameter
+model learns them on two CPU cores in a minute, and they suit DFT: even an
+untrained answer puts probability ~1/3 on each of the word's letters, so no
+target token starts at `p ~ 0` (DFT's gradient is that of `-p`).
+
 Every generator is a pure function of a `random.Random`, so the bundled files,
-the held-out prompts and the base model's pre-training corpus are reproducible
-and disjoint (they are drawn with different seeds and the held-out prompts are
-removed from the training files by `embedded.generate`).
+the held-out prompts and the base model's pre-training corpus are reproducible;
+held-out dialogues are removed from the training files by `embedded.generate`.
 """
 
 from __future__ import annotations
@@ -14,46 +17,53 @@ from __future__ import annotations
 import random
 from typing import Any
 
-LETTERS = "abcdefghij"
-MAX_OPERAND = 29
+LETTERS = "abcdef"
+WORD_LENGTH = 3
 # Shared with the Alpaca rendering so both bundled schemas teach one prompt format.
 REVERSE_INSTRUCTION = "Reverse the word."
+ROTATE_INSTRUCTION = "Rotate the word left."
+FOLLOW_UP = "Now rotate it left."
 
 Message = dict[str, str]
 
 
-def addition(rng: random.Random) -> list[Message]:
-    a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
-    return [
-        {"role": "user", "content": f"What is {a}+{b}?"},
-        {"role": "assistant", "content": str(a + b)},
-    ]
-
-
 def random_letters(rng: random.Random) -> list[str]:
-    return [rng.choice(LETTERS) for _ in range(rng.randint(3, 4))]
+    return [rng.choice(LETTERS) for _ in range(WORD_LENGTH)]
+
+
+def _spell(letters: list[str]) -> str:
+    # Space-separated so each letter is one token whatever BPE merges.
+    return " ".join(letters)
 
 
 def reversal(rng: random.Random) -> list[Message]:
-    # Letters are space-separated so each is one token whatever BPE merges.
     letters = random_letters(rng)
     return [
-        {"role": "user", "content": f"{REVERSE_INSTRUCTION}\n{' '.join(letters)}"},
-        {"role": "assistant", "content": " ".join(reversed(letters))},
+        {"role": "user", "content": f"{REVERSE_INSTRUCTION}\n{_spell(letters)}"},
+        {"role": "assistant", "content": _spell(letters[::-1])},
+    ]
+
+
+def rotation(rng: random.Random) -> list[Message]:
+    letters = random_letters(rng)
+    return [
+        {"role": "user", "content": f"{ROTATE_INSTRUCTION}\n{_spell(letters)}"},
+        {"role": "assistant", "content": _spell(letters[1:] + letters[:1])},
     ]
 
 
 def follow_up(rng: random.Random) -> list[Message]:
-    a, b, k = rng.randint(0, 9), rng.randint(0, 9), rng.randint(1, 9)
+    letters = random_letters(rng)
+    reversed_letters = letters[::-1]
     return [
-        {"role": "user", "content": f"What is {a}+{b}?"},
-        {"role": "assistant", "content": str(a + b)},
-        {"role": "user", "content": f"Now add {k}."},
-        {"role": "assistant", "content": str(a + b + k)},
+        {"role": "user", "content": f"{REVERSE_INSTRUCTION}\n{_spell(letters)}"},
+        {"role": "assistant", "content": _spell(reversed_letters)},
+        {"role": "user", "content": FOLLOW_UP},
+        {"role": "assistant", "content": _spell(reversed_letters[1:] + reversed_letters[:1])},
     ]
 
 
-TASKS = {"addition": addition, "reversal": reversal, "follow_up": follow_up}
+TASKS = {"reversal": reversal, "rotation": rotation, "follow_up": follow_up}
 
 
 def sample_dialogue(rng: random.Random, task: str | None = None) -> list[Message]:
@@ -63,6 +73,6 @@ def sample_dialogue(rng: random.Random, task: str | None = None) -> list[Message
 
 
 def to_alpaca(messages: list[Message]) -> dict[str, Any]:
-    """Render a single-turn reversal dialogue as an Alpaca record."""
+    """Render a single-turn dialogue whose prompt is `instruction\\ninput` as an Alpaca record."""
     instruction, word = messages[0]["content"].split("\n")
     return {"instruction": instruction, "input": word, "output": messages[1]["content"]}

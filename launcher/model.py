@@ -53,6 +53,7 @@ def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: b
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code
     )
-    n_params = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 each rank holds a shard; ds_numel is the full size.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     logger.info("Loaded %s: %s parameters, dtype %s, attention %s", Path(model_path).name, f"{n_params:,}", dtype, attn)
     return model

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO_ROOT / "embedded" / "assets" / "tokenizer"
 SAMPLE_SOURCES = [
-    str(REPO_ROOT / "data" / "sample" / "chat_arithmetic.jsonl"),
+    str(REPO_ROOT / "data" / "sample" / "chat_letters.jsonl"),
     str(REPO_ROOT / "data" / "sample" / "reverse_alpaca.json"),
 ]
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train on several nodes. Run this script on every node with the same arguments and its own NODE_RANK:
+# torchrun's static rendezvous at MASTER_ADDR:MASTER_PORT joins them, and node 0 holds global rank 0
+# (which writes the model and metrics). With HOSTFILE set, run it once, on node 0: the DeepSpeed launcher
+# starts every host listed there over ssh (pdsh), so each needs the repo and the env at the same path.
+# With NNODES=1 it is a plain single-node torchrun.
+#
+# Variables (and those of launch/env.sh: REPO_DIR, PYTHON, NUM_GPUS, CPU_THREADS_PER_RANK):
+#   NNODES       number of nodes (default 1)
+#   NODE_RANK    this node's index, 0 on the MASTER_ADDR node (default 0)
+#   MASTER_ADDR  address of node 0 that every node can reach (default 127.0.0.1)
+#   MASTER_PORT  rendezvous port on node 0 (default 29500)
+#   HOSTFILE     a DeepSpeed hostfile ("node0 slots=8" lines): launch with DeepSpeed instead of torchrun
+# Arguments: Hydra overrides for train.py.
+#
+# Example (2 nodes of 8 GPUs):
+#   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3
+#   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3
+#   node0$ HOSTFILE=hostfile MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3
+set -euo pipefail
+
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+HOSTFILE=${HOSTFILE:-}
+# shellcheck source=launch/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+
+if [[ -n "$HOSTFILE" ]]; then
+  exec "$PYTHON" -m deepspeed.launcher.runner --hostfile="$HOSTFILE" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
+fi
+setup_ranks_per_node
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+  --nproc_per_node="$NUM_GPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
