@@ -77,8 +77,9 @@ def test_ce_and_alpha_zero_give_the_same_loss_at_every_step(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_gradient_accumulation_split_gives_the_same_losses(tmp_path: Path) -> None:
     common = ("debug=quick", "training.logging_steps=1", "heldout.file=null", "training.eval_strategy=no")
-    run_ok(tmp_path / "ga1", "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1", *common)
-    run_ok(tmp_path / "ga4", "training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=4", *common)
+    batch, accumulation = "training.per_device_train_batch_size", "training.gradient_accumulation_steps"
+    run_ok(tmp_path / "ga1", f"{batch}=4", f"{accumulation}=1", *common)
+    run_ok(tmp_path / "ga4", f"{batch}=1", f"{accumulation}=4", *common)
     whole, split = train_losses(tmp_path / "ga1"), train_losses(tmp_path / "ga4")
     assert len(whole) == 6
     torch.testing.assert_close(torch.tensor(split), torch.tensor(whole), rtol=1e-4, atol=1e-6)
