@@ -7,7 +7,7 @@
 
 The recipe: typed config -> logging -> model path and tokenizer -> held-out baseline
 -> Trainer arguments (starts the process group) -> data -> model -> train -> save
--> held-out comparison -> teardown.
+-> held-out comparison and samples.md -> teardown.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 import deepspeed
 import hydra
 import torch
+from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
-from transformers import DataCollatorForSeq2Seq, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from data_pipeline.prepare import build_datasets
@@ -29,7 +30,10 @@ from data_pipeline.sources import check_source_paths
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
 from evaluation.heldout import HeldoutResult, evaluate_heldout, format_comparison, load_heldout
-from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, use_readable_progress, write_atomic
+from evaluation.samples import samples_markdown
+from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress, write_atomic
+from launcher.banner import end_summary, startup_banner
+from launcher.checkpoints import resolve_resume_checkpoint
 from launcher.config import RunConfig, register_configs, to_run_config
 from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
 from launcher.model import load_model, load_tokenizer, resolve_model_path
@@ -40,14 +44,27 @@ logger = logging.getLogger("train")
 register_configs()
 
 
-def heldout_eval(run: RunConfig, model_path: str) -> HeldoutResult | None:
-    """Greedy generations and NLL on held-out prompts, on rank 0 with a plain (unsharded) copy."""
-    if run.heldout.file is None or not is_rank_zero():
-        return None
-    model = load_model(run.model, model_path, bf16=False, deepspeed=False)
-    tokenizer = load_tokenizer(run.model, model_path)
+def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HeldoutResult:
     dialogues = load_heldout(run.heldout.file, run.heldout.max_samples)
     return evaluate_heldout(model, tokenizer, dialogues, run.heldout.max_new_tokens)
+
+
+def plain_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """An unsharded copy for rank 0's generations, whatever the training sharding."""
+    return load_model(run.model, model_path, bf16=False, deepspeed=False), load_tokenizer(run.model, model_path)
+
+
+def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: Dataset | None) -> None:
+    """Rank 0: the held-out before/after table and samples.md, from the saved model."""
+    output_dir = Path(run.output_dir)
+    model, tokenizer = plain_copy(run, str(output_dir))
+    if before is not None:
+        comparison = format_comparison(before, heldout_eval(run, model, tokenizer), run.heldout.show)
+        write_atomic(output_dir / "heldout.txt", comparison + "\n")
+        logger.info("Held-out prompts, before and after training:\n%s", comparison)
+    if validation_set is not None and len(validation_set) > 0:
+        rows = validation_set.select(range(min(run.heldout.show, len(validation_set))))
+        write_atomic(output_dir / "samples.md", samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens))
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -57,13 +74,14 @@ def main(cfg: DictConfig) -> None:
     check_deepspeed_config(run.deepspeed.config)
     output_dir = Path(run.output_dir)
     log_path = setup_logging(output_dir)
+    run_config = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
     if is_rank_zero():
-        write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(run_config))
     logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
 
     model_path = resolve_model_path(run.model)
     tokenizer = load_tokenizer(run.model, model_path)
-    before = heldout_eval(run, model_path)
+    before = heldout_eval(run, *plain_copy(run, model_path)) if run.heldout.file and is_rank_zero() else None
 
     training_kwargs = dataclasses.asdict(run.training)
     if not torch.cuda.is_available():
@@ -92,22 +110,22 @@ def main(cfg: DictConfig) -> None:
             eval_dataset=validation_set,
             processing_class=tokenizer,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-            callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, cfg)],
+            callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config)],
             loss_type=run.loss.type,
             alpha=run.loss.alpha,
         )
         use_readable_progress(trainer)
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
+        logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
+        result = trainer.train(resume_from_checkpoint=resume_from)
         model.config.use_cache = True
         trainer.save_model(str(output_dir))
         logger.info("Saved the final model and tokenizer to %s", output_dir.resolve())
 
-        unset_hf_deepspeed_config()  # the comparison below loads a plain, unsharded copy
-        after = heldout_eval(run, str(output_dir))
-        if before is not None and after is not None:
-            comparison = format_comparison(before, after, run.heldout.show)
-            write_atomic(output_dir / "heldout.txt", comparison + "\n")
-            logger.info("Held-out prompts, before and after training:\n%s", comparison)
+        unset_hf_deepspeed_config()  # the reports below load a plain, unsharded copy
+        if is_rank_zero():
+            final_reports(run, before, validation_set)
+        logger.info("Done:\n%s", end_summary(output_dir, result.metrics))
     finally:
         teardown()
 

@@ -3,7 +3,14 @@
 Features and their config keys:
 - `loss.type=dft`: `sum_t CE_t * (alpha * p_t.detach() + 1 - alpha) / N` (see `dft.loss`);
   `loss.type=ce`: the model's own cross-entropy, exactly as the stock Trainer computes it.
-- `loss.alpha`: weight of the probability term (logged as `dft_alpha`).
+- `loss.implementation=fused` (default): the model runs with its LM head swapped, for that call only,
+  for `fused_dft_loss`, so the `[tokens, vocab]` logits are never built. The loss runs inside the head
+  module's own forward call, so under ZeRO-3 DeepSpeed's module hooks gather the partitioned (possibly
+  tied) head weight for the forward and again for the backward, and reduce its gradient, as for a stock
+  head. A model's `final_logit_softcapping` is applied inside the fused loss.
+  `loss.implementation=reference`: full logits, then `dft_loss`. `loss.chunk_size`: fused chunk size.
+- `loss.alpha`, `loss.alpha_warmup_steps`: alpha rises linearly from 0 to `loss.alpha` over that many
+  optimizer steps (0: constant); the value in use is logged as `dft_alpha`.
 - Exact normalisation: `N` is the Trainer's `num_items_in_batch`, the trainable tokens of the
   whole optimizer step over gradient accumulation and ranks (`training.average_tokens_across_devices`).
 - Metrics beside `loss`: `nll` (plain cross-entropy of the same tokens), `avg_p_correct`
@@ -14,27 +21,120 @@ Features and their config keys:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from dft.loss import DFTStats, dft_loss
+from dft.loss import DFTStats, dft_loss, fused_dft_loss
 
 TRAIN, EVAL = "train", "eval"
+LOSS_TYPES = ("dft", "ce")
+IMPLEMENTATIONS = ("fused", "reference")
+
+
+class _FusedHeadResult:
+    """What the swapped head leaves behind besides its output: the micro-batch's detached statistics."""
+
+    stats: DFTStats | None = None
+
+
+@contextlib.contextmanager
+def fused_lm_head(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    alpha: float,
+    num_items_in_batch: torch.Tensor | int | None,
+    chunk_size: int,
+) -> Iterator[_FusedHeadResult]:
+    """Within this context the model's LM head returns the scalar fused DFT loss in place of the logits.
+
+    The head module keeps its identity (only its `forward` is shadowed by an instance attribute), so hooks
+    registered on it, DeepSpeed ZeRO-3's parameter gathering and gradient reduction included, run as for
+    a stock head. The model's final logit soft-cap, applied by its forward after the head, is switched off
+    for the call and applied inside the loss instead, where it acts on the logits and not on the loss.
+
+    Args:
+        model: the unwrapped causal LM (`get_output_embeddings()` gives its head, a linear layer).
+        labels, alpha, num_items_in_batch, chunk_size: as for `fused_dft_loss`.
+
+    Yields:
+        A record whose `stats` the head's call fills in.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ValueError(
+            f"{type(model).__name__}: the LM head {type(head).__name__} has no weight matrix; "
+            "use loss.implementation=reference"
+        )
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    result = _FusedHeadResult()
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        # head.weight here, not before the call: under ZeRO-3 it is gathered only inside the head's forward.
+        loss, result.stats = fused_dft_loss(
+            hidden_states,
+            head.weight,
+            labels,
+            alpha,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=chunk_size,
+            logit_softcap=softcap,
+            lm_head_bias=head.bias,
+        )
+        return loss
+
+    head.forward = forward
+    if softcap is not None:
+        config.final_logit_softcapping = None
+    try:
+        yield result
+    finally:
+        del head.forward  # back to the class's forward
+        if softcap is not None:
+            config.final_logit_softcapping = softcap
 
 
 class DFTTrainer(Trainer):
     # compute_loss divides by the step's token count itself: the Trainer must not divide by GA again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, loss_type: str = "dft", alpha: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        loss_type: str = "dft",
+        alpha: float = 1.0,
+        implementation: str = "fused",
+        alpha_warmup_steps: int = 0,
+        chunk_size: int = 1024,
+        **kwargs: Any,
+    ) -> None:
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={loss_type!r} is not one of {list(LOSS_TYPES)}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation={implementation!r} is not one of {list(IMPLEMENTATIONS)}")
+        if alpha_warmup_steps < 0:
+            raise ValueError(f"alpha_warmup_steps={alpha_warmup_steps} must be >= 0")
         super().__init__(*args, **kwargs)
         self.loss_type = loss_type
         self.alpha = alpha
+        self.implementation = implementation
+        self.alpha_warmup_steps = alpha_warmup_steps
+        self.chunk_size = chunk_size
+        self._alpha_in_use = self.current_alpha()
         self._metric_sums = {mode: torch.zeros(3, dtype=torch.float64) for mode in (TRAIN, EVAL)}
         self._interval_start: float | None = None
+
+    def current_alpha(self) -> float:
+        """`alpha * min(1, step / alpha_warmup_steps)` at the current optimizer step; `alpha` without warm-up."""
+        if self.alpha_warmup_steps == 0:
+            return self.alpha
+        return self.alpha * min(1.0, self.state.global_step / self.alpha_warmup_steps)
 
     def compute_loss(
         self,
@@ -51,8 +151,20 @@ class DFTTrainer(Trainer):
             with torch.no_grad():
                 _, stats = dft_loss(outputs.logits, labels, alpha=0.0)
         else:
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            loss, stats = dft_loss(outputs.logits, labels, self.alpha, num_items_in_batch=num_items_in_batch)
+            self._alpha_in_use = alpha = self.current_alpha()
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            if self.implementation == "fused":
+                unwrapped = self.accelerator.unwrap_model(model)
+                with fused_lm_head(unwrapped, labels, alpha, num_items_in_batch, self.chunk_size) as head:
+                    # Through the (DeepSpeed/DDP) wrapper, so its forward bookkeeping runs as usual.
+                    outputs = model(**model_inputs)
+                # The head's output, as the wrapper returned it: under ZeRO-3 it carries the hook that
+                # gathers the head weight again before the loss's backward.
+                loss, stats = outputs.logits, head.stats
+                outputs = CausalLMOutputWithPast(loss=loss)  # no logits exist to return
+            else:
+                outputs = model(**model_inputs)
+                loss, stats = dft_loss(outputs.logits, labels, alpha, num_items_in_batch=num_items_in_batch)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 # num_items_in_batch counts every rank's tokens while DDP/ZeRO average gradients over
                 # ranks: scale back up, as the stock compute_loss does.
@@ -86,5 +198,5 @@ class DFTTrainer(Trainer):
             logs["trainable_tokens_per_second"] = num_tokens / max(elapsed, 1e-9)
             self._interval_start = None
             if self.loss_type == "dft":
-                logs["dft_alpha"] = self.alpha
+                logs["dft_alpha"] = self._alpha_in_use
         super().log(logs, start_time)

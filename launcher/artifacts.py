@@ -21,6 +21,22 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 logger = logging.getLogger(__name__)
 
 METRICS_FILE, LOSS_PLOT_FILE, CONFIG_FILE = "metrics.jsonl", "loss.png", "config.yaml"
+SECRET_KEY_PARTS = ("token", "api_key", "apikey", "secret", "password")
+REDACTED = "<redacted>"
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of a config container with every value under a secret-looking key replaced."""
+    if isinstance(value, dict):
+        return {
+            key: REDACTED
+            if any(part in str(key).lower() for part in SECRET_KEY_PARTS) and item is not None
+            else redact_secrets(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact_secrets(item) for item in value]
+    return value
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -77,6 +77,7 @@ TrainingConfig = _training_config_class()
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOSS_TYPES = ("dft", "ce")
+LOSS_IMPLEMENTATIONS = ("fused", "reference")
 LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
 
 
@@ -133,11 +134,23 @@ class LossConfig:
     """dft: CE weighted by alpha * p_correct.detach() + (1 - alpha); ce: the model's own cross-entropy."""
     alpha: float = 1.0
     """DFT weight of the probability term: 1 is the paper's DFT, 0 is cross-entropy."""
+    implementation: str = "fused"
+    """fused: chunked loss from the hidden states, the `[tokens, vocab]` logits are never built (works under
+    ZeRO-3); reference: the model's full logits, then the DFT loss. Only for `loss.type=dft`."""
+    alpha_warmup_steps: int = 0
+    """Optimizer steps over which alpha rises linearly from 0 to `loss.alpha`; 0 keeps it constant."""
+    chunk_size: int = 1024
+    """Trainable tokens per chunk of logits in the fused loss: its extra memory is a few `[chunk, vocab]` blocks."""
 
     def __post_init__(self) -> None:
         _check_choice("loss.type", self.type, LOSS_TYPES)
+        _check_choice("loss.implementation", self.implementation, LOSS_IMPLEMENTATIONS)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss.alpha={self.alpha} must be in [0, 1]")
+        if self.alpha_warmup_steps < 0:
+            raise ValueError(f"loss.alpha_warmup_steps={self.alpha_warmup_steps} must be >= 0 (0: constant alpha)")
+        if self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size={self.chunk_size} must be >= 1 token")
 
 
 @dataclass
@@ -195,6 +208,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if missing:
         raise ValueError(
             f"missing mandatory config values: {missing} (set them on the command line, e.g. {missing[0]}=...)"
+        )
+    if cfg.training.get("hub_token"):
+        raise ValueError(
+            "training.hub_token: set the HF_TOKEN environment variable instead; a token in the config "
+            "would be saved in config.yaml, training_args.bin and the tracker's run config"
         )
     return OmegaConf.to_object(cfg)
 

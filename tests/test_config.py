@@ -88,6 +88,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(override: str, message: str) 
         ("data.sources=[]", "data.sources is empty"),
         ("logger.backend=mlflow", "logger.backend='mlflow'"),
         ("model.dtype=int8", "model.dtype='int8'"),
+        ("training.hub_token=hf_secret", "training.hub_token: set the HF_TOKEN environment variable"),
     ],
 )
 def test_bad_values_fail_with_the_key(override: str, message: str) -> None:

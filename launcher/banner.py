@@ -1,0 +1,61 @@
+"""The start-up banner and the end-of-run summary: what a `tail -f` reader needs to know at a glance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainingArguments
+
+from launcher.artifacts import read_metrics
+from launcher.config import RunConfig
+
+
+def _zero_stage(deepspeed_config: Any) -> str:
+    if not deepspeed_config:
+        return "none (DDP or single process)"
+    config = deepspeed_config if isinstance(deepspeed_config, dict) else json.loads(Path(deepspeed_config).read_text())
+    return str(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def startup_banner(
+    run: RunConfig,
+    args: TrainingArguments,
+    model: PreTrainedModel,
+    train_set: Dataset,
+    validation_set: Dataset | None,
+    resume_from: str | None,
+) -> str:
+    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    mean_tokens = sum(len(ids) for ids in train_set["input_ids"]) / max(len(train_set), 1)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    rows = [
+        ("world size", f"{args.world_size} ({device})"),
+        ("model", f"{run.model.name_or_path} ({model.config.model_type})"),
+        ("attention", str(model.config._attn_implementation)),
+        ("ZeRO stage", _zero_stage(args.deepspeed)),
+        ("precision", precision),
+        ("loss", f"{run.loss.type} (alpha {run.loss.alpha})" if run.loss.type == "dft" else run.loss.type),
+        ("samples", f"train {len(train_set)}, validation {len(validation_set) if validation_set is not None else 0}"),
+        ("effective batch", f"{effective_batch} samples, ~{effective_batch * mean_tokens:,.0f} tokens per step"),
+        ("output dir", str(Path(run.output_dir).resolve())),
+        ("resume from", resume_from or "start"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def end_summary(output_dir: str | Path, train_metrics: dict[str, float]) -> str:
+    evals = [r for r in read_metrics(output_dir) if "eval_nll" in r]
+    best = min(evals, key=lambda r: r["eval_nll"]) if evals else None
+    lines = [
+        f"  time             {train_metrics.get('train_runtime', 0.0):.1f} s",
+        f"  train loss       {train_metrics.get('train_loss', float('nan')):.4f}",
+        f"  best eval_nll    {best['eval_nll']:.4f} at step {best['step']}" if best else "  best eval_nll    (no eval)",
+        f"  model            {Path(output_dir).resolve()}",
+    ]
+    return "\n".join(lines)
