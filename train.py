@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from dft.loss import IGNORE_INDEX
@@ -99,6 +100,8 @@ def main(cfg: DictConfig) -> None:
             run.data.num_proc,
             run.data.validation_split_percentage,
             training_args.seed,
+            on_error=run.data.on_error,
+            cache_dir=run.data.cache_dir,
         )
         logger.info("Data:\n%s", data_stats.summary())
 
@@ -109,10 +112,15 @@ def main(cfg: DictConfig) -> None:
             train_dataset=train_set,
             eval_dataset=validation_set,
             processing_class=tokenizer,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+            data_collator=PaddingFreeCollator()
+            if run.data.packing
+            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
             callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config)],
             loss_type=run.loss.type,
             alpha=run.loss.alpha,
+            implementation=run.loss.implementation,
+            alpha_warmup_steps=run.loss.alpha_warmup_steps,
+            chunk_size=run.loss.chunk_size,
         )
         use_readable_progress(trainer)
         resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)

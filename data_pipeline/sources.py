@@ -1,64 +1,213 @@
-"""Reading chat files: JSONL or a JSON array, each record with its line number.
+"""Where records come from: `data.sources` entries, the files they name, and reading those files line by line.
 
-Errors name the file and line so a user can open the record: a broken line
-in a 2 GB JSONL is found in seconds. Records of a JSON array are located by
-the line on which each element starts.
+A source entry is a path, a glob, a directory (its `*.jsonl`, `*.json`, `*.jsonl.gz` and `*.json.gz` files,
+sorted), or a mapping `{path, weight, max_samples, format, fields}`; `parse_sources` checks each one into a
+`SourceSpec` and names `data.sources[i]` in every error. Files are JSONL or a JSON array, either of them
+optionally gzip-compressed; a UTF-8 BOM is accepted.
+
+Reading never hides a problem: `iter_records` yields each record with its line number, or a `DataFormatError`
+for a line that is not valid UTF-8 or JSON, so the caller either stops on it (`data.on_error=raise`) or counts
+it (`skip`). A JSON array that cannot be parsed, or a file that is not valid UTF-8 as a whole array, raises
+even under `skip`: the records after the break cannot be counted, and nothing is dropped uncounted.
 """
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+FORMATS = ("auto", "chatml", "sharegpt", "alpaca", "prompt_completion")
+# The record keys a `fields` mapping may rename to, i.e. the canonical column names of every format.
+CANONICAL_FIELDS = (
+    "messages",
+    "tools",
+    "conversations",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "history",
+    "prompt",
+    "completion",
+)
+ON_ERROR_CHOICES = ("raise", "skip")
+SOURCE_KEYS = ("path", "weight", "max_samples", "format", "fields")
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class DataFormatError(ValueError):
-    """A record that cannot be used, located as `file:line`."""
+    """A record that cannot be used, located as `file:line`, with a short `reason` used for counting."""
 
-    def __init__(self, path: str | Path, line: int, problem: str) -> None:
+    def __init__(self, path: str | Path, line: int, problem: str, reason: str = "invalid_record") -> None:
         super().__init__(f"{path}:{line}: {problem}")
-        self.path, self.line, self.problem = str(path), line, problem
+        self.path, self.line, self.problem, self.reason = str(path), line, problem, reason
 
 
-def check_source_paths(sources: list[str]) -> list[Path]:
-    """Every source must exist before anything expensive starts."""
-    paths = []
-    for index, source in enumerate(sources):
-        path = Path(source)
-        if not path.is_file():
+@dataclass(frozen=True)
+class SourceSpec:
+    """One checked `data.sources` entry.
+
+    Attributes:
+        path: a file, a glob or a directory.
+        weight: sampling weight; 2.5 keeps every record twice plus a seeded half of them once more, 0.5 keeps a
+            seeded half. Deterministic with the seed.
+        max_samples: keep at most this many valid records (the first ones, in file order) before weighting.
+        format: `auto` detects the format per record; any other value of `FORMATS` forces it.
+        fields: canonical column name -> the column name used by this source, e.g. `{"messages": "dialog"}`.
+    """
+
+    path: str
+    weight: float = 1.0
+    max_samples: int | None = None
+    format: str = "auto"
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def as_key(self) -> dict[str, Any]:
+        """Everything that changes what this source contributes, for the cache fingerprint."""
+        return {
+            "weight": self.weight,
+            "max_samples": self.max_samples,
+            "format": self.format,
+            "fields": dict(sorted(self.fields.items())),
+        }
+
+
+def parse_sources(entries: list[Any]) -> list[SourceSpec]:
+    """Check every `data.sources` entry and normalise it into a `SourceSpec`.
+
+    Raises:
+        ValueError: an entry of the wrong type or with a bad option, naming `data.sources[i]`.
+    """
+    return [_parse_source(index, entry) for index, entry in enumerate(entries)]
+
+
+def _parse_source(index: int, entry: Any) -> SourceSpec:
+    where = f"data.sources[{index}]"
+    if isinstance(entry, (str, Path)):
+        return SourceSpec(path=str(entry))
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a path or a mapping with 'path', got {type(entry).__name__}")
+    entry = dict(entry)
+    unknown = sorted(set(entry) - set(SOURCE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {list(SOURCE_KEYS)}")
+    path = entry.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}.path: a file, glob or directory is required, got {path!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        raise ValueError(f"{where}.weight={weight!r} must be a number > 0 (remove the source to drop it)")
+    max_samples = entry.get("max_samples")
+    if max_samples is not None and (type(max_samples) is not int or max_samples < 1):
+        raise ValueError(f"{where}.max_samples={max_samples!r} must be an integer >= 1 or null")
+    record_format = entry.get("format") or "auto"
+    if record_format not in FORMATS:
+        raise ValueError(f"{where}.format={record_format!r} is not one of {list(FORMATS)}")
+    fields = entry.get("fields") or {}
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"{where}.fields: expected a mapping canonical name -> column name, got {fields!r}")
+    fields = dict(fields)
+    for canonical, column in fields.items():
+        if canonical not in CANONICAL_FIELDS:
+            raise ValueError(f"{where}.fields: {canonical!r} is not a canonical field; use one of {CANONICAL_FIELDS}")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"{where}.fields.{canonical}: the source column name must be a string, got {column!r}")
+    return SourceSpec(path, float(weight), max_samples, record_format, fields)
+
+
+def resolve_files(spec: SourceSpec, index: int) -> list[Path]:
+    """The files of one source: the file itself, a sorted glob, or a directory's data files.
+
+    Raises:
+        FileNotFoundError: nothing matches, naming `data.sources[i]`.
+    """
+    path = Path(spec.path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+        if not files:
             raise FileNotFoundError(
-                f"data.sources[{index}]: no such file {source!r} "
-                f"(relative paths start at the launch directory {Path.cwd()})"
+                f"data.sources[{index}]: directory {spec.path!r} holds no {'/'.join(DATA_SUFFIXES)} file"
             )
-        paths.append(path)
-    return paths
+        return files
+    if glob.has_magic(spec.path):
+        files = sorted(Path(p) for p in glob.glob(spec.path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"data.sources[{index}]: the glob {spec.path!r} matches no file")
+        return files
+    raise FileNotFoundError(
+        f"data.sources[{index}]: no such file {spec.path!r} (relative paths start at the launch directory {Path.cwd()})"
+    )
+
+
+def check_source_paths(entries: list[Any]) -> list[Path]:
+    """Every source must parse and name existing files before anything expensive starts.
+
+    Returns:
+        All files, in source order.
+    """
+    return [file for index, spec in enumerate(parse_sources(entries)) for file in resolve_files(spec, index)]
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield `(line_number, record)` for a JSONL or JSON array file (gzip or not).
+
+    A JSONL line that is not valid UTF-8 or JSON is yielded as a `DataFormatError` in place of its record.
+
+    Raises:
+        DataFormatError: a JSON array that is broken or not valid UTF-8 (the rest cannot be counted).
+    """
+    data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    data = data.removeprefix(UTF8_BOM)
+    if data.lstrip().startswith(b"["):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFormatError(
+                path, text_line(data[: e.start]), f"invalid UTF-8 ({e.reason})", "invalid_utf8"
+            ) from e
+        yield from _read_json_array(path, text)
+    else:
+        yield from _read_jsonl(path, data)
 
 
 def read_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield `(line_number, record)` for a JSONL file or a JSON array file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, text_line(path.read_bytes()[: e.start]), f"invalid UTF-8 ({e.reason})") from e
-    if text.lstrip().startswith("["):
-        yield from _read_json_array(path, text)
-    else:
-        yield from _read_jsonl(path, text)
+    """`iter_records` that raises on the first unreadable line."""
+    for line_number, record in iter_records(path):
+        if isinstance(record, DataFormatError):
+            raise record
+        yield line_number, record
 
 
 def text_line(prefix: bytes | str) -> int:
+    """The 1-based line number at the end of `prefix`."""
     return prefix.count(b"\n" if isinstance(prefix, bytes) else "\n") + 1
 
 
-def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+def _read_jsonl(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
+    for line_number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield line_number, DataFormatError(path, line_number, f"invalid UTF-8 ({e.reason})", "invalid_utf8")
             continue
         try:
             yield line_number, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})") from e
+            yield (
+                line_number,
+                DataFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})", "invalid_json"),
+            )
 
 
 def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -67,7 +216,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     while True:
         position = _skip_whitespace(text, position)
         if position >= len(text):
-            raise DataFormatError(path, text_line(text[:position]), "JSON array is not closed with ']'")
+            raise DataFormatError(path, text_line(text[:position]), "JSON array is not closed with ']'", "invalid_json")
         if text[position] == "]":
             return
         line_number = text_line(text[:position])
@@ -75,7 +224,11 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             record, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as e:
             raise DataFormatError(
-                path, line_number, f"invalid JSON in the record starting here ({e.msg} at line {e.lineno})"
+                path,
+                line_number,
+                f"invalid JSON in the record starting here ({e.msg} at line {e.lineno}); "
+                "the rest of the array cannot be read, so this stops even under data.on_error=skip",
+                "invalid_json",
             ) from e
         yield line_number, record
         position = _skip_whitespace(text, position)

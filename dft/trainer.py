@@ -14,16 +14,26 @@ Features and their config keys:
 - Exact normalisation: `N` is the Trainer's `num_items_in_batch`, the trainable tokens of the
   whole optimizer step over gradient accumulation and ranks (`training.average_tokens_across_devices`).
 - Metrics beside `loss`: `nll` (plain cross-entropy of the same tokens), `avg_p_correct`
-  (mean probability of the correct token) and `trainable_tokens_per_second`; evaluation logs
-  `eval_nll` and `eval_avg_p_correct`. Each is a token-weighted mean over the logging interval:
-  sums and counts are all-reduced over ranks, then divided, never averages of averages.
+  (mean probability of the correct token); evaluation logs `eval_nll` and `eval_avg_p_correct`.
+  Each is a token-weighted mean over the logging interval: sums and counts are all-reduced over
+  ranks, then divided, never averages of averages. Each rank also appends its own interval sums to
+  `<output_dir>/logs/rank<N>_metrics.jsonl`, to find the rank (and so the data shard) that misbehaves.
+- Throughput and cost per logging interval: `tokens_per_second` and `trainable_tokens_per_second`
+  (global) with their `_per_device` values, `step_time` (seconds per optimizer step),
+  `peak_memory_gb` (max over ranks: allocated device memory on GPUs, process peak RSS on CPU), and on
+  GPUs `mfu`: `6 * N_params + 12 * layers * hidden * seq_len` FLOPs per token (forward and backward,
+  the PaLM appendix B estimate, `seq_len` the mean row length) times tokens/s per device, over the
+  device's dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import resource
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +43,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from dft.loss import DFTStats, dft_loss, fused_dft_loss
 
 TRAIN, EVAL = "train", "eval"
+# Dense bf16 peak FLOP/s by device name, for the MFU estimate (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
 LOSS_TYPES = ("dft", "ce")
 IMPLEMENTATIONS = ("fused", "reference")
 
@@ -127,8 +139,11 @@ class DFTTrainer(Trainer):
         self.alpha_warmup_steps = alpha_warmup_steps
         self.chunk_size = chunk_size
         self._alpha_in_use = self.current_alpha()
-        self._metric_sums = {mode: torch.zeros(3, dtype=torch.float64) for mode in (TRAIN, EVAL)}
+        # Per mode: sum of p_correct, sum of nll, trainable tokens, all input tokens, rows.
+        self._metric_sums = {mode: torch.zeros(5, dtype=torch.float64) for mode in (TRAIN, EVAL)}
         self._interval_start: float | None = None
+        self._interval_first_step = 0
+        self._current_rows = 0
 
     def current_alpha(self) -> float:
         """`alpha * min(1, step / alpha_warmup_steps)` at the current optimizer step; `alpha` without warm-up."""
@@ -158,6 +173,11 @@ class DFTTrainer(Trainer):
                 with fused_lm_head(unwrapped, labels, alpha, num_items_in_batch, self.chunk_size) as head:
                     # Through the (DeepSpeed/DDP) wrapper, so its forward bookkeeping runs as usual.
                     outputs = model(**model_inputs)
+                if head.stats is None:
+                    raise RuntimeError(
+                        f"loss.implementation=fused: {type(unwrapped).__name__}'s forward did not call its LM head "
+                        "module, so the fused loss never ran; use loss.implementation=reference"
+                    )
                 # The head's output, as the wrapper returned it: under ZeRO-3 it carries the hook that
                 # gathers the head weight again before the loss's backward.
                 loss, stats = outputs.logits, head.stats
@@ -171,14 +191,20 @@ class DFTTrainer(Trainer):
                 loss = loss * self.accelerator.num_processes
             elif num_items_in_batch is None and model.training:
                 loss = loss / self.current_gradient_accumulation_steps
-        self._record(stats, TRAIN if model.training else EVAL)
+        attention_mask = inputs.get("attention_mask")
+        input_tokens = int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
+        self._current_rows = inputs["input_ids"].shape[0]
+        self._record(stats, input_tokens, TRAIN if model.training else EVAL)
         return (loss, outputs) if return_outputs else loss
 
-    def _record(self, stats: DFTStats, mode: str) -> None:
+    def _record(self, stats: DFTStats, input_tokens: int, mode: str) -> None:
         if mode == TRAIN and self._interval_start is None:
             self._interval_start = time.perf_counter()
-        self._metric_sums[mode] += torch.stack(
-            [stats.sum_p_correct.double().cpu(), stats.sum_nll.double().cpu(), stats.num_tokens.double().cpu()]
+            self._interval_first_step = self.state.global_step
+        rows = float(self._current_rows)
+        self._metric_sums[mode] += torch.tensor(
+            [float(stats.sum_p_correct), float(stats.sum_nll), float(stats.num_tokens), float(input_tokens), rows],
+            dtype=torch.float64,
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -186,17 +212,68 @@ class DFTTrainer(Trainer):
         if mode is None:  # the end-of-training summary
             super().log(logs, start_time)
             return
-        sums = self.accelerator.reduce(self._metric_sums[mode].to(self.args.device), reduction="sum").cpu()
+        local = self._metric_sums[mode].clone()
         self._metric_sums[mode].zero_()
-        sum_p, sum_nll, num_tokens = sums.tolist()
+        self._append_rank_record(mode, local)
+        sums = self.accelerator.reduce(local.to(self.args.device), reduction="sum").cpu()
+        sum_p, sum_nll, num_tokens, input_tokens, rows = sums.tolist()
         prefix = "eval_" if mode == EVAL else ""
         if num_tokens > 0:
             logs[f"{prefix}nll"] = sum_nll / num_tokens
             logs[f"{prefix}avg_p_correct"] = sum_p / num_tokens
         if mode == TRAIN:
-            elapsed = time.perf_counter() - (self._interval_start or time.perf_counter())
-            logs["trainable_tokens_per_second"] = num_tokens / max(elapsed, 1e-9)
-            self._interval_start = None
+            logs.update(self._throughput(num_tokens, input_tokens, input_tokens / max(rows, 1.0)))
             if self.loss_type == "dft":
                 logs["dft_alpha"] = self._alpha_in_use
         super().log(logs, start_time)
+
+    def _append_rank_record(self, mode: str, local_sums: torch.Tensor) -> None:
+        sum_p, sum_nll, num_tokens, input_tokens, _ = local_sums.tolist()
+        record = {
+            "step": self.state.global_step,
+            "mode": mode,
+            "sum_p_correct": sum_p,
+            "sum_nll": sum_nll,
+            "num_tokens": num_tokens,
+            "input_tokens": input_tokens,
+        }
+        path = Path(self.args.output_dir) / "logs" / f"rank{self.args.process_index}_metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _throughput(self, trainable_tokens: float, input_tokens: float, mean_row_length: float) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - (self._interval_start or time.perf_counter()), 1e-9)
+        steps = max(self.state.global_step - self._interval_first_step, 1)
+        self._interval_start = None
+        world = self.accelerator.num_processes
+        if torch.cuda.is_available():
+            peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = self.accelerator.gather(torch.tensor([float(peak_bytes)], device=self.args.device)).max().item()
+        metrics = {
+            "tokens_per_second": input_tokens / elapsed,
+            "tokens_per_second_per_device": input_tokens / elapsed / world,
+            "trainable_tokens_per_second": trainable_tokens / elapsed,
+            "trainable_tokens_per_second_per_device": trainable_tokens / elapsed / world,
+            "step_time": elapsed / steps,
+            "peak_memory_gb": peak / 2**30,
+        }
+        mfu = self._mfu(input_tokens / elapsed / world, mean_row_length)
+        if mfu is not None:
+            metrics["mfu"] = mfu
+        return metrics
+
+    def _mfu(self, tokens_per_second_per_device: float, seq_len: float) -> float | None:
+        # A packed row counts as one sequence: its block-diagonal attention is over-counted.
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name(0)
+        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+        if peak is None:
+            return None
+        config = self.accelerator.unwrap_model(self.model).config
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        flops_per_token = 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+        return flops_per_token * tokens_per_second_per_device / peak

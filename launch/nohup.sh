@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start a training run in the background, detached from the terminal: it survives logout, its output
-# goes to logs/<run>-<timestamp>.log and its process id to logs/<run>-<timestamp>.pid.
+# goes to logs/<run>-<timestamp>.log, its process id to logs/<run>-<timestamp>.pid, and when it ends its
+# exit status to logs/<run>-<timestamp>.exit (0: finished; 143: stopped by kill; no file: still running).
 #
 # Variables (and REPO_DIR, PYTHON of launch/env.sh):
 #   RUN_NAME  prefix of the log and PID files (default train)
@@ -12,6 +13,7 @@
 #   RUN_NAME=ce launch/nohup.sh loss.type=ce output_dir=outputs/ce
 #   LAUNCHER=single_node launch/nohup.sh deepspeed=zero3
 # Stop it: kill -- -"$(cat logs/<run>-<timestamp>.pid)"   (the minus: every process of the run)
+# Did it succeed? cat logs/<run>-<timestamp>.exit
 set -euo pipefail
 
 RUN_NAME=${RUN_NAME:-train}
@@ -28,8 +30,17 @@ esac
 
 mkdir -p "$LOG_DIR"
 stem="$(cd "$LOG_DIR" && pwd)/$RUN_NAME-$(date +%Y%m%d-%H%M%S)"
+# A shell that waits for the run and writes its exit status ($0 is the .exit file, "$@" the run). The run
+# goes in the background so that a TERM sent to this shell alone is passed on at once, not after the run.
+# shellcheck disable=SC2016  # expands in that shell, not here
+wait_and_record='"$@" &
+run=$!
+trap "kill -TERM $run 2>/dev/null" TERM INT
+while wait "$run"; status=$?; kill -0 "$run" 2>/dev/null; do :; done
+echo "$status" >"$0.tmp" && mv "$0.tmp" "$0"'
 # setsid: the run leads its own process group, so one kill of the group stops every rank it started.
-setsid nohup "${command[@]}" "$@" >"$stem.log" 2>&1 </dev/null &
+setsid nohup bash -c "$wait_and_record" "$stem.exit" "${command[@]}" "$@" >"$stem.log" 2>&1 </dev/null &
 echo $! >"$stem.pid"
 echo "Started $RUN_NAME (pid $!). Follow it with:"
 echo "  tail -f $stem.log"
+echo "Its exit status goes to $stem.exit when it ends."

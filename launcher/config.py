@@ -23,6 +23,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import TrainingArguments
 
+from data_pipeline.sources import ON_ERROR_CHOICES, parse_sources
+
 _PRIMITIVES = (bool, int, float, str)
 
 
@@ -108,18 +110,29 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    sources: list[str] = MISSING
-    """Chat files (JSONL or JSON array) in ChatML `messages`, ShareGPT or Alpaca schema."""
+    sources: list[Any] = MISSING
+    """Chat sources: each a file, glob or directory (JSONL or JSON array, gzip or not), or a mapping
+    `{path, weight, max_samples, format, fields}` (see data_pipeline/sources.py). Records may be ChatML/OpenAI
+    `messages`, ShareGPT `conversations`, Alpaca or `prompt`/`completion`, detected per record."""
     max_length: int = 512
     """Samples longer than this are truncated from the end; samples left with no trainable token are dropped."""
     num_proc: int = 2
     """Worker processes for tokenisation."""
     validation_split_percentage: float = 0.0
     """Share of samples held out for `eval_loss`/`eval_nll` (deterministic with `training.seed`)."""
+    on_error: str = "raise"
+    """A bad record: raise stops with `file:line: problem`; skip drops it and counts it per reason in stats.json."""
+    cache_dir: str = ".cache/datasets"
+    """Prepared datasets, one directory per fingerprint of the inputs (python -m data_pipeline.prepare)."""
+    packing: bool = False
+    """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
+    block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""
 
     def __post_init__(self) -> None:
         if len(self.sources) == 0:
             raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
+        parse_sources(self.sources)
+        _check_choice("data.on_error", self.on_error, ON_ERROR_CHOICES)
         if self.max_length < 8:
             raise ValueError(f"data.max_length={self.max_length} is too small (at least 8 tokens)")
         if self.num_proc < 1:

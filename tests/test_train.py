@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,10 @@ def test_default_demo_shows_learning(tmp_path: Path) -> None:
     evals = [r["eval_nll"] for r in read_metrics(out) if "eval_nll" in r]
     assert evals[-1] < evals[0], evals
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
+
+    png = (out / "loss.png").read_bytes()
+    width, height = struct.unpack(">II", png[16:24])  # the PNG IHDR chunk
+    assert png.startswith(b"\x89PNG") and (width, height) == (800, 450)
+    samples = (out / "samples.md").read_text()
+    assert samples.count("\n| ") == 1 + 8  # header + heldout.show rows
+    assert "| yes |" in samples  # the trained model gets some validation replies right

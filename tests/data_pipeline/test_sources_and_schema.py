@@ -1,7 +1,8 @@
-"""Reading files and converting every supported schema, with file:line errors."""
+"""Reading files, resolving `data.sources` entries and converting every supported schema, with file:line errors."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -9,7 +10,14 @@ import pytest
 
 from data_pipeline.prepare import load_canonical
 from data_pipeline.schema import to_canonical
-from data_pipeline.sources import DataFormatError, check_source_paths, read_records
+from data_pipeline.sources import (
+    DataFormatError,
+    SourceSpec,
+    check_source_paths,
+    parse_sources,
+    read_records,
+    resolve_files,
+)
 
 
 def write(path: Path, text: str) -> Path:
@@ -80,13 +88,13 @@ EXPECTED = [
     ids=["chatml", "sharegpt", "alpaca"],
 )
 def test_every_schema_becomes_the_canonical_messages(record: dict) -> None:
-    canonical = to_canonical(record, Path("f.jsonl"), 4)
+    canonical, _ = to_canonical(record, Path("f.jsonl"), 4)
     assert canonical["messages"] == EXPECTED
     assert canonical["source"] == "f.jsonl"
 
 
 def test_alpaca_input_joins_the_instruction() -> None:
-    canonical = to_canonical({"instruction": "Reverse.", "input": "a b", "output": "b a"}, Path("f"), 1)
+    canonical, _ = to_canonical({"instruction": "Reverse.", "input": "a b", "output": "b a"}, Path("f"), 1)
     assert canonical["messages"][0] == {"role": "user", "content": "Reverse.\na b"}
 
 
@@ -94,11 +102,14 @@ def test_alpaca_input_joins_the_instruction() -> None:
     ("record", "problem"),
     [
         ({"text": "hi"}, "unknown record format"),
-        ([1, 2], "unknown record format"),
+        ([1, 2], "must be a JSON object"),
         ({"messages": []}, "non-empty list"),
-        ({"messages": [{"content": "x"}]}, "has no 'role'"),
+        ({"messages": [{"content": "x"}]}, "with a 'role'"),
         ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown role"),
-        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "must be a string"),
+        (
+            {"messages": [{"role": "user", "content": {"a": 3}}, {"role": "assistant", "content": "y"}]},
+            "must be a string or a list of text parts",
+        ),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
         ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown speaker"),
         (
@@ -118,3 +129,62 @@ def test_load_canonical_counts_records_per_source(tmp_path: Path) -> None:
     records, stats = load_canonical([str(chat), str(alpaca)])
     assert len(records) == 5
     assert stats.sources[str(chat)].records == 3 and stats.sources[str(alpaca)].records == 2
+
+
+def test_gzip_jsonl_and_json_array(tmp_path: Path) -> None:
+    jsonl = tmp_path / "a.jsonl.gz"
+    jsonl.write_bytes(gzip.compress(b'{"x": 1}\n{"x": 2}\n'))
+    array = tmp_path / "b.json.gz"
+    array.write_bytes(gzip.compress(b'[{"x": 1},\n {"x": 2}]'))
+    assert list(read_records(jsonl)) == [(1, {"x": 1}), (2, {"x": 2})]
+    assert list(read_records(array)) == [(1, {"x": 1}), (2, {"x": 2})]
+
+
+def test_sources_may_be_files_globs_directories_and_mappings(tmp_path: Path) -> None:
+    for name in ("b.jsonl", "a.json", "c.jsonl.gz", "notes.txt"):
+        (tmp_path / name).write_text("[]")
+    specs = parse_sources(
+        [str(tmp_path / "a.json"), str(tmp_path / "*.jsonl"), str(tmp_path), {"path": str(tmp_path), "weight": 2}]
+    )
+    assert specs[3] == SourceSpec(path=str(tmp_path), weight=2.0)
+    assert resolve_files(specs[1], 1) == [tmp_path / "b.jsonl"]
+    assert [p.name for p in resolve_files(specs[2], 2)] == ["a.json", "b.jsonl", "c.jsonl.gz"]
+    with pytest.raises(FileNotFoundError, match=r"data.sources\[0\]: the glob .* matches no file"):
+        check_source_paths([str(tmp_path / "*.parquet")])
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        (3, r"data.sources\[0\]: expected a path or a mapping"),
+        ({"weight": 2}, r"data.sources\[0\].path: a file, glob or directory is required"),
+        ({"path": "a", "weight": 0}, r"data.sources\[0\].weight=0 must be a number > 0"),
+        ({"path": "a", "max_samples": 0}, r"data.sources\[0\].max_samples=0"),
+        ({"path": "a", "format": "csv"}, r"data.sources\[0\].format='csv' is not one of"),
+        ({"path": "a", "fields": {"text": "body"}}, r"data.sources\[0\].fields: 'text' is not a canonical field"),
+        ({"path": "a", "sample": 2}, r"data.sources\[0\]: unknown key\(s\) \['sample'\]"),
+    ],
+)
+def test_bad_source_entries_name_their_index(entry: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_sources([entry])
+
+
+def test_field_mapping_renames_odd_columns() -> None:
+    record = {"question": "Hi", "answer": "Hello", "id": 3}
+    canonical, dropped = to_canonical(record, Path("f"), 1, "alpaca", {"instruction": "question", "output": "answer"})
+    assert canonical["messages"][-1] == {"role": "assistant", "content": "Hello"} and dropped == ["id"]
+    canonical, _ = to_canonical({"dialog": EXPECTED}, Path("f"), 1, "auto", {"messages": "dialog"})
+    assert canonical["messages"] == EXPECTED
+
+
+def test_max_samples_and_weight_are_deterministic_and_counted(tmp_path: Path) -> None:
+    chat = write(tmp_path / "c.jsonl", "".join(json.dumps({"messages": EXPECTED, "n": i}) + "\n" for i in range(10)))
+    capped, stats = load_canonical([{"path": str(chat), "max_samples": 4, "weight": 2.5}], seed=1)
+    assert len(capped) == 4 and sum(r["copies"] for r in capped) == 10
+    assert sorted({r["copies"] for r in capped}) == [2, 3]
+    assert stats.sources[str(chat)].dropped == {"max_samples": 6}
+    half, stats = load_canonical([{"path": str(chat), "weight": 0.5}], seed=1)
+    again, _ = load_canonical([{"path": str(chat), "weight": 0.5}], seed=1)
+    assert len(half) == 5 and half == again and stats.sources[str(chat)].dropped == {"weight": 5}
+    assert stats.sources[str(chat)].dropped_columns == {"n": 10}

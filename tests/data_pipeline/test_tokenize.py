@@ -60,6 +60,26 @@ def test_labels_cover_every_assistant_turn_and_nothing_else(name: str, request: 
     check_assistant_mask(tokenizer)
 
 
+@pytest.mark.parametrize("name", ["chatml", "llama3_style"])
+def test_a_turn_flagged_not_trained_gets_no_label(name: str, request: pytest.FixtureRequest) -> None:
+    tokenizer = request.getfixturevalue(f"{name}_tokenizer")
+    flagged = [dict(m) for m in DIALOGUE]
+    flagged[2]["train"] = False
+    row = tokenize_dialogue(flagged, tokenizer, max_length=512)
+    assert labelled_text(row, tokenizer) == f"9{tokenizer.eos_token}"
+
+
+def test_tools_reach_a_template_that_uses_them(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = (
+        "{%- if tools %}{{- '<|im_start|>system\\n' + (tools | map(attribute='function.name') | join(',')) }}"
+        "{{- '<|im_end|>\\n' }}{%- endif %}" + chatml_tokenizer.chat_template
+    )
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    row = tokenize_dialogue(DIALOGUE[1:3], tokenizer, max_length=512, tools=tools)
+    assert "lookup" in tokenizer.decode(row["input_ids"]) and labelled_text(row, tokenizer) == "7<|im_end|>"
+
+
 def test_truncation_keeps_the_start_and_counts_trainable_tokens(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
     full = tokenize_dialogue(DIALOGUE, chatml_tokenizer, max_length=512)
     first_reply_end = next(i for i, t in enumerate(full["labels"]) if t != IGNORE_INDEX) + 2

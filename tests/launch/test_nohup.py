@@ -1,4 +1,5 @@
-"""launch/nohup.sh: a detached run writes its log and PID file, and prints how to follow it."""
+"""launch/nohup.sh: a detached run writes its log and PID file, the log grows while it runs, and its exit
+status is recorded when it ends (0 for a finished run, the run's own status for a failed one)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import LAUNCH_DIR, run_script
+from tests.launch.conftest import LAUNCH_DIR, NO_HELDOUT, run_script, tail
 
 pytestmark = pytest.mark.distributed
 
-EXIT_TIMEOUT_S = 60
+EXIT_TIMEOUT_S = 180
+POLL_S = 0.2
 
 
 def is_running(pid: int) -> bool:
@@ -24,22 +26,51 @@ def is_running(pid: int) -> bool:
         return False
 
 
-def test_background_run_writes_log_and_pid_file(tmp_path: Path, launch_env) -> None:
-    # train.py --help: the whole detached path (nohup, setsid, log, PID file) in seconds, not a training run.
+def start(run_name: str, log_dir: Path, launch_env: dict[str, str], *overrides: str) -> Path:
+    """Start nohup.sh and return the log file it names in the `tail -f` command it prints."""
     output = run_script(
-        [str(LAUNCH_DIR / "nohup.sh"), "--help"],
-        env={**launch_env, "RUN_NAME": "help", "LOG_DIR": str(tmp_path)},
+        [str(LAUNCH_DIR / "nohup.sh"), *overrides],
+        env={**launch_env, "RUN_NAME": run_name, "LOG_DIR": str(log_dir)},
         timeout=30,
-        log_dirs=[tmp_path],
+        log_dirs=[log_dir],
     )
     follow = re.search(r"tail -f (\S+)", output)
     assert follow, f"no `tail -f` command printed:\n{output}"
     log = Path(follow.group(1))
-    assert re.fullmatch(r"help-\d{8}-\d{6}\.log", log.name) and log.parent == tmp_path, log
-    pid = int(log.with_suffix(".pid").read_text())
+    assert re.fullmatch(rf"{run_name}-\d{{8}}-\d{{6}}\.log", log.name) and log.parent == log_dir, log
+    assert str(log.with_suffix(".exit")) in output, output
+    return log
 
+
+def follow_until_exit(log: Path) -> tuple[list[int], str]:
+    """Poll the log's size while the run's process lives; then its recorded exit status."""
+    pid = int(log.with_suffix(".pid").read_text())
+    sizes = []
     deadline = time.monotonic() + EXIT_TIMEOUT_S
     while is_running(pid):
-        assert time.monotonic() < deadline, f"pid {pid} still running after {EXIT_TIMEOUT_S} s:\n{log.read_text()}"
-        time.sleep(0.5)
-    assert "Powered by Hydra" in log.read_text(), log.read_text()
+        assert time.monotonic() < deadline, (
+            f"pid {pid} still running after {EXIT_TIMEOUT_S} s:\n{tail(log.read_text())}"
+        )
+        sizes.append(log.stat().st_size)
+        time.sleep(POLL_S)
+    exit_file = log.with_suffix(".exit")
+    assert exit_file.is_file(), f"the run ended but wrote no {exit_file.name}:\n{tail(log.read_text())}"
+    return sizes, exit_file.read_text().strip()
+
+
+def test_background_run_log_grows_then_exit_status_is_recorded(tmp_path: Path, launch_env) -> None:
+    output_dir = tmp_path / "run"
+    overrides = ["debug=quick", "training.logging_steps=1", "training.eval_strategy=no", NO_HELDOUT]
+    log = start("quick", tmp_path, launch_env, *overrides, f"output_dir={output_dir}")
+    sizes, status = follow_until_exit(log)
+    assert len(set(sizes)) >= 3, f"the log did not grow while the run ran (sizes {sorted(set(sizes))})"
+    assert status == "0", f"exit status {status}:\n{tail(log.read_text())}"
+    assert "Saved the final model" in log.read_text()
+    assert (output_dir / "model.safetensors").is_file()
+
+
+def test_failed_background_run_records_its_exit_status(tmp_path: Path, launch_env) -> None:
+    log = start("broken", tmp_path, launch_env, "data.sources=[no_such_file.jsonl]")
+    _, status = follow_until_exit(log)
+    assert status == "1", f"exit status {status}:\n{tail(log.read_text())}"
+    assert "no such file 'no_such_file.jsonl'" in log.read_text()

@@ -1,24 +1,69 @@
-"""launch/single_node.sh: two CPU ranks under the DeepSpeed launcher with ZeRO-3, saved weights gathered."""
+"""launch/single_node.sh: two CPU ranks under the DeepSpeed launcher with ZeRO-3, saved weights gathered.
+
+The tests share one run, `zero3_deepspeed_run` (tests/launch/conftest.py): its saved model,
+its console, and its checkpoint-4 for a resume.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import LAUNCH_DIR, check_saved_run, run_script
+from tests.launch.conftest import (
+    COMPARABLE_RUN,
+    DISTRIBUTED_TIMEOUT_S,
+    LAST_STEP,
+    LAUNCH_DIR,
+    NO_HELDOUT,
+    RESUME_STEP,
+    LaunchedRun,
+    assert_same_training,
+    check_saved_run,
+    make_interrupted_copy,
+    run_script,
+)
 
 pytestmark = pytest.mark.distributed
 
+# A line of our log format (launcher/distributed.py), with the "[rank N] " prefix ranks other than 0 add.
+LOG_LINE = re.compile(r"^(?P<prefix>\[rank \d+\] )?\d{4}-\d\d-\d\d [\d:,]+ (?P<level>[A-Z]+) (?P<message>.*)$")
 
-def test_zero3_two_cpu_ranks_save_a_model_that_reloads(tmp_path: Path, base_model_dir: Path, launch_env) -> None:
-    output_dir = tmp_path / "run"
-    # debug=quick keeps the mid-run eval and the held-out comparison rank 0 runs after ZeRO-3 training.
-    run_script(
-        [str(LAUNCH_DIR / "single_node.sh"), "deepspeed=zero3", "debug=quick", f"output_dir={output_dir}"],
+
+def test_zero3_two_cpu_ranks_save_a_model_that_reloads(zero3_deepspeed_run: LaunchedRun, base_model_dir: Path) -> None:
+    check_saved_run(zero3_deepspeed_run.output_dir, base_model_dir, ranks=2)
+    assert (zero3_deepspeed_run.output_dir / "heldout.txt").is_file(), "rank 0 wrote no held-out comparison"
+
+
+def test_console_shows_each_message_once_and_rank1_logs_to_its_file(zero3_deepspeed_run: LaunchedRun) -> None:
+    console, logs = zero3_deepspeed_run.console, zero3_deepspeed_run.output_dir / "logs"
+    lines = [match for line in console.splitlines() if (match := LOG_LINE.match(line))]
+    assert lines, f"no log line on the console:\n{console[-3000:]}"
+    rank_info = [m.group(0) for m in lines if m.group("prefix") and m.group("level") == "INFO"]
+    assert not rank_info, "ranks other than 0 logged INFO to the console:\n" + "\n".join(rank_info[:10])
+    for message in ("Saved the final model", "Output directory", "Data:"):
+        count = sum(message in m.group("message") for m in lines)
+        assert count == 1, f"{message!r} on the console {count} times, expected once"
+
+    rank1 = (logs / "rank1.log").read_text()
+    assert f"(log {logs / 'rank1.log'})" in rank1, "rank1.log does not hold rank 1's own start-up line"
+    assert "INFO train: Data:" in rank1, rank1[-2000:]
+    assert str(logs / "rank1.log") not in console, "rank 1's INFO lines reached the console"
+
+
+def test_zero3_two_ranks_resumed_run_matches_uninterrupted(
+    zero3_deepspeed_run: LaunchedRun, tmp_path: Path, launch_env
+):
+    interrupted = tmp_path / "interrupted"
+    make_interrupted_copy(zero3_deepspeed_run.output_dir, interrupted)
+    overrides = [*COMPARABLE_RUN, NO_HELDOUT, "training.resume_from_checkpoint=auto", f"output_dir={interrupted}"]
+    output = run_script(
+        [str(LAUNCH_DIR / "single_node.sh"), "deepspeed=zero3", *overrides],
         env={**launch_env, "NUM_GPUS": "2"},
-        timeout=240,
-        log_dirs=[output_dir / "logs"],
+        timeout=DISTRIBUTED_TIMEOUT_S,
+        log_dirs=[interrupted / "logs"],
     )
-    check_saved_run(output_dir, base_model_dir, ranks=2)
-    assert (output_dir / "heldout.txt").is_file(), "rank 0 wrote no held-out comparison"
+    assert f"resuming from {interrupted / f'checkpoint-{RESUME_STEP}'}" in output, output[-3000:]
+    assert f"Skipping incomplete checkpoint {interrupted / f'checkpoint-{LAST_STEP}'}" in output, output[-3000:]
+    assert_same_training(interrupted, zero3_deepspeed_run.output_dir, atol=1e-5)

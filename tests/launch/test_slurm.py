@@ -186,4 +186,6 @@ def test_sbatch_runs_two_cpu_ranks_and_logs_per_job(slurm_cluster: SlurmCluster,
     log = job_log.read_text()
     assert f"job {job_id} (restart 0)" in log and f"output {output_dir}" in log, log
     assert "Saved the final model" in log, tail(log)
+    # The script always passes training.resume_from_checkpoint=auto: a first start finds no checkpoint.
+    assert "no complete checkpoint" in log and "starting fresh" in log, tail(log)
     check_saved_run(output_dir, base_model_dir, ranks=2)

@@ -1,0 +1,56 @@
+"""See the loss mask before spending GPU hours: `python -m data_pipeline.inspect <train.py overrides>`.
+
+Prepares the dataset exactly as `train.py` would (reusing the cache), then prints the first few training samples
+as text with every trained token inside ⟦...⟧, so a wrong template, a missing assistant turn or an
+over-eager truncation shows at a glance.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from transformers import PreTrainedTokenizerBase
+
+from data_pipeline.prepare import PreparedData, load_run_config, prepare_run
+from data_pipeline.tokenize import INPUT_IDS_KEY, LABELS_KEY
+from dft.loss import IGNORE_INDEX
+
+SAMPLES_SHOWN = 3
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+def render_marked(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The decoded sample with each run of trained tokens wrapped in ⟦...⟧."""
+    pieces, run, run_trained = [], [], None
+    for token, label in zip(input_ids, labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if run and trained != run_trained:
+            pieces.append(_piece(run, run_trained, tokenizer))
+            run = []
+        run.append(token)
+        run_trained = trained
+    if run:
+        pieces.append(_piece(run, run_trained, tokenizer))
+    return "".join(pieces)
+
+
+def _piece(tokens: list[int], trained: bool, tokenizer: PreTrainedTokenizerBase) -> str:
+    text = tokenizer.decode(tokens)
+    return f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the first training samples with their trained tokens marked."""
+    directory, _, tokenizer = prepare_run(load_run_config(sys.argv[1:] if argv is None else argv))
+    train = PreparedData.load(directory).train
+    # A CLI: the samples are its output.
+    for index in range(min(SAMPLES_SHOWN, len(train))):
+        row = train[index]
+        header = f"--- sample {index}: {len(row[INPUT_IDS_KEY])} tokens, trained ones inside {TRAINED_OPEN}…"
+        print(f"{header}{TRAINED_CLOSE}")  # noqa: T201
+        print(render_marked(row[INPUT_IDS_KEY], row[LABELS_KEY], tokenizer))  # noqa: T201
+    print(f"prepared dataset: {directory.resolve()}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The data report: what every source gave, what was dropped and why, written as `stats.json` and a table.
+
+For every source `kept + sum(dropped.values()) == records`: each record read ends up kept or dropped for one
+counted reason (a broken line, a bad record, `max_samples`, down-sampling by `weight`, no trainable token left).
+`tokens` and `trainable_tokens` count the kept records once; `samples` counts the training and validation rows
+the source gives after up-sampling by `weight`. `dropped_columns` counts, per column name, the records whose
+column was not part of their format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATS_FILE = "stats.json"
+
+
+@dataclass
+class SourceStats:
+    """The accounting of one source (one `data.sources` entry's file)."""
+
+    records: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    samples: int = 0
+    dropped_columns: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+
+@dataclass
+class DatasetStats:
+    """Every source's accounting plus the split sizes."""
+
+    sources: dict[str, SourceStats] = field(default_factory=dict)
+    train_samples: int = 0
+    validation_samples: int = 0
+
+    def summary(self) -> str:
+        """A readable table: one row per source, a total, then the drop reasons and dropped columns."""
+        columns = ("records", "kept", "dropped", "trunc", "tokens", "trained", "samples")
+        rows = [
+            (name, s.records, s.kept, sum(s.dropped.values()), s.truncated, s.tokens, s.trainable_tokens, s.samples)
+            for name, s in self.sources.items()
+        ]
+        totals = ("total", *(sum(row[i] for row in rows) for i in range(1, len(columns) + 1)))
+        width = max([len("source"), *(len(row[0]) for row in rows)])
+        width = min(width, 60)
+
+        def line(row: tuple) -> str:
+            name = row[0] if len(row[0]) <= width else "…" + row[0][-(width - 1) :]
+            return f"{name:<{width}} " + " ".join(f"{value:>9}" for value in row[1:])
+
+        header = line(("source", *columns))
+        rule = "-" * len(header)
+        lines = [header, rule, *(line(row) for row in rows), rule, line(totals)]
+        for name, s in self.sources.items():
+            if s.dropped:
+                reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(s.dropped.items()))
+                lines.append(f"dropped from {name}: {reasons}")
+            if s.dropped_columns:
+                dropped = ", ".join(f"{column} ({n})" for column, n in sorted(s.dropped_columns.items()))
+                lines.append(f"columns ignored in {name}: {dropped}")
+        lines.append(f"train samples: {self.train_samples}  validation samples: {self.validation_samples}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / STATS_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DatasetStats:
+        data = json.loads((Path(directory) / STATS_FILE).read_text(encoding="utf-8"))
+        sources = {name: SourceStats(**values) for name, values in data.pop("sources").items()}
+        return cls(sources=sources, **data)

@@ -1,0 +1,49 @@
+"""`data_pipeline.inspect` shows exactly the assistant replies as trained."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from data_pipeline.inspect import render_marked
+from data_pipeline.tokenize import tokenize_dialogue
+from tests.conftest import REPO_ROOT
+
+DIALOGUE = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Later"},
+]
+
+
+def test_trained_tokens_are_marked(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    row = tokenize_dialogue(DIALOGUE, chatml_tokenizer, 128)
+    text = render_marked(row["input_ids"], row["labels"], chatml_tokenizer)
+    assert text == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Hello<|im_end|>⟧\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n⟦Later<|im_end|>⟧\n"
+    )
+
+
+def test_inspect_command_prints_marked_samples(tmp_path: Path) -> None:
+    source = tmp_path / "c.jsonl"
+    source.write_text(json.dumps({"messages": DIALOGUE}) + "\n")
+    overrides = [
+        f"data.sources=[{source}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.validation_split_percentage=0",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.inspect", *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "⟦Hello<|im_end|>⟧" in result.stdout and "⟦Later<|im_end|>⟧" in result.stdout

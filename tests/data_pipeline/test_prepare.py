@@ -1,0 +1,101 @@
+"""The prepared-dataset cache, `stats.json`, the `prepare` command and one builder across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+import data_pipeline.prepare as prepare
+from data_pipeline.stats import STATS_FILE
+from tests.conftest import REPO_ROOT, TOKENIZER_DIR
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def write_chats(path: Path, count: int) -> Path:
+    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(count)))
+    return path
+
+
+def prepare_once(source: Path, cache_dir: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[Path, bool]:
+    return prepare.prepare_dataset([str(source)], tokenizer, 64, 1, 25.0, 0, "raise", cache_dir)
+
+
+def test_same_inputs_reuse_the_cache_and_a_changed_source_rebuilds(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_chats(tmp_path / "c.jsonl", 8)
+    directory, built = prepare_once(source, tmp_path / "cache", chatml_tokenizer)
+    assert built and (directory / STATS_FILE).is_file()
+    stats = json.loads((directory / STATS_FILE).read_text())
+    assert stats["sources"][str(source)]["kept"] == 8 and stats["validation_samples"] == 2
+
+    def must_not_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(prepare, "build_prepared", must_not_build)
+    train, validation, reused_stats = prepare.build_datasets(
+        [str(source)], chatml_tokenizer, 64, 1, 25.0, 0, cache_dir=tmp_path / "cache"
+    )
+    assert len(train) == 6 and len(validation) == 2 and reused_stats.train_samples == 6
+    monkeypatch.undo()
+
+    write_chats(source, 9)
+    changed, built = prepare_once(source, tmp_path / "cache", chatml_tokenizer)
+    assert built and changed != directory
+    _, built = prepare.prepare_dataset([str(source)], chatml_tokenizer, 32, 1, 25.0, 0, "raise", tmp_path / "cache")
+    assert built  # another max_length is another dataset
+
+
+def test_two_processes_prepare_the_data_once(tmp_path: Path) -> None:
+    source = write_chats(tmp_path / "c.jsonl", 50)
+    script = (
+        "import sys; from transformers import AutoTokenizer; import data_pipeline.prepare as p\n"
+        f"tok = AutoTokenizer.from_pretrained({str(TOKENIZER_DIR)!r})\n"
+        f"d, built = p.prepare_dataset([{str(source)!r}], tok, 64, 1, 0.0, 0, 'raise', {str(tmp_path / 'cache')!r})\n"
+        "print(built, d)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    ranks = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env, text=True) for _ in "01"]
+    outputs = [rank.communicate(timeout=300)[0].split() for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks)
+    assert sorted(built for built, _ in outputs) == ["False", "True"]
+    assert outputs[0][1] == outputs[1][1]
+
+
+def test_prepare_command_prints_the_directory_last(tmp_path: Path) -> None:
+    source = write_chats(tmp_path / "c.jsonl", 4)
+    overrides = [
+        f"data.sources=[{source}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.validation_split_percentage=0",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.prepare", *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    directory = Path(lines[-1])
+    assert directory.parent == (tmp_path / "cache").resolve() and (directory / STATS_FILE).is_file()
+    assert any("c.jsonl" in line and "records" not in line for line in lines)
+
+
+def test_sources_in_the_config_may_be_mappings(tmp_path: Path) -> None:
+    source = write_chats(tmp_path / "c.jsonl", 1)
+    run = prepare.load_run_config([f"data.sources=[{source},{{path: {tmp_path},weight: 2.5,max_samples: 3}}]"])
+    assert run.data.sources[1] == {"path": str(tmp_path), "weight": 2.5, "max_samples": 3}
+    assert run.data.on_error == "raise" and run.data.cache_dir == ".cache/datasets"
+    with pytest.raises(ValueError, match=r"data.sources\[0\].weight=-1 must be a number > 0"):
+        prepare.load_run_config([f"data.sources=[{{path: {source},weight: -1}}]"])
+    with pytest.raises(ValueError, match="data.on_error='ignore'"):
+        prepare.load_run_config(["data.on_error=ignore"])

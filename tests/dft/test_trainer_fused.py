@@ -1,0 +1,151 @@
+"""DFTTrainer.compute_loss: the fused path against the reference path on a real (tiny) model, single process.
+
+Same loss and parameter gradients (tied embeddings, a final logit soft-cap), a graph-connected zero on a
+micro-batch with no trainable token, the alpha warm-up, and that the head is restored after the call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM, TrainingArguments
+
+from dft.loss import IGNORE_INDEX
+from dft.trainer import DFTTrainer
+
+VOCAB = 300
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
+def tiny_gemma2(seed: int = 0) -> Gemma2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=2.0,  # small, so the cap changes the loss visibly
+        attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(config).float()
+
+
+def make_trainer(model: torch.nn.Module, tmp_path: Path, **loss_kwargs) -> DFTTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no")
+    trainer = DFTTrainer(model=model, args=args, **loss_kwargs)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
+    return trainer
+
+
+def batch(seed: int = 1, rows: int = 2, seq: int = 12, prompt: int = 4) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (rows, seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0  # right padding on the second row
+    labels = input_ids.clone()
+    labels[:, :prompt] = IGNORE_INDEX
+    labels[attention_mask == 0] = IGNORE_INDEX
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(
+    trainer: DFTTrainer, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("num_items", [None, torch.tensor(29)])
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_gemma2], ids=["qwen2_tied", "gemma2_softcap"])
+def test_fused_matches_reference_loss_and_gradients(
+    tmp_path: Path, alpha: float, num_items: torch.Tensor | None, build
+) -> None:
+    model = build()
+    inputs = batch()
+    results = {}
+    for implementation in ("reference", "fused"):
+        # chunk_size 5 splits the 15 trainable tokens into several chunks.
+        trainer = make_trainer(model, tmp_path, alpha=alpha, implementation=implementation, chunk_size=5)
+        results[implementation] = loss_and_grads(trainer, model, inputs, num_items)
+        trainer.accelerator.free_memory()
+    (ref_loss, ref_grads), (fused_loss, fused_grads) = results["reference"], results["fused"]
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert ref is not None and fused_grads[name] is not None, name
+        torch.testing.assert_close(fused_grads[name], ref, rtol=1e-5, atol=1e-7, msg=name)
+    # The head is itself again: logits come back, and the soft-cap is restored on the config.
+    logits = model(input_ids=inputs["input_ids"]).logits
+    assert logits.shape == (*inputs["input_ids"].shape, VOCAB)
+    assert getattr(model.config, "final_logit_softcapping", None) == (2.0 if build is tiny_gemma2 else None)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_empty_micro_batch_gives_zero_loss_and_zero_gradients(tmp_path: Path, implementation: str) -> None:
+    model = tiny_qwen2()
+    inputs = batch()
+    inputs["labels"] = torch.full_like(inputs["labels"], IGNORE_INDEX)
+    trainer = make_trainer(model, tmp_path, implementation=implementation)
+    # num_items_in_batch > 0: other micro-batches of the step have trainable tokens.
+    loss, grads = loss_and_grads(trainer, model, inputs, torch.tensor(7))
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    for name, grad in grads.items():
+        assert grad is not None, f"{name} got no gradient: a ZeRO-3 reduce-scatter would wait for it"
+        assert torch.count_nonzero(grad) == 0, name
+
+
+def test_alpha_warms_up_linearly_over_optimizer_steps(tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_qwen2(), tmp_path, alpha=0.8, alpha_warmup_steps=4)
+    seen = []
+    for step in (0, 1, 2, 4, 9):
+        trainer.state.global_step = step
+        seen.append(trainer.current_alpha())
+    assert seen == pytest.approx([0.0, 0.2, 0.4, 0.8, 0.8])
+    assert make_trainer(tiny_qwen2(), tmp_path, alpha=0.8).current_alpha() == 0.8
+
+
+def test_warm_up_alpha_is_the_one_used_and_logged(tmp_path: Path) -> None:
+    model = tiny_qwen2()
+    inputs = batch()
+    trainer = make_trainer(model, tmp_path, alpha=1.0, alpha_warmup_steps=2)
+    trainer.state.global_step = 1
+    warm_loss, _ = loss_and_grads(trainer, model, inputs, None)
+    half_loss, _ = loss_and_grads(make_trainer(model, tmp_path, alpha=0.5), model, inputs, None)
+    torch.testing.assert_close(warm_loss, half_loss)
+    logs = {"loss": warm_loss.item()}
+    trainer.log(logs)
+    assert logs["dft_alpha"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"implementation": "chunked"}, "implementation='chunked'"), ({"alpha_warmup_steps": -1}, "alpha_warmup_steps")],
+)
+def test_bad_loss_arguments_are_rejected(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tiny_qwen2(), tmp_path, **kwargs)
