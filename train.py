@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -39,6 +40,7 @@ from launcher.config import RunConfig, register_configs, to_run_config
 from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
 from launcher.model import load_model, load_tokenizer, resolve_model_path
 from launcher.preflight import check_deepspeed_config
+from launcher.resilience import ResilienceCallback
 from launcher.trackers import tracker_callbacks
 
 logger = logging.getLogger("train")
@@ -79,6 +81,7 @@ def main(cfg: DictConfig) -> None:
     if is_rank_zero():
         write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(run_config))
     logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
+    resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
 
     model_path = resolve_model_path(run.model)
     tokenizer = load_tokenizer(run.model, model_path)
@@ -90,8 +93,10 @@ def main(cfg: DictConfig) -> None:
     if training_kwargs["disable_tqdm"] is None and not sys.stdout.isatty():
         training_kwargs["disable_tqdm"] = True  # nohup/Slurm logs: plain lines that `tail -f` can read
     training_args = TrainingArguments(**training_kwargs)
+    resilience = ResilienceCallback(run.resilience)  # catches preemption signals from here on
     if training_args.deepspeed:
-        deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
+        # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
+        deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
         train_set, validation_set, data_stats = build_datasets(
             run.data.sources,
@@ -115,7 +120,7 @@ def main(cfg: DictConfig) -> None:
             data_collator=PaddingFreeCollator()
             if run.data.packing
             else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-            callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config)],
+            callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config), resilience],
             loss_type=run.loss.type,
             alpha=run.loss.alpha,
             implementation=run.loss.implementation,
@@ -123,7 +128,6 @@ def main(cfg: DictConfig) -> None:
             chunk_size=run.loss.chunk_size,
         )
         use_readable_progress(trainer)
-        resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
         logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
         result = trainer.train(resume_from_checkpoint=resume_from)
         model.config.use_cache = True

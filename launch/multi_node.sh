@@ -11,6 +11,8 @@
 #   MASTER_ADDR  address of node 0 that every node can reach (default 127.0.0.1)
 #   MASTER_PORT  rendezvous port on node 0 (default 29500)
 #   HOSTFILE     a DeepSpeed hostfile ("node0 slots=8" lines): launch with DeepSpeed instead of torchrun
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives its ranks, after forwarding a SIGUSR1/SIGTERM, to save a checkpoint
+#                and exit before it kills them (default 300; keep it under Slurm's signal lead time)
 # Arguments: Hydra overrides for train.py.
 #
 # Example (2 nodes of 8 GPUs):
@@ -24,6 +26,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 HOSTFILE=${HOSTFILE:-}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 # shellcheck source=launch/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
@@ -32,5 +35,9 @@ if [[ -n "$HOSTFILE" ]]; then
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
 fi
 setup_ranks_per_node
+# torchrun forwards only TERM, INT, HUP and QUIT by default, and SIGUSR1 (Slurm's warning before the time
+# limit) would kill it outright: forward it too, then wait for the ranks' checkpoint (launcher/resilience.py).
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
+export PET_SHUTDOWN_TIMEOUT=${PET_SHUTDOWN_TIMEOUT:-$SHUTDOWN_TIMEOUT}
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NUM_GPUS" --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"

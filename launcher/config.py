@@ -197,6 +197,29 @@ class HeldoutConfig:
     """Rows of generations printed in the before/after table."""
 
 
+SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
+
+
+@dataclass
+class ResilienceConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that preempt the run: every rank stops at the next step boundary, a checkpoint is saved and the
+    process exits with status 75 (see launcher/resilience.py). Slurm sends SIGUSR1 ahead of the time limit
+    (launch/slurm.sbatch) and SIGTERM on preemption or scancel."""
+    max_consecutive_nonfinite: int = 5
+    """Optimizer steps in a row skipped for a non-finite loss or gradient before the run stops with a checkpoint."""
+    inject_nonfinite_at_steps: list[int] = field(default_factory=list)
+    """Testing aid: optimizer steps (1-based) whose loss is made NaN, to exercise the skip."""
+    inject_nonfinite_on_ranks: list[int] = field(default_factory=list)
+    """Testing aid: the ranks that inject; empty: every rank."""
+
+    def __post_init__(self) -> None:
+        for name in self.signals:
+            _check_choice("resilience.signals[]", name, SIGNAL_NAMES)
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"resilience.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/demo"
@@ -208,6 +231,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 def register_configs() -> None:

@@ -53,6 +53,10 @@ def setup_logging(output_dir: str | Path) -> Path:
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(prefix + LOG_FORMAT))
+    if rank != 0:
+        # Library warnings (deprecations, ...) are the same on every rank: rank 0 shows them once,
+        # the others keep them in their own log file only.
+        console.addFilter(lambda record: record.name != "py.warnings")
     log_file = logging.FileHandler(log_path, encoding="utf-8")
     log_file.setLevel(logging.INFO)
     log_file.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -63,6 +67,7 @@ def setup_logging(output_dir: str | Path) -> Path:
     root.addHandler(console)
     root.addHandler(log_file)
     root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
     # transformers logs through its own handler by default; route it through ours instead.
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()

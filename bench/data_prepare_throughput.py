@@ -1,0 +1,356 @@
+"""End-to-end data preparation throughput on CPU: our pipeline vs TRL's SFTTrainer, with 1 and 2 workers.
+
+A seeded generator writes N synthetic multi-turn ChatML dialogues (2-4 user/assistant exchanges, a system turn in
+a fifth of them, mostly short turns with a long tail; a few overflow `max_length` and a few have a system prompt
+so long that truncation leaves no assistant token) into a temporary JSONL. Both pipelines then prepare that file
+with the bundled tokenizer (`embedded/assets/tokenizer`, ChatML with `{% generation %}` markers), assistant-only
+labels, truncation to `max_length` keeping the start, and samples without a trainable token dropped:
+
+- ours: `data_pipeline.prepare.build_datasets(..., cache_dir=None)`, i.e. the in-memory build: read, validate and
+  convert every record, tokenise with assistant masks across `data.num_proc` processes, drop and count, and the
+  per-source stats; `on_error=raise`, no validation split (TRL has none), `datasets` caching disabled.
+- TRL: `SFTTrainer._prepare_dataset` (what the constructor runs on the training set) of a real `SFTTrainer` built on
+  a tiny model and the first rows, with `assistant_only_loss=True`, `packing=False`, the same `max_length`,
+  `dataset_num_proc` 1 or 2 and `datasets` caching disabled. Reading the JSONL (`load_dataset("json",
+  keep_in_memory=True)` into a fresh cache directory) is timed apart: `TRL prepare` excludes it (the issue's
+  reference figure) and `TRL read + prepare` includes it (the like-for-like end-to-end number).
+
+Every run is a fresh Python process (imports and the tokenizer load are outside the timer), with
+`TOKENIZERS_PARALLELISM=false` so that one worker uses one core. Runs are interleaved and repeated; the table shows
+the fastest repeat of each configuration (the JSON keeps all of them). samples/s counts the dialogues of the corpus,
+tokens/s the tokens of the prepared rows (after truncation and dropping); "per worker" divides by the worker count.
+Both pipelines must agree on the kept rows, tokens and trainable tokens, or the benchmark stops.
+
+Run from the repo root: `.venv/bin/python -m bench.data_prepare_throughput [--samples 100000] [--repeats 2]`
+(needs the `bench` extra: `pip install -e .[bench]`). Prints a table, writes
+`bench/results/data_prepare_throughput.json` and this benchmark's section of `docs/benchmarks.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = REPO_ROOT / "embedded" / "assets" / "tokenizer"
+RESULTS_PATH = REPO_ROOT / "bench" / "results" / "data_prepare_throughput.json"
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+SECTION_HEADING = "## Data preparation throughput (CPU)"
+
+MAX_LENGTH = 1024
+SEED = 0
+WORKERS = (1, 2)
+PIPELINES = ("ours", "trl")
+WORDS = (
+    "the a of to and in is it that for on with as was at by be this from or have an they which one you had not "
+    "but what all were when we there can use each she do how their if will up other about out many then them "
+    "these so some her would make like him into time has look two more write go see number no way could people "
+    "my than first water been call who oil its now find long down day did get come made may part model token "
+    "train data batch loss rank node shard cache mask label answer question reason step proof result value"
+).split()
+
+
+def _sentence(rng: random.Random, low: int, high: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(low, high))]
+    if rng.random() < 0.2:
+        words.insert(rng.randrange(len(words) + 1), str(rng.randint(0, 9999)))
+    return " ".join(words).capitalize() + rng.choice(".?!")
+
+
+def _dialogue(rng: random.Random) -> list[dict[str, str]]:
+    messages = []
+    if rng.random() < 0.001:
+        # A system prompt longer than MAX_LENGTH tokens: truncation leaves no assistant token (dropped, counted).
+        messages.append({"role": "system", "content": _sentence(rng, 1000, 1200)})
+    elif rng.random() < 0.2:
+        messages.append({"role": "system", "content": _sentence(rng, 3, 15)})
+    for _ in range(rng.randint(2, 4)):
+        messages.append({"role": "user", "content": _sentence(rng, 2, 14)})
+        # Most replies short, one in twenty long: the length skew of chat SFT data.
+        low, high = (80, 300) if rng.random() < 0.05 else (3, 30)
+        messages.append({"role": "assistant", "content": _sentence(rng, low, high)})
+    return messages
+
+
+def write_corpus(path: Path, samples: int) -> None:
+    """N seeded ChatML `messages` dialogues as JSONL."""
+    rng = random.Random(SEED)
+    with path.open("w", encoding="utf-8") as corpus:
+        for _ in range(samples):
+            corpus.write(json.dumps({"messages": _dialogue(rng)}) + "\n")
+
+
+def _load_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def measure_ours(corpus: Path, num_proc: int) -> dict:
+    """Our in-memory build (`cache_dir=None`): read, validate, convert, tokenise, drop and count, stats."""
+    import datasets
+
+    from data_pipeline.prepare import INPUT_IDS_KEY, build_datasets
+
+    datasets.disable_caching()
+    tokenizer = _load_tokenizer()
+    start = time.perf_counter()
+    train, validation, stats = build_datasets(
+        [str(corpus)], tokenizer, MAX_LENGTH, num_proc, validation_split_percentage=0, seed=SEED, on_error="raise"
+    )
+    seconds = time.perf_counter() - start
+    assert validation is None
+    (source,) = stats.sources.values()
+    assert source.tokens == pc.sum(pc.list_value_length(train.with_format("arrow")[INPUT_IDS_KEY])).as_py()
+    return {
+        "seconds": seconds,
+        "records": source.records,
+        "kept": source.kept,
+        "tokens": source.tokens,
+        "trainable_tokens": source.trainable_tokens,
+        "truncated": source.truncated,
+        "dropped": source.dropped,
+    }
+
+
+def measure_trl(corpus: Path, num_proc: int) -> dict:
+    """TRL: `load_dataset("json")`, then the trainer's own `_prepare_dataset` on it, timed apart."""
+    import datasets
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_caching()
+    tokenizer = _load_tokenizer()
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        args = SFTConfig(
+            output_dir=scratch,
+            report_to=[],
+            max_steps=0,
+            use_cpu=True,
+            assistant_only_loss=True,
+            packing=False,
+            max_length=MAX_LENGTH,
+            dataset_num_proc=num_proc,
+        )
+        start = time.perf_counter()
+        dataset = datasets.load_dataset(
+            "json", data_files=str(corpus), split="train", keep_in_memory=True, cache_dir=str(Path(scratch, "hf"))
+        )
+        read_seconds = time.perf_counter() - start
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.select(range(8)), processing_class=tokenizer)
+        start = time.perf_counter()
+        prepared = trainer._prepare_dataset(dataset, tokenizer, args, False, None, "train")
+        prepare_seconds = time.perf_counter() - start
+    labels = prepared.with_format("arrow")["labels"]
+    return {
+        "seconds": read_seconds + prepare_seconds,
+        "read_seconds": read_seconds,
+        "prepare_seconds": prepare_seconds,
+        "records": len(dataset),
+        "kept": len(prepared),
+        "tokens": pc.sum(pc.list_value_length(labels)).as_py(),
+        "trainable_tokens": pc.sum(pc.not_equal(pc.list_flatten(labels), -100)).as_py(),
+    }
+
+
+def run_in_subprocess(pipeline: str, corpus: Path, num_proc: int) -> dict:
+    command = [sys.executable, "-m", "bench.data_prepare_throughput", "--child", pipeline, str(corpus), str(num_proc)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def _rates(samples: int, tokens: int, seconds: float, workers: int) -> dict:
+    return {
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s_per_worker": samples / seconds / workers,
+        "tokens_per_s_per_worker": tokens / seconds / workers,
+    }
+
+
+def summarise(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
+    """One row per pipeline variant and worker count, from its fastest repeat."""
+    rows = []
+    for (pipeline, workers), repeats in runs.items():
+        variants = [("ours (read + prepare)", "seconds")] if pipeline == "ours" else []
+        if pipeline == "trl":
+            variants = [("TRL prepare", "prepare_seconds"), ("TRL read + prepare", "seconds")]
+        for name, key in variants:
+            best = min(repeats, key=lambda run, key=key: run[key])
+            rows.append(
+                {
+                    "pipeline": name,
+                    "workers": workers,
+                    **_rates(best["records"], best["tokens"], best[key], workers),
+                    "all_seconds": [run[key] for run in repeats],
+                }
+            )
+    for row in rows:
+        one_worker = next(r for r in rows if r["pipeline"] == row["pipeline"] and r["workers"] == 1)
+        row["scaling_vs_1_worker"] = row["tokens_per_s"] / one_worker["tokens_per_s"] / row["workers"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| pipeline | workers | seconds (best; all) | samples/s | tokens/s | tokens/s per worker | scaling 1→N |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        repeats = ", ".join(f"{s:.1f}" for s in row["all_seconds"])
+        lines.append(
+            f"| {row['pipeline']} | {row['workers']} | {row['seconds']:.1f} ({repeats}) | {row['samples_per_s']:,.0f} "
+            f"| {row['tokens_per_s']:,.0f} | {row['tokens_per_s_per_worker']:,.0f} "
+            f"| {row['scaling_vs_1_worker']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(rows: list[dict]) -> list[str]:
+    """Our tokens/s over TRL's at each worker count, and the goal of the issue, as sentences."""
+    by_name = {(row["pipeline"], row["workers"]): row["tokens_per_s"] for row in rows}
+    lines = []
+    for workers in WORKERS:
+        ours = by_name[("ours (read + prepare)", workers)]
+        lines.append(
+            f"{workers} worker(s): ours / TRL prepare = {ours / by_name[('TRL prepare', workers)]:.2f}x, "
+            f"ours / TRL read + prepare = {ours / by_name[('TRL read + prepare', workers)]:.2f}x"
+        )
+    return lines
+
+
+def write_docs_section(table: str, results: dict) -> None:
+    """Add or replace this benchmark's section of docs/benchmarks.md, leaving other sections as they are."""
+    corpus, machine = results["corpus"], results["machine"]
+    section = "\n".join(
+        [
+            SECTION_HEADING,
+            "",
+            f"Measured {results['date']} with `bench/data_prepare_throughput.py --samples {corpus['samples']}` on "
+            f"{machine['cpus']} shared CPU cores ({machine['platform']}, Python {machine['python']}, "
+            f"datasets {machine['datasets']}, transformers {machine['transformers']}, TRL {machine['trl']}). "
+            f"Corpus: {corpus['samples']:,} synthetic ChatML dialogues (2-4 exchanges, mostly short turns with a "
+            f"long tail), {corpus['tokens']:,} tokens after truncation to {MAX_LENGTH} with the bundled tokenizer, "
+            f"{corpus['trainable_tokens']:,} of them trained (assistant-only), {corpus['truncated']} truncated, "
+            f"{corpus['dropped']} dropped for no trainable token; both pipelines kept the same rows and tokens. "
+            "Caching off, fresh process per run, `TOKENIZERS_PARALLELISM=false`; each configuration ran "
+            f"{results['repeats']} times, interleaved, and the table shows the fastest (all times in brackets). "
+            "`ours` is the whole in-memory build (read, validate, convert, tokenise with assistant masks, drop and "
+            "count, stats); `TRL prepare` is `SFTTrainer._prepare_dataset` alone (`assistant_only_loss=True`, no "
+            "packing) and `TRL read + prepare` adds `load_dataset('json')`. Scaling is tokens/s at N workers over "
+            "N times tokens/s at 1. Raw numbers: `bench/results/data_prepare_throughput.json`.",
+            "",
+            table,
+            "",
+            *(f"- {line}" for line in results["comparison"]),
+            "",
+        ]
+    )
+    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    if SECTION_HEADING in lines:
+        start = lines.index(SECTION_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section.splitlines()
+        text = "\n".join(lines) + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOCS_PATH.write_text(text)
+
+
+def _machine() -> dict:
+    import datasets
+    import transformers
+    import trl
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(terse=True),
+        "python": platform.python_version(),
+        "datasets": datasets.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=100_000, help="dialogues in the generated corpus")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (the fastest is shown)")
+    parser.add_argument("--no-docs", action="store_true", help="print and write the JSON, leave docs/ alone")
+    parser.add_argument("--child", nargs=3, metavar=("PIPELINE", "CORPUS", "NUM_PROC"), help="internal")
+    args = parser.parse_args()
+    if args.child:
+        pipeline, corpus, num_proc = args.child
+        measure = measure_ours if pipeline == "ours" else measure_trl
+        print(json.dumps(measure(Path(corpus), int(num_proc))))
+        return
+
+    runs: dict[tuple[str, int], list[dict]] = {(p, w): [] for p in PIPELINES for w in WORKERS}
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = Path(scratch) / "chats.jsonl"
+        write_corpus(corpus, args.samples)
+        for repeat in range(args.repeats):
+            for pipeline, workers in runs:
+                run = run_in_subprocess(pipeline, corpus, workers)
+                runs[(pipeline, workers)].append(run)
+                print(f"repeat {repeat + 1}: {pipeline} x{workers}: {run['seconds']:.1f} s", file=sys.stderr)
+    reference = runs[("ours", 1)][0]
+    for (pipeline, workers), repeats in runs.items():
+        for run in repeats:
+            got = (run["records"], run["kept"], run["tokens"], run["trainable_tokens"])
+            expected = (reference["records"], reference["kept"], reference["tokens"], reference["trainable_tokens"])
+            if got != expected:
+                raise SystemExit(f"{pipeline} x{workers} prepared {got}, ours x1 {expected} (records, kept, tokens)")
+    rows = summarise(runs)
+    table = format_table(rows)
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": _machine(),
+        "max_length": MAX_LENGTH,
+        "repeats": args.repeats,
+        "corpus": {
+            "samples": args.samples,
+            "kept": reference["kept"],
+            "tokens": reference["tokens"],
+            "trainable_tokens": reference["trainable_tokens"],
+            "truncated": reference["truncated"],
+            "dropped": sum(reference["dropped"].values()),
+        },
+        "rows": rows,
+        "runs": {f"{pipeline} x{workers}": repeats for (pipeline, workers), repeats in runs.items()},
+    }
+    results["comparison"] = compare(rows)
+    print(table)
+    print("\n".join(results["comparison"]))
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PATH.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.no_docs:
+        write_docs_section(table, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Resilience, one rank: a non-finite step is skipped without touching the weights; a preemption signal
+ends the run with a checkpoint and status 75, and the resumed run matches an uninterrupted one.
+
+The non-finite loss comes from `resilience.inject_nonfinite_at_steps` (a testing aid that makes the
+model's output NaN at those optimizer steps). The 2-rank variants are in
+tests/launch/test_resilience_distributed.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher.artifacts import read_metrics
+from launcher.resilience import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from tests.launch.conftest import (
+    COMPARABLE_RUN,
+    LAST_STEP,
+    NO_HELDOUT,
+    REPO_ROOT,
+    assert_same_training,
+    describe_run,
+    run_script,
+)
+
+TIMEOUT_S = 180
+# A checkpoint after every step, so the weights before and after the skipped one can be compared.
+EVERY_STEP = (
+    "debug=quick",
+    "training.save_strategy=steps",
+    "training.save_steps=1",
+    "training.logging_steps=1",
+    "training.eval_strategy=no",
+)
+
+
+def train_command(output_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "train.py", NO_HELDOUT, f"output_dir={output_dir}", *overrides]
+
+
+def run_to_exit(command: list[str], output_dir: Path) -> tuple[int, str]:
+    """Run `command` to its end, whatever its status: (status, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        process = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{command} did not finish in {TIMEOUT_S} s\n{describe_run(str(e.output), [output_dir / 'logs'])}")
+    return process.returncode, process.stdout + process.stderr
+
+
+def assert_same_checkpoint(checkpoint: Path, reference: Path) -> None:
+    """Weights and optimizer state of two checkpoints are bitwise equal."""
+    weights, reference_weights = load_file(checkpoint / "model.safetensors"), load_file(reference / "model.safetensors")
+    for name, tensor in reference_weights.items():
+        assert torch.equal(weights[name], tensor), f"{name} differs between {checkpoint.name} and {reference.name}"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    reference_state = torch.load(reference / "optimizer.pt", weights_only=True)["state"]
+    for index, entry in reference_state.items():
+        for key, value in entry.items():
+            assert torch.equal(state[index][key], value), f"optimizer state {index}.{key} changed in {checkpoint.name}"
+
+
+@pytest.mark.slow
+def test_nonfinite_step_is_skipped_and_training_continues(tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    command = train_command(output_dir, *EVERY_STEP, "training.max_steps=4", "resilience.inject_nonfinite_at_steps=[3]")
+    status, output = run_to_exit(command, output_dir)
+    assert status == 0, describe_run(output, [output_dir / "logs"])
+    assert "step 3: skipped the optimizer step (non-finite loss on rank(s) [0]" in output, output
+    assert_same_checkpoint(output_dir / "checkpoint-3", output_dir / "checkpoint-2")
+    with pytest.raises(AssertionError):  # the steps around it did train
+        assert_same_checkpoint(output_dir / "checkpoint-4", output_dir / "checkpoint-3")
+    learning_rates = {r["step"]: r["learning_rate"] for r in read_metrics(output_dir) if "loss" in r}
+    assert learning_rates[4] == learning_rates[3], f"the LR schedule advanced on the skipped step: {learning_rates}"
+
+
+@pytest.mark.slow
+def test_repeated_nonfinite_steps_stop_the_run_with_a_checkpoint(tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    command = train_command(
+        output_dir,
+        *EVERY_STEP,
+        "training.max_steps=6",
+        "resilience.inject_nonfinite_at_steps=[2,3]",
+        "resilience.max_consecutive_nonfinite=2",
+    )
+    status, output = run_to_exit(command, output_dir)
+    assert status != 0, "the run went on after 2 non-finite steps in a row"
+    assert "stopped at step 3: 2 optimizer steps in a row had a non-finite loss or gradient" in output, output
+    assert not (output_dir / "checkpoint-4").exists(), "training went on past the limit"
+    assert_same_checkpoint(output_dir / "checkpoint-3", output_dir / "checkpoint-1")
+    assert not (output_dir / "model.safetensors").exists(), "a stopped run must not save a final model"
+
+
+def wait_for_step(process: subprocess.Popen, output_dir: Path, step: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(r.get("step", 0) >= step for r in read_metrics(output_dir) if "loss" in r):
+            return
+        time.sleep(0.02)
+    pytest.fail(f"the run logged no step {step} in {timeout} s (status {process.poll()})")
+
+
+@pytest.mark.slow
+def test_preempted_run_saves_exits_75_and_resumes_to_the_same_loss(tmp_path: Path) -> None:
+    finished, preempted = tmp_path / "finished", tmp_path / "preempted"
+    run_script(train_command(finished, *COMPARABLE_RUN), dict(os.environ), TIMEOUT_S, [finished / "logs"], REPO_ROOT)
+
+    log = open(tmp_path / "preempted.out", "w+", encoding="utf-8")  # noqa: SIM115  closed below
+    process = subprocess.Popen(
+        train_command(preempted, *COMPARABLE_RUN), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_for_step(process, preempted, 1, TIMEOUT_S)
+        os.kill(process.pid, signal.SIGUSR1)
+        status = process.wait(timeout=TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert status == PREEMPTED_EXIT_CODE, f"status {status}\n{describe_run(output, [preempted / 'logs'])}"
+    stopped_at = max(r["step"] for r in read_metrics(preempted) if "loss" in r)
+    assert stopped_at < LAST_STEP, "the signal came after the last step: nothing to resume"
+    assert (preempted / f"checkpoint-{stopped_at}" / "trainer_state.json").is_file()
+    assert f'"step": {stopped_at}' in (preempted / PREEMPTED_MARKER).read_text()
+    assert f"Preempted: stopped at step {stopped_at}" in output, output
+
+    resumed = run_script(
+        train_command(preempted, *COMPARABLE_RUN, "training.resume_from_checkpoint=auto"),
+        dict(os.environ),
+        TIMEOUT_S,
+        [preempted / "logs"],
+        REPO_ROOT,
+    )
+    assert f"resuming from {preempted / f'checkpoint-{stopped_at}'}" in resumed, resumed
+    assert_same_training(preempted, finished, atol=1e-6)
