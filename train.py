@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets
@@ -38,6 +38,7 @@ from launcher.banner import end_summary, startup_banner
 from launcher.checkpoints import resolve_resume_checkpoint
 from launcher.config import RunConfig, register_configs, to_run_config
 from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
+from launcher.export import verify_export
 from launcher.model import load_model, load_tokenizer, resolve_model_path
 from launcher.preflight import check_deepspeed_config
 from launcher.resilience import ResilienceCallback
@@ -133,6 +134,7 @@ def main(cfg: DictConfig) -> None:
         model.config.use_cache = True
         trainer.save_model(str(output_dir))
         logger.info("Saved the final model and tokenizer to %s", output_dir.resolve())
+        verify_export(model, output_dir, is_rank_zero(), zero3=is_deepspeed_zero3_enabled())
 
         unset_hf_deepspeed_config()  # the reports below load a plain, unsharded copy
         if is_rank_zero():

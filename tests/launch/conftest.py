@@ -143,6 +143,8 @@ def check_saved_run(output_dir: Path, base_model_dir: Path, ranks: int) -> None:
         # ZeRO-3 without gathering on save writes empty placeholders: numel 0 and the wrong shape.
         assert tensor.shape == base[name].shape and tensor.numel() > 0, f"{name}: saved {tuple(tensor.shape)}"
     assert any(not torch.equal(saved[name], base[name]) for name in base), "the saved weights are the base model's"
+    # train.py compared every saved tensor with the gathered trained parameter (launcher/export.py).
+    assert "Verified export" in (output_dir / "logs" / "rank0.log").read_text()
 
 
 def make_interrupted_copy(finished: Path, interrupted: Path) -> None:
