@@ -52,7 +52,7 @@ from data_pipeline.tokenize import (
     tokenize_batch,
 )
 from launcher.config import RunConfig, register_configs, to_run_config
-from launcher.model import load_tokenizer, resolve_model_path
+from launcher.model import load_tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def prepare_run(run: RunConfig) -> tuple[Path, bool, PreTrainedTokenizerBase]:
     Returns:
         The prepared directory, whether this call built it, and the run's tokenizer.
     """
-    tokenizer = load_tokenizer(run.model, resolve_model_path(run.model))
+    tokenizer = load_tokenizer(run.model, resolve_tokenizer_path(run.model))
     data = run.data
     directory, built = prepare_dataset(
         data.sources,

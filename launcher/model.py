@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from embedded.base_model import is_embedded, resolve_embedded_model
+from embedded.base_model import TOKENIZER_DIR, is_embedded, resolve_embedded_model
 from launcher.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -19,6 +19,15 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
     """A local directory or hub id; embedded models are built once and cached."""
     if is_embedded(model_cfg.name_or_path):
         return str(resolve_embedded_model(model_cfg.name_or_path, model_cfg.cache_dir))
+    return model_cfg.name_or_path
+
+
+def resolve_tokenizer_path(model_cfg: ModelConfig) -> str:
+    """Where the tokenizer lives, without building an embedded model (data preparation needs only this)."""
+    if model_cfg.tokenizer_name_or_path:
+        return model_cfg.tokenizer_name_or_path
+    if is_embedded(model_cfg.name_or_path):
+        return str(TOKENIZER_DIR)  # embedded models are saved with this very tokenizer
     return model_cfg.name_or_path
 
 
