@@ -177,8 +177,11 @@ def measure_trl(corpus: Path, num_proc: int) -> dict:
 def run_in_subprocess(pipeline: str, corpus: Path, num_proc: int) -> dict:
     command = [sys.executable, "-m", "bench.data_prepare_throughput", "--child", pipeline, str(corpus), str(num_proc)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # The cores are shared: the load average says how much of them other jobs took around this run.
+    load_before = os.getloadavg()[0]
     completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    run = json.loads(completed.stdout.strip().splitlines()[-1])
+    return {**run, "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
 def _rates(samples: int, tokens: int, seconds: float, workers: int) -> dict:
@@ -262,6 +265,7 @@ def write_docs_section(table: str, results: dict) -> None:
             "count, stats); `TRL prepare` is `SFTTrainer._prepare_dataset` alone (`assistant_only_loss=True`, no "
             "packing) and `TRL read + prepare` adds `load_dataset('json')`. Scaling is tokens/s at N workers over "
             "N times tokens/s at 1. Raw numbers: `bench/results/data_prepare_throughput.json`.",
+            *([""] + [results["note"]] if results.get("note") else []),
             "",
             table,
             "",
@@ -301,6 +305,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100_000, help="dialogues in the generated corpus")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration (the fastest is shown)")
     parser.add_argument("--no-docs", action="store_true", help="print and write the JSON, leave docs/ alone")
+    parser.add_argument("--note", help="machine notes for the docs (e.g. what else ran on the cores)")
     parser.add_argument("--child", nargs=3, metavar=("PIPELINE", "CORPUS", "NUM_PROC"), help="internal")
     args = parser.parse_args()
     if args.child:
@@ -332,6 +337,7 @@ def main() -> None:
         "machine": _machine(),
         "max_length": MAX_LENGTH,
         "repeats": args.repeats,
+        "note": args.note,
         "corpus": {
             "samples": args.samples,
             "kept": reference["kept"],
