@@ -52,6 +52,23 @@ def load_heldout(path: str | Path, max_samples: int) -> list[list[dict[str, str]
 
 
 @torch.no_grad()
+def greedy_reply(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], max_new_tokens: int
+) -> str:
+    """The model's greedy continuation of `prompt_ids` up to its end-of-turn token, decoded."""
+    prompt = torch.tensor([prompt_ids], device=model.device)
+    output = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
+
+
+@torch.no_grad()
 def evaluate_heldout(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -65,15 +82,7 @@ def evaluate_heldout(
         prompt_ids = tokenizer.apply_chat_template(
             messages[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"].to(model.device)
-        output = model.generate(
-            prompt_ids,
-            attention_mask=torch.ones_like(prompt_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        generated = tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+        generated = greedy_reply(model, tokenizer, prompt_ids[0].tolist(), max_new_tokens)
         generations.append(Generation(messages[-2]["content"], messages[-1]["content"], generated))
 
         full = tokenizer.apply_chat_template(

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dft.loss import IGNORE_INDEX
+from evaluation.heldout import greedy_reply
 
 
 def split_prompt_and_reference(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
@@ -42,16 +43,7 @@ def samples_markdown(
     ]
     for index, row in enumerate(rows, start=1):
         prompt_ids, reference_ids = split_prompt_and_reference(row["input_ids"], row["labels"])
-        prompt = torch.tensor([prompt_ids], device=model.device)
-        output = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        generated = tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True).strip()
+        generated = greedy_reply(model, tokenizer, prompt_ids, max_new_tokens).strip()
         reference = tokenizer.decode(reference_ids, skip_special_tokens=True).strip()
         shown_prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
         lines.append(
