@@ -16,7 +16,8 @@ from transformers import TrainingArguments
 from data_pipeline.packing import PaddingFreeCollator
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
-from tests.dft.test_trainer_fused import VOCAB, loss_and_grads, make_trainer, tiny_qwen2
+from tests.dft.test_trainer_fused import loss_and_grads, make_trainer
+from tests.tiny_models import VOCAB, tiny_qwen2
 
 LENGTHS = (5, 11, 8)
 

@@ -10,45 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
-
-VOCAB = 300
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(config).float()
-
-
-def tiny_gemma2(seed: int = 0) -> Gemma2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        final_logit_softcapping=2.0,  # small, so the cap changes the loss visibly
-        attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(config).float()
+from tests.tiny_models import VOCAB, tiny_gemma2, tiny_qwen2
 
 
 def make_trainer(model: torch.nn.Module, tmp_path: Path, **loss_kwargs) -> DFTTrainer:

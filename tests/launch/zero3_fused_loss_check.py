@@ -20,12 +20,13 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import Qwen2Config, Qwen2ForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from dft.loss import IGNORE_INDEX, dft_loss
 from dft.trainer import DFTTrainer
+from tests.tiny_models import VOCAB, tiny_qwen2
 
-ALPHA, VOCAB, SEED = 0.7, 300, 0
+ALPHA, SEED = 0.7, 0
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition every parameter
     "zero_allow_untested_optimizer": True,  # the Trainer's torch SGD
@@ -35,22 +36,6 @@ ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto",
     "steps_per_print": 1000000,
 }
-
-
-def tiny_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(SEED)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(config).float()
 
 
 def samples() -> list[dict[str, torch.Tensor]]:
@@ -72,7 +57,7 @@ def collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def expected_gradients(data: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """d(step loss)/d(param) in one process: every sample's DFT sum over the step's trainable tokens."""
-    model = tiny_model()
+    model = tiny_qwen2(SEED)
     num_items = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in data)
     for sample in data:
         batch = collate([sample])
@@ -84,7 +69,7 @@ def expected_gradients(data: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
 
 def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], output_dir: Path) -> dict:
     """Parameters' change after one ZeRO-3 optimizer step of DFTTrainer, and the step's logged loss."""
-    model = tiny_model()
+    model = tiny_qwen2(SEED)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = TrainingArguments(
         output_dir=str(output_dir / implementation),
@@ -137,7 +122,7 @@ def main() -> None:
     data = samples()
     expected = expected_gradients(data)
     deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
-    before = {name: p.detach() for name, p in tiny_model().named_parameters()}
+    before = {name: p.detach() for name, p in tiny_qwen2(SEED).named_parameters()}
     report: dict = {"world_size": dist.get_world_size()}
     updates = {}
     for implementation in ("reference", "fused"):
