@@ -17,6 +17,7 @@ from pathlib import Path
 
 from embedded.tasks import Message, follow_up, reversal, rotation, sample_dialogue, to_alpaca
 from embedded.tokenizer import save_tokenizer, train_tokenizer
+from launcher.artifacts import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
@@ -29,12 +30,6 @@ ALPACA_SAMPLES = 1200
 
 def _word(messages: list[Message]) -> str:
     return messages[0]["content"].split("\n")[1]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def generate_samples() -> dict[str, list]:
@@ -75,9 +70,9 @@ def tokenizer_corpus(n: int = 4000) -> list[str]:
 def main() -> None:
     SAMPLE_DIR.mkdir(parents=True, exist_ok=True)
     samples = generate_samples()
-    _write_atomic(SAMPLE_DIR / "chat_letters.jsonl", "".join(json.dumps(r) + "\n" for r in samples["chat"]))
-    _write_atomic(SAMPLE_DIR / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in samples["heldout"]))
-    _write_atomic(SAMPLE_DIR / "reverse_alpaca.json", json.dumps(samples["alpaca"], indent=1) + "\n")
+    write_atomic(SAMPLE_DIR / "chat_letters.jsonl", "".join(json.dumps(r) + "\n" for r in samples["chat"]))
+    write_atomic(SAMPLE_DIR / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in samples["heldout"]))
+    write_atomic(SAMPLE_DIR / "reverse_alpaca.json", json.dumps(samples["alpaca"], indent=1) + "\n")
     save_tokenizer(train_tokenizer(tokenizer_corpus()), TOKENIZER_DIR)
 
 

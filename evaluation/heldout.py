@@ -12,12 +12,13 @@ prompts it never saw.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from data_pipeline.sources import read_records
 
 
 @dataclass
@@ -40,14 +41,11 @@ class HeldoutResult:
 
 def load_heldout(path: str | Path, max_samples: int) -> list[list[dict[str, str]]]:
     dialogues = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            messages = json.loads(line).get("messages")
-            if not messages or messages[-1].get("role") != "assistant":
-                raise ValueError(f"{path}:{line_number}: a held-out dialogue must end with an assistant message")
-            dialogues.append(messages)
+    for line_number, record in read_records(Path(path)):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(f"{path}:{line_number}: a held-out dialogue must end with an assistant message")
+        dialogues.append(messages)
     return dialogues[:max_samples]
 
 

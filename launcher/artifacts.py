@@ -8,6 +8,7 @@ All are written by rank 0, to a temporary path then renamed, so a reader never s
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -76,10 +77,10 @@ def plot_loss(output_dir: str | Path) -> Path | None:
     fig.legend(loc="upper right")
     fig.tight_layout()
     path = Path(output_dir) / LOSS_PLOT_FILE
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, image.getvalue())
     return path
 
 
