@@ -31,7 +31,7 @@ from hydra.core.global_hydra import GlobalHydra
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.cache import cached_build, dataset_fingerprint
-from data_pipeline.schema import SOURCE_KEY, TOOLS_KEY, to_canonical
+from data_pipeline.schema import ORIGIN_KEY, SOURCE_KEY, TOOLS_KEY, to_canonical
 from data_pipeline.sources import (
     ON_ERROR_CHOICES,
     DataFormatError,
@@ -57,6 +57,10 @@ from launcher.model import load_tokenizer, resolve_tokenizer_path
 logger = logging.getLogger(__name__)
 
 MODEL_INPUT_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY)
+# Carried beside the model inputs: which source (its index in `stats.sources`, the order of `data.sources`)
+# and which record (`file:line`) each sample is, for per-source metrics and for naming a bad batch's samples.
+SOURCE_ID_KEY = "source_id"
+SAMPLE_KEYS = (SOURCE_ID_KEY, ORIGIN_KEY)
 COPIES_KEY = "copies"
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -154,7 +158,7 @@ def _sample(
     return sampled
 
 
-def _to_rows(records: list[dict[str, Any]]) -> Dataset:
+def _to_rows(records: list[dict[str, Any]], source_ids: dict[str, int]) -> Dataset:
     # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps Arrow
     # from having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
     return Dataset.from_dict(
@@ -164,6 +168,8 @@ def _to_rows(records: list[dict[str, Any]]) -> Dataset:
                 for r in records
             ],
             SOURCE_KEY: [r[SOURCE_KEY] for r in records],
+            SOURCE_ID_KEY: [source_ids[r[SOURCE_KEY]] for r in records],
+            ORIGIN_KEY: [r[ORIGIN_KEY] for r in records],
             COPIES_KEY: [r[COPIES_KEY] for r in records],
         }
     )
@@ -181,7 +187,8 @@ def build_prepared(
     """Read, tokenise, account and split, without any cache (see `build_datasets`)."""
     check_assistant_mask(tokenizer)
     records, stats = load_canonical(sources, on_error, seed)
-    tokenized = _to_rows(records).map(
+    source_ids = {name: i for i, name in enumerate(stats.sources)}
+    tokenized = _to_rows(records, source_ids).map(
         partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length),
         batched=True,
         num_proc=min(num_proc, max(len(records) // 1000, 1)),
@@ -202,8 +209,9 @@ def build_prepared(
         stats.sources[source].samples += 1
     stats.train_samples = len(train)
     stats.validation_samples = len(validation) if validation is not None else 0
-    validation = validation.select_columns(list(MODEL_INPUT_KEYS)) if validation is not None else None
-    return PreparedData(train.select_columns(list(MODEL_INPUT_KEYS)), validation, stats)
+    columns = [*MODEL_INPUT_KEYS, *SAMPLE_KEYS]
+    validation = validation.select_columns(columns) if validation is not None else None
+    return PreparedData(train.select_columns(columns), validation, stats)
 
 
 def prepare_dataset(

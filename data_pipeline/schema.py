@@ -33,6 +33,8 @@ from typing import Any
 from data_pipeline.sources import DataFormatError
 
 MESSAGES_KEY, TOOLS_KEY, SOURCE_KEY, TRAIN_KEY = "messages", "tools", "source", "train"
+# `<file>:<line>` of the record a sample came from: named in logs when a batch misbehaves.
+ORIGIN_KEY = "origin"
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_ROLE_ALIASES = {"developer": "system", "function": "tool"}
 SHAREGPT_ROLES = {
@@ -121,7 +123,7 @@ def to_canonical(
         )
     messages, tools = CONVERTERS[detected](record, where)
     _check_turns(messages, where)
-    canonical: dict[str, Any] = {MESSAGES_KEY: messages, SOURCE_KEY: str(path)}
+    canonical: dict[str, Any] = {MESSAGES_KEY: messages, SOURCE_KEY: str(path), ORIGIN_KEY: f"{path}:{line}"}
     if tools:
         canonical[TOOLS_KEY] = tools
     return canonical, sorted(set(record) - set(FORMAT_KEYS[detected]))

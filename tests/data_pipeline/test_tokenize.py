@@ -103,8 +103,14 @@ def test_build_datasets_on_the_sample_files(chatml_tokenizer: PreTrainedTokenize
     records = sum(s.records for s in stats.sources.values())
     assert records == len(train) + len(validation)
     assert all(s.kept + sum(s.dropped.values()) == s.records for s in stats.sources.values())
-    assert set(train.column_names) == {"input_ids", "attention_mask", "labels"}
+    assert set(train.column_names) == {"input_ids", "attention_mask", "labels", "source_id", "origin"}
     assert abs(len(validation) - 0.05 * records) <= 1
+    # Each sample names its source (by position in the report) and the file:line it was read from.
+    names = list(stats.sources)
+    for row in train.select(range(0, len(train), 7)):
+        path, line = row["origin"].rsplit(":", 1)
+        assert names[row["source_id"]] == path
+        assert 1 <= int(line) <= sum(1 for _ in open(path, "rb"))
 
 
 def test_samples_truncated_to_nothing_trainable_are_dropped_and_counted(
