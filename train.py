@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-from data_pipeline.packing import PaddingFreeCollator
+from data_pipeline.collate import SampleIdCollator
+from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, sample_lengths
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from dft.loss import IGNORE_INDEX
@@ -35,7 +36,7 @@ from evaluation.heldout import HeldoutResult, evaluate_heldout, format_compariso
 from evaluation.samples import samples_markdown
 from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress, write_atomic
 from launcher.banner import end_summary, startup_banner
-from launcher.checkpoints import resolve_resume_checkpoint
+from launcher.checkpoints import check_resume_compatible, launch_world_size, resolve_resume_checkpoint
 from launcher.config import RunConfig, register_configs, to_run_config
 from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
 from launcher.export import verify_export
@@ -83,6 +84,7 @@ def main(cfg: DictConfig) -> None:
         write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(run_config))
     logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
     resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
+    check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
 
     model_path = resolve_model_path(run.model)
     tokenizer = load_tokenizer(run.model, model_path)
@@ -118,16 +120,23 @@ def main(cfg: DictConfig) -> None:
             train_dataset=train_set,
             eval_dataset=validation_set,
             processing_class=tokenizer,
-            data_collator=PaddingFreeCollator()
-            if run.data.packing
-            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+            data_collator=SampleIdCollator(
+                PaddingFreeCollator()
+                if run.data.packing
+                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+            ),
             callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config), resilience],
             loss_type=run.loss.type,
             alpha=run.loss.alpha,
             implementation=run.loss.implementation,
             alpha_warmup_steps=run.loss.alpha_warmup_steps,
             chunk_size=run.loss.chunk_size,
+            source_names=list(data_stats.sources),
         )
+        if run.data.packing_max_tokens is not None:
+            seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
+            lengths = sample_lengths(train_set)
+            trainer.train_batch_sampler = TokenBudgetBatchSampler(lengths, run.data.packing_max_tokens, seed)
         use_readable_progress(trainer)
         logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
         result = trainer.train(resume_from_checkpoint=resume_from)

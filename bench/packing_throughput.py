@@ -6,10 +6,16 @@ to the longest sample (`DataCollatorForSeq2Seq`, the default collator of train.p
 samples short, a few long, so a padded micro-batch is mostly padding. Throughput counts real (non-padding) tokens
 only; the padding share is reported beside it.
 
+Which samples share a micro-batch is measured on its own, from lengths alone, over many more samples of the same
+mix (`--budget-samples`): fixed-count micro-batches (`per_device_train_batch_size` samples, packed) against
+`TokenBudgetBatchSampler` (`data.packing_max_tokens`). A fixed-count packed row has no padding token, but its length
+varies with the draw, and memory must be sized for the longest: the table reports the share of that worst-case
+row left unused on average, beside the token budget's unused share, and the spread of row lengths.
+
 Model: a Qwen2 of hidden 128, 4 layers, vocab 2048, sdpa, float32, one thread (2 shared cores).
 
-Run from the repo root: `.venv/bin/python -m bench.packing_throughput` (under a minute). Prints a table and writes
-`bench/results/packing_throughput.json`.
+Run from the repo root: `.venv/bin/python -m bench.packing_throughput` (about a minute). Prints two tables and
+writes `bench/results/packing_throughput.json`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from data_pipeline.packing import PaddingFreeCollator
+from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
 
@@ -71,6 +77,32 @@ def skewed_samples(count: int, generator: torch.Generator) -> list[dict[str, lis
     return samples
 
 
+def micro_batch_shapes(lengths: list[int], batch_size: int, max_tokens: int, seed: int) -> list[dict]:
+    """Tokens per micro-batch of fixed-count packing (random order, as the Trainer draws) and of the token budget."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    fixed = [sum(lengths[i] for i in order[start : start + batch_size]) for start in range(0, len(order), batch_size)]
+    budget = [sum(lengths[i] for i in b) for b in TokenBudgetBatchSampler(lengths, max_tokens, seed)]
+    rows = []
+    for strategy, rows_tokens, reserved in (
+        (f"fixed count ({batch_size} samples)", fixed, max(fixed)),
+        (f"token budget ({max_tokens} tokens)", budget, max_tokens),
+    ):
+        mean = statistics.fmean(rows_tokens)
+        rows.append(
+            {
+                "strategy": strategy,
+                "micro_batches": len(rows_tokens),
+                "min_tokens": min(rows_tokens),
+                "mean_tokens": mean,
+                "max_tokens": max(rows_tokens),
+                "cv": statistics.pstdev(rows_tokens) / mean,
+                "reserved_tokens": reserved,
+                "unused_share": 1 - sum(rows_tokens) / (len(rows_tokens) * reserved),
+            }
+        )
+    return rows
+
+
 def padding_collator() -> DataCollatorForSeq2Seq:
     """train.py's collator; it only calls the tokenizer's `pad`, so a one-word tokenizer is enough."""
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, unk_token="<pad>")))
@@ -96,6 +128,8 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-samples", type=int, default=20000, help="samples for the micro-batch shapes")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="data.packing_max_tokens for the shapes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(SEED)
@@ -129,6 +163,18 @@ def main() -> None:
         for r in rows
     ]
     print("\n".join([header, *lines, f"\npacked / padded: {speedup:.2f}x ({real_tokens} real tokens)"]))
+
+    mix = skewed_samples(args.budget_samples, torch.Generator().manual_seed(SEED + 1))
+    shapes = micro_batch_shapes([len(s["input_ids"]) for s in mix], args.batch_size, args.max_tokens, SEED)
+    print(
+        "\n| strategy | micro-batches | tokens per micro-batch (min / mean / max) | CV | unused share of the "
+        "reserved row |\n|---|---|---|---|---|"
+    )
+    for r in shapes:
+        print(
+            f"| {r['strategy']} | {r['micro_batches']} | {r['min_tokens']} / {r['mean_tokens']:.0f} / "
+            f"{r['max_tokens']} | {r['cv']:.2f} | {r['unused_share']:.2%} of {r['reserved_tokens']} |"
+        )
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "date": datetime.date.today().isoformat(),
@@ -138,6 +184,8 @@ def main() -> None:
         "real_tokens": real_tokens,
         "rows": rows,
         "speedup": speedup,
+        "budget_samples": args.budget_samples,
+        "micro_batch_shapes": shapes,
     }
     RESULTS_PATH.write_text(json.dumps(result, indent=2) + "\n")
 

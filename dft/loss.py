@@ -11,6 +11,10 @@ vocabulary. `N` is the number of trainable tokens of the whole optimizer step
 (`num_items_in_batch`, summed over gradient-accumulation micro-batches and
 ranks by the Trainer) so that the update does not depend on how a step is
 split; without it, the micro-batch's own count is used.
+
+Both functions can also split their statistics by a per-token group (`token_groups`, e.g. the data
+source of each token): `DFTStats.group_sums` then holds the same sums per group, computed from the
+per-token values the loss has anyway, so the fused path still builds no `[tokens, vocab]` block.
 """
 
 from __future__ import annotations
@@ -21,14 +25,22 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# The columns of `DFTStats.group_sums`: `sum_weighted_nll` is the group's `sum_t w_t * CE_t`, its share of the
+# loss before the division by `N`.
+GROUP_SUM_COLUMNS = ("sum_p_correct", "sum_nll", "sum_weighted_nll", "num_tokens")
 
 
 class DFTStats(NamedTuple):
-    """Detached sums over the valid tokens of one micro-batch: reduce sums and counts, then divide."""
+    """Detached sums over the valid tokens of one micro-batch: reduce sums and counts, then divide.
+
+    `group_sums` is None unless `token_groups` was given: then a float64 `[num_groups, len(GROUP_SUM_COLUMNS)]`
+    tensor of the same sums per group (a group with no valid token has a zero row).
+    """
 
     sum_p_correct: torch.Tensor
     sum_nll: torch.Tensor
     num_tokens: torch.Tensor
+    group_sums: torch.Tensor | None = None
 
 
 def dft_token_weights(nll: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -41,12 +53,34 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
+def _check_groups(token_groups: torch.Tensor | None, num_groups: int | None, labels: torch.Tensor) -> None:
+    if token_groups is None:
+        return
+    if num_groups is None or num_groups < 1:
+        raise ValueError(f"num_groups={num_groups}: give the number of groups (>= 1) along with token_groups")
+    if token_groups.shape != labels.shape:
+        raise ValueError(
+            f"token_groups {tuple(token_groups.shape)} and labels {tuple(labels.shape)} do not match: "
+            "expected one group per label"
+        )
+
+
+def _group_sums(groups: torch.Tensor, nll: torch.Tensor, token_weights: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per-group `GROUP_SUM_COLUMNS` of the valid tokens' detached `nll`, in float64 (exact counts, no drift)."""
+    nll = nll.detach().double()
+    values = torch.stack([torch.exp(-nll), nll, nll * token_weights.double(), torch.ones_like(nll)], dim=1)
+    sums = torch.zeros(num_groups, len(GROUP_SUM_COLUMNS), dtype=torch.float64, device=nll.device)
+    return sums.index_add_(0, groups.to(nll.device), values)
+
+
 def dft_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     alpha: float,
     ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: torch.Tensor | int | None = None,
+    token_groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
 ) -> tuple[torch.Tensor, DFTStats]:
     """Reference DFT loss on full logits.
 
@@ -56,28 +90,35 @@ def dft_loss(
         alpha: weight of the probability term; 0 gives cross-entropy.
         ignore_index: label value of tokens that are not trained.
         num_items_in_batch: denominator; the count of valid tokens when None.
+        token_groups: `[batch, seq]` group ids in `[0, num_groups)`, aligned with `labels` (a token counts in
+            its label's group; positions whose label is ignored may hold anything); fills `DFTStats.group_sums`.
+        num_groups: the number of groups, so that every micro-batch (and rank) gives the same shape.
 
     Returns:
         The scalar loss and the micro-batch's `DFTStats`. With no valid token the
         loss is a zero still connected to the graph, so every parameter gets a
         (zero) gradient and sharded optimizers stay in step.
     """
+    _check_groups(token_groups, num_groups, labels)
     targets = shift_labels(labels, ignore_index).reshape(-1)
     nll = F.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), targets, ignore_index=ignore_index, reduction="none"
     )
     valid = targets != ignore_index
-    weighted_sum = (nll * dft_token_weights(nll, alpha) * valid).sum()
+    token_weights = dft_token_weights(nll, alpha)
+    weighted_sum = (nll * token_weights * valid).sum()
     num_valid = valid.sum()
-    denominator = num_items_in_batch if num_items_in_batch is not None else num_valid.clamp(min=1)
-    if torch.is_tensor(denominator):
-        denominator = denominator.to(weighted_sum.device)
+    group_sums = None
+    if token_groups is not None:
+        groups = shift_labels(token_groups, 0).reshape(-1).to(valid.device)
+        group_sums = _group_sums(groups[valid], nll[valid], token_weights[valid], num_groups)
     stats = DFTStats(
         sum_p_correct=(torch.exp(-nll.detach()) * valid).sum(),
         sum_nll=(nll.detach() * valid).sum(),
         num_tokens=num_valid,
+        group_sums=group_sums,
     )
-    return weighted_sum / denominator, stats
+    return weighted_sum / _loss_denominator(num_valid, num_items_in_batch), stats
 
 
 def _loss_denominator(num_valid: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int:
@@ -106,8 +147,9 @@ def _chunk_logits(
 class _FusedLinearDFT(torch.autograd.Function):
     """`sum_t w_t * CE_t` over the given rows of `hidden @ weight.T (+ bias)`, one chunk of logits at a time.
 
-    The forward keeps only per-token vectors (`lse`, `w`); the backward recomputes each chunk's logits, so neither
-    pass holds more than one `[chunk, vocab]` block (plus its float32 temporaries).
+    Also returns the rows' per-token `CE_t`, not differentiable, for the statistics. The forward keeps only
+    per-token vectors (`lse`, `w`); the backward recomputes each chunk's logits, so neither pass holds more than
+    one `[chunk, vocab]` block (plus its float32 temporaries).
     """
 
     @staticmethod
@@ -121,7 +163,7 @@ class _FusedLinearDFT(torch.autograd.Function):
         alpha: float,
         chunk_size: int,
         softcap: float | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         nll = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(nll)
         for start in range(0, rows.numel(), chunk_size):
@@ -133,17 +175,15 @@ class _FusedLinearDFT(torch.autograd.Function):
         token_weights = dft_token_weights(nll, alpha)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, token_weights, lse)
         ctx.chunk_size, ctx.softcap = chunk_size, softcap
-        sum_p_correct, sum_nll = torch.exp(-nll).sum(), nll.sum()
-        ctx.mark_non_differentiable(sum_p_correct, sum_nll)
-        return (nll * token_weights).sum(), sum_p_correct, sum_nll
+        ctx.mark_non_differentiable(nll)
+        return (nll * token_weights).sum(), nll
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx,
         grad_weighted_sum: torch.Tensor,
-        _grad_sum_p_correct: torch.Tensor,
-        _grad_sum_nll: torch.Tensor,
+        _grad_nll: torch.Tensor,
     ) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, rows, targets, token_weights, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -196,6 +236,8 @@ def fused_dft_loss(
     chunk_size: int = 1024,
     logit_softcap: float | None = None,
     lm_head_bias: torch.Tensor | None = None,
+    token_groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
 ) -> tuple[torch.Tensor, DFTStats]:
     """DFT loss from the hidden states, without materialising the `[tokens, vocab]` logits.
 
@@ -214,13 +256,16 @@ def fused_dft_loss(
             blocks.
         logit_softcap: when set, logits become `cap * tanh(logits / cap)` (Gemma-2) before the softmax.
         lm_head_bias: `[vocab]`, when the LM head has a bias.
+        token_groups, num_groups: as for `dft_loss`; the group sums come from the per-token CE of the chunk
+            loop, with no extra pass over the vocabulary.
 
     Returns:
         The float32 scalar loss and the micro-batch's detached `DFTStats`. With no valid token the loss is a zero
         still connected to the graph: the hidden states, weight and bias get zero gradients, not None.
 
     Raises:
-        ValueError: on a non-positive `chunk_size` or `logit_softcap`, or shapes that do not match.
+        ValueError: on a non-positive `chunk_size` or `logit_softcap`, shapes that do not match, or
+            `token_groups` without `num_groups`.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be a positive number of tokens")
@@ -231,10 +276,11 @@ def fused_dft_loss(
             f"hidden_states {tuple(hidden_states.shape)}, lm_head_weight {tuple(lm_head_weight.shape)} and labels "
             f"{tuple(labels.shape)} do not match: expected [batch, seq, hidden], [vocab, hidden] and [batch, seq]"
         )
+    _check_groups(token_groups, num_groups, labels)
     targets = shift_labels(labels, ignore_index).reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index
     rows = valid.nonzero().squeeze(1)
-    weighted_sum, sum_p_correct, sum_nll = _FusedLinearDFT.apply(
+    weighted_sum, nll = _FusedLinearDFT.apply(
         hidden_states.reshape(-1, hidden_states.size(-1)),
         lm_head_weight,
         lm_head_bias,
@@ -245,5 +291,11 @@ def fused_dft_loss(
         logit_softcap,
     )
     num_valid = valid.sum()
-    stats = DFTStats(sum_p_correct=sum_p_correct, sum_nll=sum_nll, num_tokens=num_valid)
+    group_sums = None
+    if token_groups is not None:
+        groups = shift_labels(token_groups, 0).reshape(-1).to(rows.device)[rows]
+        group_sums = _group_sums(groups, nll, dft_token_weights(nll, alpha), num_groups)
+    stats = DFTStats(
+        sum_p_correct=torch.exp(-nll).sum(), sum_nll=nll.sum(), num_tokens=num_valid, group_sums=group_sums
+    )
     return weighted_sum / _loss_denominator(num_valid, num_items_in_batch), stats

@@ -2,6 +2,7 @@
 # Start a training run in the background, detached from the terminal: it survives logout, its output
 # goes to logs/<run>-<timestamp>.log, its process id to logs/<run>-<timestamp>.pid, and when it ends its
 # exit status to logs/<run>-<timestamp>.exit (0: finished; 143: stopped by kill; no file: still running).
+# The config is checked first, on the terminal (python -m launcher.check): a bad path exits 2, nothing starts.
 #
 # Variables (and REPO_DIR, PYTHON of launch/env.sh):
 #   RUN_NAME  prefix of the log and PID files (default train)
@@ -23,10 +24,12 @@ LAUNCHER=${LAUNCHER:-python}
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 case "$LAUNCHER" in
-  python) command=("$PYTHON" train.py) ;;
-  single_node) command=(launch/single_node.sh) ;;
+  python) command=("$PYTHON" train.py); check=(--world-size 1) ;;
+  single_node) command=(launch/single_node.sh); check=() ;;  # single_node.sh checks its world size itself
   *) echo "LAUNCHER=$LAUNCHER: expected python or single_node" >&2; exit 2 ;;
 esac
+# A bad path fails here, on the terminal, rather than in the detached run's log (exit 2 with the problems).
+"$PYTHON" -m launcher.check "${check[@]}" "$@"
 
 mkdir -p "$LOG_DIR"
 stem="$(cd "$LOG_DIR" && pwd)/$RUN_NAME-$(date +%Y%m%d-%H%M%S)"

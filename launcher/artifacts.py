@@ -1,7 +1,8 @@
 """Files every run leaves in its output directory, whatever tracker is used.
 
 - `config.yaml`: the resolved configuration of the run.
-- `metrics.jsonl`: one JSON object per logging event (step, loss, nll, avg_p_correct, ...).
+- `metrics.jsonl`: one JSON object per logging event (step, loss, nll, avg_p_correct, ..., and with several
+  data sources `nll/<source>`, `avg_p_correct/<source>`, `dft_loss/<source>`, `num_tokens/<source>`).
 - `loss.png`: loss and nll against the step (eval points marked), refreshed at each save and at the end.
 All are written by rank 0, to a temporary path then renamed, so a reader never sees half a file.
 """
@@ -152,6 +153,8 @@ def _jsonable(value: Any) -> Any:
 def _summary(logs: dict[str, Any]) -> str:
     parts = []
     for key, value in logs.items():
+        if "/" in key and not key.split("/")[0].endswith("nll"):
+            continue  # of the per-source breakdowns the line keeps nll; metrics.jsonl has them all
         if isinstance(value, float):
             parts.append(f"{key} {value:.4g}")
         else:

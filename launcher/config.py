@@ -127,8 +127,19 @@ class DataConfig:
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""
+    packing_max_tokens: Optional[int] = None
+    """With packing: micro-batches of at most this many tokens, filled by best-fit decreasing bin packing (over 98%
+    full), instead of `training.per_device_train_batch_size` samples each; at least `data.max_length`. null: off."""
 
     def __post_init__(self) -> None:
+        if self.packing_max_tokens is not None:
+            if not self.packing:
+                raise ValueError("data.packing_max_tokens is set but data.packing=false: set data.packing=true")
+            if self.packing_max_tokens < self.max_length:
+                raise ValueError(
+                    f"data.packing_max_tokens={self.packing_max_tokens} is below data.max_length={self.max_length}: "
+                    "a sample of max_length tokens would fit no micro-batch; raise it to at least data.max_length"
+                )
         if len(self.sources) == 0:
             raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
         parse_sources(self.sources)

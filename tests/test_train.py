@@ -17,6 +17,7 @@ from launcher.artifacts import read_metrics
 from tests.conftest import REPO_ROOT
 
 TRAIN_METRICS = ("loss", "nll", "avg_p_correct", "learning_rate", "grad_norm", "trainable_tokens_per_second")
+SAMPLE_SOURCE_KEYS = ("chat_letters", "reverse_alpaca")  # conf/data/sample.yaml's two files, by stem
 
 
 def run_train(output_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -54,6 +55,7 @@ def test_quick_run_leaves_a_complete_output_dir(tmp_path: Path) -> None:
     for record in train_records:
         assert set(TRAIN_METRICS) <= set(record), record
         assert 0.0 < record["avg_p_correct"] < 1.0 and record["nll"] > 0
+        assert {f"nll/{key}" for key in SAMPLE_SOURCE_KEYS} <= set(record), record
     assert all("train/" not in key for record in read_metrics(out) for key in record)
     assert any("eval_nll" in r for r in read_metrics(out))
 
@@ -73,6 +75,35 @@ def test_ce_and_alpha_zero_give_the_same_loss_at_every_step(tmp_path: Path) -> N
     assert len(ce) == 6
     torch.testing.assert_close(torch.tensor(alpha0), torch.tensor(ce), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(torch.tensor(dft), torch.tensor(ce), rtol=1e-2)  # the weighting does something
+
+
+@pytest.mark.slow
+def test_per_source_metrics_combine_into_the_global_ones(tmp_path: Path) -> None:
+    # Packed batches mix the two sources inside one row: the per-token source ids must follow each sample.
+    out = tmp_path / "run"
+    run_ok(out, "debug=quick", "data.packing=true", "training.logging_steps=1", "heldout.file=null")
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_nll" in r]
+    assert len(train) == 6 and evals
+    for record, prefix in [(r, "") for r in train] + [(r, "eval_") for r in evals]:
+        tokens = {key: record[f"{prefix}num_tokens/{key}"] for key in SAMPLE_SOURCE_KEYS}
+        assert all(count > 0 for count in tokens.values()), record
+        for metric in ("nll", "avg_p_correct"):
+            combined = sum(record[f"{prefix}{metric}/{key}"] * tokens[key] for key in tokens) / sum(tokens.values())
+            assert combined == pytest.approx(record[f"{prefix}{metric}"], rel=1e-5), (metric, record)
+        if prefix == "":
+            assert all(record[f"dft_loss/{key}"] > 0 for key in SAMPLE_SOURCE_KEYS)
+    # The two sources are learnt differently: one number per file is what tells them apart.
+    assert train[-1]["nll/chat_letters"] != pytest.approx(train[-1]["nll/reverse_alpaca"], rel=1e-3)
+    rank_records = [json.loads(line) for line in (out / "logs" / "rank0_metrics.jsonl").read_text().splitlines()]
+    for rank_record, record in zip([r for r in rank_records if r["mode"] == "train"], train, strict=True):
+        assert {key: s["num_tokens"] for key, s in rank_record["sources"].items()} == {
+            key: record[f"num_tokens/{key}"] for key in SAMPLE_SOURCE_KEYS
+        }
+    # The console line names each source's nll and leaves the rest of the breakdown to metrics.jsonl.
+    step_lines = [line for line in (out / "logs" / "rank0.log").read_text().splitlines() if " step 6/6 loss" in line]
+    assert step_lines and "nll/reverse_alpaca" in step_lines[0] and "num_tokens/" not in step_lines[0]
 
 
 @pytest.mark.slow

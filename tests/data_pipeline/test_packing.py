@@ -7,16 +7,28 @@ parameters after two optimizer steps of `Trainer.train` with gradient accumulati
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import TrainingArguments
 
-from data_pipeline.packing import PaddingFreeCollator
+from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, pack_best_fit_decreasing, sample_lengths
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
+from launcher.artifacts import read_metrics
+from launcher.config import DataConfig
+from tests.conftest import REPO_ROOT, SAMPLE_SOURCES
+from tests.data_pipeline import token_budget_ranks
 from tests.dft.test_trainer_fused import loss_and_grads, make_trainer
+from tests.launch.conftest import DISTRIBUTED_TIMEOUT_S, free_port, run_script
 from tests.tiny_models import VOCAB, tiny_qwen2
 
 LENGTHS = (5, 11, 8)
@@ -101,3 +113,154 @@ def test_training_steps_with_packing_match_padding(tmp_path: Path) -> None:
     for key, value in params["padded"].items():
         assert not torch.equal(value, start[key]), f"{key} did not train"
         torch.testing.assert_close(params["packed"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def skewed_lengths(count: int, max_length: int, seed: int = 0) -> list[int]:
+    """Chat-SFT-like: log-normal lengths (median ~150 tokens, a long tail), truncated to `max_length`."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(5.0 + 1.0 * torch.randn(count, generator=generator)).clamp(8, max_length)
+    return lengths.long().tolist()
+
+
+def epoch_bins(sampler: TokenBudgetBatchSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_token_budget_bins_are_over_98_percent_full_and_hold_every_sample_once() -> None:
+    lengths = skewed_lengths(3000, max_length=1024)
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=4096, seed=1)
+    assert sampler.fill_rate > 0.98
+    for epoch in range(2):
+        bins = epoch_bins(sampler, epoch)
+        assert len(bins) == len(sampler)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        loads = [sum(lengths[i] for i in b) for b in bins]
+        assert max(loads) <= 4096
+        assert sum(lengths) / (len(bins) * 4096) == pytest.approx(sampler.fill_rate)
+        assert sum(load < 0.98 * 4096 for load in loads) <= 2  # only the last bins opened can be short
+
+
+def test_token_budget_bins_are_deterministic_per_seed_and_reshuffled_per_epoch() -> None:
+    lengths = skewed_lengths(500, max_length=256)
+    first, again = TokenBudgetBatchSampler(lengths, 1024, seed=3), TokenBudgetBatchSampler(lengths, 1024, seed=3)
+    assert epoch_bins(first, 0) == epoch_bins(again, 0)
+    assert epoch_bins(first, 1) == epoch_bins(again, 1)
+    assert epoch_bins(first, 0) != epoch_bins(first, 1)
+    assert epoch_bins(TokenBudgetBatchSampler(lengths, 1024, seed=4), 0) != epoch_bins(first, 0)
+
+
+def test_best_fit_decreasing_on_a_hand_worked_case() -> None:
+    # Longest first: 6 opens bin A (room 4), 5 opens B (room 5), 4 fits A exactly (tightest), 3 fits B (room 2),
+    # 2 fits B exactly: two full bins of 10.
+    lengths = [3, 6, 2, 5, 4]
+    assert pack_best_fit_decreasing(lengths, 10, order=range(5)) == [[1, 4], [3, 0, 2]]
+
+
+def test_a_sample_longer_than_the_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"data.packing_max_tokens=100 is smaller than training sample 2 \(101 tokens"):
+        TokenBudgetBatchSampler([10, 20, 101], max_tokens=100)
+
+
+def test_config_refuses_a_budget_below_max_length_and_a_budget_without_packing() -> None:
+    with pytest.raises(ValueError, match="data.packing_max_tokens=256 is below data.max_length=512"):
+        DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=256)
+    with pytest.raises(ValueError, match="data.packing=false"):
+        DataConfig(sources=SAMPLE_SOURCES, packing_max_tokens=1024)
+    assert DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=512)
+
+
+def test_sample_lengths_reads_the_arrow_column() -> None:
+    rows = [{"input_ids": [1] * n, "labels": [1] * n} for n in (3, 7, 5)]
+    dataset = Dataset.from_list(rows).select([2, 0, 1])  # an indices mapping, as a shuffle or split leaves
+    assert sample_lengths(dataset) == [5, 3, 7]
+    assert sample_lengths(rows) == [3, 7, 5]
+
+
+def test_trainer_trains_on_token_budget_micro_batches_as_on_the_same_batches_given_in_order(tmp_path: Path) -> None:
+    """`Trainer.train` with gradient accumulation through `get_train_dataloader`'s token-budget loader gives the
+    update of the stock loader fed the same micro-batches in the same order: nothing dropped, reordered or counted
+    differently in `num_items_in_batch` (so the DFT normalisation stays exact)."""
+    samples = features() * 6  # 18 samples of 5, 11 and 8 tokens
+    sampler = TokenBudgetBatchSampler(sample_lengths(samples), max_tokens=24, seed=0)
+    bins = list(sampler)  # epoch 0, as the Trainer draws it
+    assert len(bins) == 7  # 3 x (11+11), 2 x (8+8+8), 5+5+5+5, 5+5: 144 tokens
+    params, steps = {}, math.ceil(len(bins) / 3)
+    for name in ("budget", "stock"):
+        model = tiny_qwen2()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name),
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=3,
+            num_train_epochs=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            train_sampling_strategy="sequential",
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        if name == "budget":
+            dataset, collator = samples, PaddingFreeCollator()
+        else:  # one item per micro-batch: the list of its samples, flattened by the same collator
+            dataset = [[samples[i] for i in b] for b in bins]
+            collator = lambda items: PaddingFreeCollator()(items[0])  # noqa: E731
+        trainer = DFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, alpha=0.6)
+        if name == "budget":
+            trainer.train_batch_sampler = sampler
+        result = trainer.train()
+        assert trainer.state.global_step == steps and math.isfinite(result.training_loss)
+        params[name] = {key: p.detach().clone() for key, p in model.named_parameters()}
+    for key, value in params["stock"].items():
+        torch.testing.assert_close(params["budget"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.distributed
+def test_two_ranks_get_disjoint_token_budget_micro_batches_of_equal_count(tmp_path: Path) -> None:
+    """Two CPU ranks (torchrun, gloo) through `DFTTrainer.get_train_dataloader` and accelerate's sharding."""
+    count, max_tokens, max_length = 99, 64, 32
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "tests.data_pipeline.token_budget_ranks", str(tmp_path), str(count), str(max_tokens), str(max_length),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_script(command, env=env, timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[tmp_path])
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    lengths = sample_lengths(token_budget_ranks.samples(count, max_length))
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens, seed=7)
+    assert len(sampler) % 2 == 1, "pick sizes with an odd number of micro-batches, to exercise the uneven tail"
+    for epoch in range(token_budget_ranks.EPOCHS):
+        expected = epoch_bins(sampler, epoch)
+        got = [[batch["ids"] for batch in rank["epochs"][epoch]] for rank in ranks]
+        assert len(got[0]) == len(got[1]) == (len(expected) + 1) // 2
+        assert all(batch["tokens"] <= max_tokens for rank in ranks for batch in rank["epochs"][epoch])
+        # Rank r takes micro-batches r, r + 2, ...; the rank one short repeats the epoch's first micro-batch.
+        assert got[0] == expected[0::2]
+        assert got[1] == expected[1::2] + [expected[0]]
+        seen = [i for batch in got[0] + got[1][:-1] for i in batch]
+        assert sorted(seen) == list(range(count))
+
+
+@pytest.mark.slow
+def test_train_py_with_a_token_budget_trains_one_epoch_of_packed_micro_batches(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "train.py", f"output_dir={out}",
+        "data.sources=[{path:data/sample/chat_letters.jsonl,max_samples:240}]",
+        "data.packing=true", "data.packing_max_tokens=512", "training.gradient_accumulation_steps=2",
+        "training.num_train_epochs=1", "training.max_steps=-1", "training.logging_steps=1",
+        "training.eval_strategy=no", "heldout.file=null",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    log = (out / "logs" / "rank0.log").read_text()
+    packed = re.search(r"into (\d+) micro-batches of at most 512 tokens: ([\d.]+)% of the budget used", log)
+    assert packed, log[-3000:]
+    num_bins, fill_percent = int(packed.group(1)), float(packed.group(2))
+    assert fill_percent > 98
+    losses = [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r]
+    assert [step for step, _ in losses] == list(range(1, math.ceil(num_bins / 2) + 1))
+    assert all(math.isfinite(loss) for _, loss in losses)

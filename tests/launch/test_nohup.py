@@ -31,7 +31,7 @@ def start(run_name: str, log_dir: Path, launch_env: dict[str, str], *overrides: 
     output = run_script(
         [str(LAUNCH_DIR / "nohup.sh"), *overrides],
         env={**launch_env, "RUN_NAME": run_name, "LOG_DIR": str(log_dir)},
-        timeout=30,
+        timeout=120,  # launcher.check runs in the foreground first: imports torch, slow on a loaded machine
         log_dirs=[log_dir],
     )
     follow = re.search(r"tail -f (\S+)", output)

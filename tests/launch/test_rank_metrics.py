@@ -48,5 +48,15 @@ def test_two_ranks_log_token_weighted_metrics_once_per_interval(tmp_path: Path, 
         mean_of_means = (a["sum_p_correct"] / a["num_tokens"] + b["sum_p_correct"] / b["num_tokens"]) / 2
         differs_from_mean_of_means |= abs(mean_of_means - record["avg_p_correct"]) > 1e-6
         assert record["tokens_per_second"] > 0 and record["peak_memory_gb"] > 0
+        # Per source (the sample data's two files), the same token weighting over both ranks.
+        sources = {key.split("/", 1)[1] for key in record if key.startswith("num_tokens/")}
+        assert sources == {"chat_letters", "reverse_alpaca"}
+        for source in sources:
+            parts = [r["sources"][source] for r in (a, b) if source in r.get("sources", {})]
+            source_tokens = sum(part["num_tokens"] for part in parts)
+            assert record[f"num_tokens/{source}"] == source_tokens
+            for metric, column in (("nll", "sum_nll"), ("avg_p_correct", "sum_p_correct")):
+                expected = sum(part[column] for part in parts) / source_tokens
+                assert record[f"{metric}/{source}"] == pytest.approx(expected, rel=1e-9)
     # The ranks saw different data (different token counts), so the weighting is really tested.
     assert differs_from_mean_of_means

@@ -66,4 +66,5 @@ def test_zero3_two_ranks_resumed_run_matches_uninterrupted(
     )
     assert f"resuming from {interrupted / f'checkpoint-{RESUME_STEP}'}" in output, output[-3000:]
     assert f"Skipping incomplete checkpoint {interrupted / f'checkpoint-{LAST_STEP}'}" in output, output[-3000:]
-    assert_same_training(interrupted, zero3_deepspeed_run.output_dir, atol=1e-5)
+    # Bitwise equal in practice here (gloo on CPU); 1e-6 leaves room for another reduction order.
+    assert_same_training(interrupted, zero3_deepspeed_run.output_dir, atol=1e-6)

@@ -1,0 +1,145 @@
+"""Check a run's config before any rank starts: `python -m launcher.check [--world-size N] <overrides>`.
+
+The launch scripts run it first, so a typo in a path fails in seconds, on the login node's terminal,
+with every problem listed at once, instead of once per rank after the ranks have started (or, for a
+held-out file, after training). It composes the config exactly as `train.py` does (Hydra, then the
+typed schema, which rejects unknown keys and wrong types), then checks every path the config names:
+each `data.sources[i]` resolves to files, `heldout.file` exists, `deepspeed.config` is a usable
+DeepSpeed JSON (launcher/preflight.py), `model.name_or_path` and `model.tokenizer_name_or_path` exist
+when they are local paths, an explicit `training.resume_from_checkpoint` is a directory, and
+`output_dir` can be created. With `--world-size`, the checkpoint a resume would load is checked
+against it (launcher/checkpoints.py: a ZeRO checkpoint resumes only on the world size that saved it).
+
+Exit status: 0 when the config passes, 2 with one line per problem (the config key first) otherwise.
+Hydra flags (`--config-name`, `-m`, ...) are not understood here: the check then steps aside (status 0)
+and leaves the config to `train.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.sources import parse_sources, resolve_files
+from launcher.checkpoints import check_resume_compatible, resolve_resume_checkpoint
+from launcher.config import RunConfig, register_configs, to_run_config
+from launcher.preflight import check_deepspeed_config
+
+EXIT_PROBLEMS = 2
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+EMBEDDED_PREFIX = "embedded:"  # embedded/base_model.py's: importing it loads the model stack
+
+
+def compose_run_config(overrides: list[str]) -> RunConfig:
+    """`conf/config.yaml` with `train.py`'s overrides, as the typed `RunConfig`.
+
+    `data_pipeline.prepare.load_run_config` does the same, but importing that module loads `datasets` and
+    the model stack: twice this check's start-up, paid before every launch.
+    """
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_run_config(compose(config_name="config", overrides=overrides))
+
+
+def _local_model_problem(key: str, value: str | None) -> str | None:
+    """A local model directory that is not there. A name that is not a local path is a hub id: left to the hub."""
+    if value is None or value.startswith(EMBEDDED_PREFIX):
+        return None
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return f"{key}: '{value}' is a file; give the model's directory (with config.json) or a hub id"
+        return None
+    if value.startswith(LOCAL_PATH_PREFIXES):
+        return f"{key}: no such directory '{value}' (relative paths start at the launch directory {Path.cwd()})"
+    return None
+
+
+def _output_dir_problem(value: str) -> str | None:
+    path = Path(value).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"output_dir: '{existing}' is a file, so '{value}' cannot be a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output_dir: cannot create or write '{value}': no write permission on '{existing}'"
+    return None
+
+
+def _failure(check: Callable[..., object], *args: object) -> str | None:
+    """The message of the error `check(*args)` raises, or None when it passes."""
+    try:
+        check(*args)
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    return None
+
+
+def config_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
+    """Every problem with the paths a composed run names (empty when it can start).
+
+    Args:
+        run: the typed config, as `train.py` builds it.
+        world_size: the ranks the launcher will start; None skips the resume world-size check.
+    """
+    # The schema has parsed the sources already: parse_sources cannot fail here.
+    problems = [_failure(resolve_files, spec, index) for index, spec in enumerate(parse_sources(run.data.sources))]
+    if run.heldout.file is not None and not Path(run.heldout.file).is_file():
+        problems.append(
+            f"heldout.file: no such file '{run.heldout.file}' (relative paths start at the launch directory "
+            f"{Path.cwd()}); or heldout.file=null to skip the before/after comparison"
+        )
+    deepspeed_problem = _failure(check_deepspeed_config, run.deepspeed.config)
+    problems.append(deepspeed_problem)
+    problems.append(_local_model_problem("model.name_or_path", run.model.name_or_path))
+    problems.append(_local_model_problem("model.tokenizer_name_or_path", run.model.tokenizer_name_or_path))
+    problems.append(_output_dir_problem(run.output_dir))
+    try:
+        resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, run.output_dir)
+    except ValueError as e:
+        problems.append(str(e))
+    else:
+        if world_size is not None and deepspeed_problem is None:
+            problems.append(_failure(check_resume_compatible, resume_from, world_size, run.deepspeed.config))
+    return [problem for problem in problems if problem is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the config the overrides compose; print the problems. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m launcher.check", description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, help="ranks the launcher will start (checks a resume against it)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
+    args, flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # Only real problems reach the terminal: train.py logs the resume choice again, with its warnings.
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    if flags:
+        print(f"launcher.check: skipped, Hydra flags {flags} are left to train.py", file=sys.stderr)  # noqa: T201
+        return 0
+    try:
+        run = compose_run_config(args.overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        cause = f" ({e.__cause__})" if e.__cause__ is not None and str(e.__cause__) not in str(e) else ""
+        problems = [f"config: {e}{cause}"]
+    else:
+        problems = config_problems(run, args.world_size)
+    if problems:
+        print(f"launcher.check: {len(problems)} problem(s) in the run config:", file=sys.stderr)  # noqa: T201
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)  # noqa: T201
+        return EXIT_PROBLEMS
+    print("launcher.check: config and paths OK", file=sys.stderr)  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Per-group statistics (`token_groups`) of dft_loss and fused_dft_loss against a float64 computation per group.
+
+The group sums match the definition group by group, add up to the global statistics, leave the loss and its
+gradients unchanged, follow each target's own label (packed rows mix groups), and cost the fused path no
+`[tokens, vocab]` block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dft.loss import GROUP_SUM_COLUMNS, IGNORE_INDEX, dft_loss, fused_dft_loss
+from tests.dft.test_fused_loss import _LargestAllocation, leaves, num_valid, random_inputs
+
+NUM_GROUPS = 4  # group 3 is never used: its row must be zeros
+
+
+def token_groups(labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Groups that change inside rows, as in a packed row: runs of random length from groups 0..2."""
+    generator = torch.Generator().manual_seed(seed)
+    run_ids = torch.cumsum(torch.rand(labels.shape, generator=generator) < 0.3, dim=-1)
+    return (run_ids + torch.arange(labels.size(0))[:, None]) % (NUM_GROUPS - 1)
+
+
+def float64_group_sums(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """`GROUP_SUM_COLUMNS` per group from the definition, in float64; a target counts in its own label's group."""
+    log_probs = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)[:, :-1]
+    targets, target_groups = labels[:, 1:], groups[:, 1:]
+    nll = -log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    p = torch.exp(-nll)
+    weighted = nll * (alpha * p + (1 - alpha))
+    rows = []
+    for group in range(NUM_GROUPS):
+        mask = (targets != IGNORE_INDEX) & (target_groups == group)
+        rows.append(torch.stack([p[mask].sum(), nll[mask].sum(), weighted[mask].sum(), mask.sum().double()]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_group_sums_match_float64_per_group_and_leave_the_loss_alone(alpha: float, implementation: str) -> None:
+    hidden, weight, _, labels = random_inputs(11, batch=3, seq=13)
+    groups = token_groups(labels)
+    expected = float64_group_sums(hidden, weight, labels, groups, alpha)
+    assert (expected[:3, -1] > 0).all() and expected[3].abs().sum() == 0  # every used group has tokens
+
+    def run(**group_kwargs: object) -> tuple[torch.Tensor, object, list[torch.Tensor]]:
+        h, w = leaves(hidden, weight)
+        if implementation == "fused":
+            loss, stats = fused_dft_loss(h, w, labels, alpha, chunk_size=4, **group_kwargs)
+        else:
+            loss, stats = dft_loss(h @ w.T, labels, alpha, **group_kwargs)
+        loss.backward()
+        return loss.detach(), stats, [h.grad, w.grad]
+
+    loss, stats, grads = run(token_groups=groups, num_groups=NUM_GROUPS)
+    plain_loss, plain_stats, plain_grads = run()
+
+    sums = stats.group_sums
+    assert sums.shape == (NUM_GROUPS, len(GROUP_SUM_COLUMNS)) and sums.dtype == torch.float64
+    assert not sums.requires_grad
+    torch.testing.assert_close(sums, expected, rtol=1e-6, atol=1e-9)
+    # The groups partition the valid tokens: their sums are the global statistics.
+    assert sums[:, GROUP_SUM_COLUMNS.index("num_tokens")].sum().item() == num_valid(labels) == stats.num_tokens
+    torch.testing.assert_close(sums[:, 0].sum().float(), stats.sum_p_correct, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sums[:, 1].sum().float(), stats.sum_nll, rtol=1e-6, atol=1e-6)
+    # sum_t w_t CE_t over all groups is the loss before its division by the token count.
+    torch.testing.assert_close(sums[:, 2].sum().float() / num_valid(labels), loss, rtol=1e-6, atol=1e-7)
+    # Asking for groups changes nothing else.
+    assert torch.equal(loss, plain_loss) and plain_stats.group_sums is None
+    for field in ("sum_p_correct", "sum_nll", "num_tokens"):
+        assert torch.equal(getattr(stats, field), getattr(plain_stats, field)), field
+    for grad, plain in zip(grads, plain_grads, strict=True):
+        assert torch.equal(grad, plain)
+
+
+def test_fused_and_reference_group_sums_agree_on_packed_rows() -> None:
+    # A packed row: separators (IGNORE_INDEX at each sample's first label), one group per sample.
+    hidden, weight, _, labels = random_inputs(12, batch=1, seq=20, ignore_share=0.0)
+    lengths = [6, 9, 5]
+    groups = torch.repeat_interleave(torch.tensor([2, 0, 2]), torch.tensor(lengths))[None]
+    labels[0, [0, 6, 15]] = IGNORE_INDEX
+    _, fused = fused_dft_loss(hidden, weight, labels, 1.0, chunk_size=3, token_groups=groups, num_groups=3)
+    _, reference = dft_loss(hidden @ weight.T, labels, 1.0, token_groups=groups, num_groups=3)
+    torch.testing.assert_close(fused.group_sums, reference.group_sums, rtol=1e-6, atol=1e-9)
+    # Each sample's last position predicts the next sample's separator, so it is not counted anywhere.
+    assert fused.group_sums[:, -1].tolist() == [8.0, 0.0, 4.0 + 5.0]
+
+
+def test_group_sums_add_no_full_logits_block_to_the_fused_loss() -> None:
+    batch, seq, hidden_size, vocab, chunk = 2, 64, 8, 301, 16
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(batch, seq, hidden_size, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=generator, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    groups = torch.randint(0, 5, (batch, seq), generator=generator)
+    bound = max(chunk * vocab, vocab * hidden_size, batch * seq * hidden_size)
+    with _LargestAllocation() as tracker:
+        loss, stats = fused_dft_loss(hidden, weight, labels, 1.0, chunk_size=chunk, token_groups=groups, num_groups=5)
+        loss.backward()
+    assert 0 < tracker.largest <= bound
+    assert stats.group_sums[:, -1].sum().item() == num_valid(labels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"token_groups": torch.zeros(3, 9, dtype=torch.long)}, "num_groups=None"),
+        ({"token_groups": torch.zeros(3, 8, dtype=torch.long), "num_groups": 2}, "token_groups .* do not match"),
+    ],
+)
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_bad_group_arguments_are_named(kwargs: dict, message: str, implementation: str) -> None:
+    hidden, weight, _, labels = random_inputs(9)
+    with pytest.raises(ValueError, match=message):
+        if implementation == "fused":
+            fused_dft_loss(hidden, weight, labels, 1.0, **kwargs)
+        else:
+            dft_loss(hidden @ weight.T, labels, 1.0, **kwargs)
