@@ -96,7 +96,8 @@ def main(cfg: DictConfig) -> None:
     if training_kwargs["disable_tqdm"] is None and not sys.stdout.isatty():
         training_kwargs["disable_tqdm"] = True  # nohup/Slurm logs: plain lines that `tail -f` can read
     training_args = TrainingArguments(**training_kwargs)
-    resilience = ResilienceCallback(run.resilience)  # catches preemption signals from here on
+    # Catches preemption signals from here on; names a skipped step's samples once the trainer exists.
+    resilience = ResilienceCallback(run.resilience, step_origins=lambda: trainer.step_origins)
     if training_args.deepspeed:
         # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
         deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))

@@ -7,7 +7,9 @@ together from one small all-reduce per optimizer step, so no rank ever leaves th
   `loss.implementation=reference`, logits) is NaN or inf; before the optimizer step each rank also checks
   its gradients. If any rank saw one, every rank skips the step: the optimizer is not called (its state
   and the weights are untouched), the LR scheduler does not advance, the gradients are dropped. The skip
-  is logged with the step and the rank(s) whose loss or gradients were bad. Under DeepSpeed the engine
+  is logged with the step, the rank(s) whose loss or gradients were bad and the `file:line` of the samples
+  those ranks fed to the step (every rank's when DeepSpeed does not say which), and appended with the full
+  lists to `<output_dir>/logs/nonfinite_steps.jsonl`. Under DeepSpeed the engine
   steps inside `backward`, before a Trainer callback runs; ZeRO (0.19: stage 3 for every dtype, stages
   1-2 with `bf16.check_grad_overflow`, on by default) already skips a step whose global gradient norm is
   not finite, on all ranks alike, so the callback only counts and logs it, and fails loudly if DeepSpeed
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: "try again later", what a requeue does
 PREEMPTED_MARKER = "preempted.json"
+NONFINITE_LOG = "nonfinite_steps.jsonl"  # under <output_dir>/logs
+# Sample origins named per rank in the warning; the JSON lines file has them all.
+ORIGINS_IN_WARNING = 8
 # Outputs a causal LM's forward may return, checked (and poisoned by the injection) in this order.
 OUTPUT_KEYS = ("loss", "logits")
 
@@ -61,6 +67,13 @@ class PreemptedError(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
+def _shorten(origins: list[str]) -> str:
+    if not origins:
+        return "none recorded"
+    shown = ", ".join(origins[:ORIGINS_IN_WARNING])
+    return shown if len(origins) <= ORIGINS_IN_WARNING else f"{shown} and {len(origins) - ORIGINS_IN_WARNING} more"
+
+
 def _ranks(flags: torch.Tensor) -> list[int]:
     return [rank for rank, flag in enumerate(flags.tolist()) if flag > 0]
 
@@ -73,10 +86,13 @@ class ResilienceCallback(TrainerCallback):
 
     Args:
         config: the `resilience` section of the run config.
+        step_origins: returns the `file:line` of the samples this rank fed to the optimizer step in progress
+            (`DFTTrainer.step_origins`), named when the step is skipped; None names none.
     """
 
-    def __init__(self, config: ResilienceConfig) -> None:
+    def __init__(self, config: ResilienceConfig, step_origins: Callable[[], list[str]] | None = None) -> None:
         self.config = config
+        self.step_origins = step_origins
         self.signal_received: int | None = None
         self.consecutive_skips = 0
         self.total_skips = 0
@@ -155,15 +171,37 @@ class ResilienceCallback(TrainerCallback):
             return
         self.consecutive_skips += 1
         self.total_skips += 1
+        # Every rank learnt of the skip from the all-reduce, so this gather runs on all of them together.
+        origins = self._gather_origins(world)
+        # A rank's non-finite loss makes every rank's gradients non-finite (DDP averages them): its samples are the
+        # suspects. Gradients alone point at their ranks; without either (DeepSpeed's check) every rank's are.
+        suspects = loss_ranks or grad_ranks or list(range(world))
         logger.warning(
             "step %d: skipped the optimizer step (non-finite loss on rank(s) %s, non-finite gradients on rank(s) %s); "
-            "%d in a row, %d in this run",
+            "%d in a row, %d in this run. Samples of rank(s) %s: %s",
             self._step,
             loss_ranks or "none",
             grad_ranks or ("none" if not args.deepspeed else "? (DeepSpeed's overflow check)"),
             self.consecutive_skips,
             self.total_skips,
+            suspects,
+            "; ".join(f"rank {r}: {_shorten(origins[r])}" for r in suspects),
         )
+        if rank == 0:
+            record = {"step": self._step, "loss_ranks": loss_ranks, "grad_ranks": grad_ranks, "origins": origins}
+            path = Path(args.output_dir) / "logs" / NONFINITE_LOG
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _gather_origins(self, world: int) -> list[list[str]]:
+        """Every rank's sample origins for the step in progress, indexed by rank."""
+        local = list(self.step_origins()) if self.step_origins is not None else []
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [local]
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, local)
+        return gathered
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

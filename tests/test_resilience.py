@@ -8,6 +8,7 @@ tests/launch/test_resilience_distributed.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.artifacts import read_metrics
-from launcher.resilience import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from launcher.resilience import NONFINITE_LOG, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
 from tests.launch.conftest import (
     COMPARABLE_RUN,
     LAST_STEP,
@@ -70,6 +71,20 @@ def assert_same_checkpoint(checkpoint: Path, reference: Path) -> None:
             assert torch.equal(state[index][key], value), f"optimizer state {index}.{key} changed in {checkpoint.name}"
 
 
+def read_nonfinite_log(output_dir: Path) -> list[dict]:
+    path = output_dir / "logs" / NONFINITE_LOG
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_real_origins(origins: list[str]) -> None:
+    """Each origin is `file:line` of a record that exists: a user can open the sample that broke the step."""
+    assert origins, "the skipped step names no sample"
+    for origin in origins:
+        path, line = origin.rsplit(":", 1)
+        with open(path, "rb") as handle:
+            assert 1 <= int(line) <= sum(1 for _ in handle), origin
+
+
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_training_continues(tmp_path: Path) -> None:
     output_dir = tmp_path / "run"
@@ -77,6 +92,10 @@ def test_nonfinite_step_is_skipped_and_training_continues(tmp_path: Path) -> Non
     status, output = run_to_exit(command, output_dir)
     assert status == 0, describe_run(output, [output_dir / "logs"])
     assert "step 3: skipped the optimizer step (non-finite loss on rank(s) [0]" in output, output
+    assert "Samples of rank(s) [0]: rank 0: " in output, output
+    (skip,) = read_nonfinite_log(output_dir)
+    assert skip["step"] == 3 and skip["loss_ranks"] == [0]
+    assert_real_origins(skip["origins"][0])
     assert_same_checkpoint(output_dir / "checkpoint-3", output_dir / "checkpoint-2")
     with pytest.raises(AssertionError):  # the steps around it did train
         assert_same_checkpoint(output_dir / "checkpoint-4", output_dir / "checkpoint-3")

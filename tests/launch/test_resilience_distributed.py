@@ -18,7 +18,7 @@ import pytest
 
 from launcher.artifacts import read_metrics
 from tests.launch.conftest import LAUNCH_DIR, NO_HELDOUT, REPO_ROOT, describe_run, run_script
-from tests.test_resilience import EVERY_STEP, assert_same_checkpoint
+from tests.test_resilience import EVERY_STEP, assert_real_origins, assert_same_checkpoint, read_nonfinite_log
 
 TIMEOUT_S = 240
 DEAD_RANK_DEADLINE_S = 120
@@ -46,6 +46,13 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(
     )
     assert "step 3: skipped the optimizer step (non-finite loss on rank(s) [1]" in console, console
     assert "skipped the optimizer step" in (output_dir / "logs" / "rank1.log").read_text()
+    # Rank 1's samples are named; the log file has both ranks' lists, and the ranks saw different samples.
+    assert "Samples of rank(s) [1]: rank 1: " in console, console
+    (skip,) = read_nonfinite_log(output_dir)
+    assert skip["step"] == 3 and skip["loss_ranks"] == [1] and len(skip["origins"]) == 2
+    for origins in skip["origins"]:
+        assert_real_origins(origins)
+    assert not set(skip["origins"][0]) & set(skip["origins"][1]), skip
     assert_same_checkpoint(output_dir / "checkpoint-3", output_dir / "checkpoint-2")
     assert [r["step"] for r in read_metrics(output_dir) if "loss" in r] == [1, 2, 3, 4]
 
