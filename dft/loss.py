@@ -133,7 +133,7 @@ def _chunk_logits(
     """float32 logits of one chunk of rows, soft-capped when asked, and `tanh(logits / cap)` for the chain rule.
 
     The matmul runs in the weight's dtype (the hidden rows are cast, not the `[vocab, hidden]` weight) with autocast
-    off, so the backward's recomputation gives the forward's logits bit for bit whatever autocast state it runs in.
+    off, so the logits, and the gradients computed from them, do not depend on the caller's autocast state.
     """
     with torch.autocast(hidden.device.type, enabled=False):
         logits = F.linear(hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).float()
@@ -147,9 +147,12 @@ def _chunk_logits(
 class _FusedLinearDFT(torch.autograd.Function):
     """`sum_t w_t * CE_t` over the given rows of `hidden @ weight.T (+ bias)`, one chunk of logits at a time.
 
-    Also returns the rows' per-token `CE_t`, not differentiable, for the statistics. The forward keeps only
-    per-token vectors (`lse`, `w`); the backward recomputes each chunk's logits, so neither pass holds more than
-    one `[chunk, vocab]` block (plus its float32 temporaries).
+    Also returns the rows' per-token `CE_t`, not differentiable, for the statistics. When gradients are wanted
+    the forward computes them too, chunk by chunk, while each chunk's logits exist (as Liger's fused linear
+    cross-entropy does): three matmuls per chunk instead of the four of a recomputing backward, and nothing but
+    per-token vectors and the float32 gradient buffers is kept. The loss is a scalar, so the backward only
+    scales those buffers by its upstream gradient. Neither pass holds more than one `[chunk, vocab]` block
+    (plus its float32 temporaries).
     """
 
     @staticmethod
@@ -163,18 +166,44 @@ class _FusedLinearDFT(torch.autograd.Function):
         alpha: float,
         chunk_size: int,
         softcap: float | None,
+        needs_grad: tuple[bool, bool, bool],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        need_hidden, need_weight, need_bias = needs_grad
         nll = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(nll)
+        token_weights = torch.empty_like(nll)
+        # float32 buffers: each hidden row is written once but scaled again in the backward, and the weight
+        # and bias gradients sum over every chunk.
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         for start in range(0, rows.numel(), chunk_size):
             end = start + chunk_size
-            logits, _ = _chunk_logits(hidden.index_select(0, rows[start:end]), weight, bias, softcap)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            nll[start:end] = lse[start:end] - logits.gather(1, targets[start:end, None]).squeeze(1)
-            del logits  # free this chunk before the next one is allocated
-        token_weights = dft_token_weights(nll, alpha)
-        ctx.save_for_backward(hidden, weight, bias, rows, targets, token_weights, lse)
-        ctx.chunk_size, ctx.softcap = chunk_size, softcap
+            chunk_rows = rows[start:end]
+            chunk_hidden = hidden.index_select(0, chunk_rows)
+            logits, tanh = _chunk_logits(chunk_hidden, weight, bias, softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[start:end] = lse - logits.gather(1, targets[start:end, None]).squeeze(1)
+            token_weights[start:end] = dft_token_weights(nll[start:end], alpha)
+            if any(needs_grad):
+                # d(sum_t w_t CE_t)/d(logits_t) = w_t * (softmax_t - onehot_t), w_t held constant (stop-gradient).
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(chunk_rows.numel(), device=grad_logits.device), targets[start:end]] -= 1.0
+                grad_logits.mul_(token_weights[start:end, None])
+                if tanh is not None:
+                    grad_logits.mul_(tanh.square_().neg_().add_(1.0))
+                # Autocast off, as for the logits: the gradients must not depend on the caller's autocast state.
+                with torch.autocast(hidden.device.type, enabled=False):
+                    if need_hidden:
+                        grad_hidden.index_copy_(0, chunk_rows, (grad_logits.to(weight.dtype) @ weight).float())
+                    if need_weight:
+                        # float32 addmm in place: no [vocab, hidden] temporary per chunk.
+                        grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+                del grad_logits
+            del logits, tanh  # free this chunk before the next one is allocated
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(nll)
         return (nll * token_weights).sum(), nll
 
@@ -185,45 +214,12 @@ class _FusedLinearDFT(torch.autograd.Function):
         grad_weighted_sum: torch.Tensor,
         _grad_nll: torch.Tensor,
     ) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, rows, targets, token_weights, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        # d(sum_t w_t CE_t)/d(logits_t) = w_t * (softmax_t - onehot_t), w_t held constant (stop-gradient).
-        row_scale = token_weights * grad_weighted_sum.float()
-        # Each hidden row is written once, by one matmul, so it needs no float32 buffer; the weight and bias
-        # gradients sum over every chunk and accumulate in float32.
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for start in range(0, rows.numel(), ctx.chunk_size):
-            end = start + ctx.chunk_size
-            chunk_rows = rows[start:end]
-            chunk_hidden = hidden.index_select(0, chunk_rows)
-            logits, tanh = _chunk_logits(chunk_hidden, weight, bias, ctx.softcap)
-            grad_logits = logits.sub_(lse[start:end, None]).exp_()  # softmax, in place of the logits
-            grad_logits[torch.arange(chunk_rows.numel(), device=grad_logits.device), targets[start:end]] -= 1.0
-            grad_logits.mul_(row_scale[start:end, None])
-            if tanh is not None:
-                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
-                del tanh
-            if need_hidden:
-                chunk_grad = grad_logits.to(weight.dtype) @ weight
-                grad_hidden.index_copy_(0, chunk_rows, chunk_grad.to(hidden.dtype))
-            if need_weight:
-                # float32 addmm in place: no [vocab, hidden] temporary per chunk.
-                grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
-            del logits, grad_logits
-        return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        scale = grad_weighted_sum.float()
+        grads = [
+            None if grad is None else (grad * scale).to(dtype)
+            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        ]
+        return (*grads, None, None, None, None, None, None)
 
 
 def fused_dft_loss(
@@ -242,8 +238,8 @@ def fused_dft_loss(
     """DFT loss from the hidden states, without materialising the `[tokens, vocab]` logits.
 
     Same value, gradients and statistics as `dft_loss(hidden_states @ lm_head_weight.T, ...)`, but logits exist one
-    chunk of valid tokens at a time, in the forward and again (recomputed) in the backward. Tokens whose target is
-    `ignore_index` are never projected, and their hidden states get a zero gradient.
+    chunk of valid tokens at a time, in the forward, which also computes the gradients when autograd will want
+    them. Tokens whose target is `ignore_index` are never projected, and their hidden states get a zero gradient.
 
     Args:
         hidden_states: `[batch, seq, hidden]`, the input of the LM head (after the final norm).
@@ -280,6 +276,11 @@ def fused_dft_loss(
     targets = shift_labels(labels, ignore_index).reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index
     rows = valid.nonzero().squeeze(1)
+    grad_enabled = torch.is_grad_enabled()
+    needs_grad = tuple(
+        grad_enabled and tensor is not None and tensor.requires_grad
+        for tensor in (hidden_states, lm_head_weight, lm_head_bias)
+    )
     weighted_sum, nll = _FusedLinearDFT.apply(
         hidden_states.reshape(-1, hidden_states.size(-1)),
         lm_head_weight,
@@ -289,6 +290,7 @@ def fused_dft_loss(
         alpha,
         chunk_size,
         logit_softcap,
+        needs_grad,
     )
     num_valid = valid.sum()
     group_sums = None

@@ -171,7 +171,7 @@ def test_bf16_inputs_accumulate_in_float32() -> None:
 
 
 def test_autocast_does_not_change_the_result() -> None:
-    # Logits are computed with autocast off, in the weight's dtype: forward and recomputed backward agree.
+    # Logits and their gradients are computed with autocast off, in the weight's dtype.
     hidden, weight, _, labels = random_inputs(5)
     plain_h, plain_w = leaves(hidden, weight)
     cast_h, cast_w = leaves(hidden, weight)

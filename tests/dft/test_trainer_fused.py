@@ -64,7 +64,10 @@ def test_fused_matches_reference_loss_and_gradients(
     assert fused_grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
         assert ref is not None and fused_grads[name] is not None, name
-        torch.testing.assert_close(fused_grads[name], ref, rtol=1e-5, atol=1e-7, msg=name)
+        # Relative error in norm, as for the loss functions: the fused path scales its float32 gradients by the
+        # upstream gradient after the matmuls, so single elements differ by float32 rounding.
+        error = (fused_grads[name] - ref).norm() / ref.norm().clamp(min=1e-30)
+        assert error <= 1e-6, f"{name}: relative error in norm {error:.2e}"
     # The head is itself again: logits come back, and the soft-cap is restored on the config.
     logits = model(input_ids=inputs["input_ids"]).logits
     assert logits.shape == (*inputs["input_ids"].shape, VOCAB)
