@@ -40,18 +40,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import resource
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from transformers import Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_utils import seed_worker
 
 from dft.loss import GROUP_SUM_COLUMNS, DFTStats, dft_loss, fused_dft_loss
 from launcher.checkpoints import AtomicCheckpointMixin
+
+logger = logging.getLogger(__name__)
 
 TRAIN, EVAL = "train", "eval"
 # Batch keys beside the model inputs (written by data_pipeline/collate.py), popped before the model call:
@@ -405,12 +411,6 @@ class DFTTrainer(AtomicCheckpointMixin, Trainer):
         and backward passes as the others. The Trainer counts `num_items_in_batch` from the labels of the micro-batches
         it actually draws, so the loss normalisation stays exact whatever their sizes.
         """
-        import logging
-        from functools import partial
-
-        import datasets
-        from transformers.trainer_utils import seed_worker
-
         sampler = self.train_batch_sampler
         if sampler is None:
             return super().get_train_dataloader()
@@ -439,7 +439,7 @@ class DFTTrainer(AtomicCheckpointMixin, Trainer):
         )
         num_batches = len(sampler)
         repeated = -num_batches % world
-        logging.getLogger(__name__).info(
+        logger.info(
             "Training micro-batches from %s: %d per epoch, %d per rank over %d rank(s)%s",
             type(sampler).__name__,
             num_batches,
