@@ -202,7 +202,9 @@ class _FusedLinearDFT(torch.autograd.Function):
                     grad_bias += grad_logits.sum(0)
                 del grad_logits
             del logits, tanh  # free this chunk before the next one is allocated
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Held on the context, not saved for backward: the backward scales them in place and drops them, so no
+        # second [vocab, hidden] float32 copy ever exists.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(nll)
         return (nll * token_weights).sum(), nll
@@ -214,12 +216,14 @@ class _FusedLinearDFT(torch.autograd.Function):
         grad_weighted_sum: torch.Tensor,
         _grad_nll: torch.Tensor,
     ) -> tuple[torch.Tensor | None, ...]:
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("fused_dft_loss: a second backward through one loss (retain_graph) is not supported")
         scale = grad_weighted_sum.float()
-        grads = [
-            None if grad is None else (grad * scale).to(dtype)
-            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)
+        scaled = [
+            None if grad is None else grad.mul_(scale).to(dtype) for grad, dtype in zip(grads, ctx.dtypes, strict=True)
         ]
-        return (*grads, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None)
 
 
 def fused_dft_loss(

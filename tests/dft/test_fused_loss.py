@@ -276,3 +276,17 @@ def test_shape_mismatch_is_reported() -> None:
     hidden, weight, _, labels = random_inputs(9)
     with pytest.raises(ValueError, match="do not match"):
         fused_dft_loss(hidden, weight[:, :-1], labels, 1.0)
+
+
+def test_no_gradient_work_without_autograd_and_one_backward_only() -> None:
+    hidden, weight, _, labels = random_inputs(11)
+    h, w = leaves(hidden, weight)
+    with torch.no_grad():
+        loss, _ = fused_dft_loss(h, w, labels, 1.0, chunk_size=4)
+    assert not loss.requires_grad  # evaluation builds no graph and no gradient buffers
+    loss, _ = fused_dft_loss(h, w, labels, 1.0, chunk_size=4)
+    loss.backward(retain_graph=True)
+    # The gradients are computed in the forward and scaled in place by the backward: a second pass would
+    # scale them twice, so it must fail loudly rather than return wrong gradients.
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
