@@ -30,7 +30,7 @@ from data_pipeline.sources import SourceSpec
 logger = logging.getLogger(__name__)
 
 # Bump when reading, conversion, tokenisation or the saved layout change what a given input produces.
-DATASET_CACHE_VERSION = "sft_chat_v3"
+DATASET_CACHE_VERSION = "sft_chat_v4"
 _HASH_CHUNK = 1 << 20
 
 

@@ -5,12 +5,16 @@
 takes the same Hydra overrides as `train.py`, prepares the dataset once under `data.cache_dir` and prints the
 prepared directory as its last line; `train.py` then reuses it instead of tokenising again.
 
-The steps: read every source (each record with its file and line), convert it to the canonical schema (a bad
-record stops the run with `file:line: problem` under `data.on_error=raise`, or is skipped and counted under
-`skip`), cap each source at `max_samples`, sample it by `weight`, tokenise across `data.num_proc` processes
-with assistant-only labels, drop (and count) samples left with no trainable token, split off a deterministic
-validation share of the distinct records, then repeat the training rows of up-weighted sources. Validation
-rows are never repeated, and a record is never both in training and validation.
+The steps: find every record of every source (its bytes, file and line), parse and convert it to the canonical
+schema (a bad record stops the run with `file:line: problem` under `data.on_error=raise`, or is skipped and
+counted under `skip`), cap each source at `max_samples`, sample it by `weight`, tokenise with assistant-only
+labels, drop (and count) samples left with no trainable token, split off a deterministic validation share of
+the distinct records, then repeat the training rows of up-weighted sources. Validation rows are never
+repeated, and a record is never both in training and validation.
+
+Only finding the records runs in this process: conversion and tokenisation are `datasets.map` steps across
+`data.num_proc` workers that hand Arrow tables to each other (the canonical dialogue as one JSON string per
+record), and the accounting, filtering, split and repetition are column operations on the results.
 """
 
 from __future__ import annotations
@@ -25,18 +29,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
+from datasets.table import InMemoryTable
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.cache import cached_build, dataset_fingerprint
-from data_pipeline.schema import ORIGIN_KEY, SOURCE_KEY, TOOLS_KEY, to_canonical
+from data_pipeline.schema import MESSAGES_KEY, ORIGIN_KEY, TOOLS_KEY, to_canonical
 from data_pipeline.sources import (
     ON_ERROR_CHOICES,
     DataFormatError,
     SourceSpec,
-    iter_records,
+    iter_raw_records,
+    parse_record,
     parse_sources,
     resolve_files,
 )
@@ -66,6 +75,11 @@ TRAIN_DIR, VALIDATION_DIR = "train", "validation"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Located warnings per source under `skip`; the counts cover the rest.
 _SKIP_WARNINGS_PER_SOURCE = 3
+# Columns of the conversion step: each record's bytes and place, then its canonical JSON or why it is bad.
+RAW_KEY, FILE_ID_KEY, LINE_KEY = "raw", "file_id", "line"
+REASON_KEY, PROBLEM_KEY, DROPPED_COLUMNS_KEY = "error_reason", "error", "dropped_columns"
+# Fewer rows than this per worker are not worth a process.
+_ROWS_PER_WORKER = 1000
 
 
 @dataclass
@@ -90,89 +104,195 @@ class PreparedData:
 
 
 def load_canonical(
-    sources: list[Any], on_error: str = "raise", seed: int = 0
-) -> tuple[list[dict[str, Any]], DatasetStats]:
+    sources: list[Any], on_error: str = "raise", seed: int = 0, num_proc: int = 1
+) -> tuple[Dataset, DatasetStats]:
     """Read, check and sample every source.
+
+    Each file's records are found here; parsing, checking and conversion run across `num_proc` processes.
 
     Args:
         sources: `data.sources` entries (paths, globs, directories or mappings).
         on_error: `raise` stops at the first bad record; `skip` counts it under its reason.
         seed: seeds the sampling by `weight`.
+        num_proc: conversion workers.
 
     Returns:
-        The canonical records, each with the number of `copies` it gets in training, and the accounting.
+        The canonical rows in file and line order (`conversation` JSON, `source_id`, `origin`, and the number of
+        `copies` each gets in training) and the accounting.
 
     Raises:
         DataFormatError: a bad record under `raise`, or a file that cannot be read to its end.
+        ValueError: a bad `on_error`, or files that hold no record at all.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
+    files = [
+        _SourceFile(path, spec, f"{index}:{path}")
+        for index, spec in enumerate(parse_sources(sources))
+        for path in resolve_files(spec, index)
+    ]
     stats = DatasetStats()
-    records: list[dict[str, Any]] = []
-    for index, spec in enumerate(parse_sources(sources)):
-        for path in resolve_files(spec, index):
-            source_stats = stats.sources.setdefault(str(path), SourceStats())
-            kept = _read_source_file(path, spec, on_error, source_stats)
-            records.extend(_sample(kept, spec, seed, f"{index}:{path}", source_stats))
-    return records, stats
+    for file in files:
+        stats.sources.setdefault(str(file.path), SourceStats())
+    source_ids = {name: i for i, name in enumerate(stats.sources)}
+    raw = _raw_rows(files)
+    if not len(raw):
+        raise ValueError(f"data.sources: no record in {', '.join(str(file.path) for file in files)}")
+    converted = (
+        raw.with_format("arrow")
+        .map(
+            partial(_convert_batch, files=files, source_ids=source_ids),
+            batched=True,
+            num_proc=_workers(num_proc, len(raw)),
+            desc="Checking",
+        )
+        .with_format(None)
+    )
+    del raw
+    columns = converted.with_format("arrow").select_columns([FILE_ID_KEY, LINE_KEY, REASON_KEY, PROBLEM_KEY])[:]
+    file_ids = columns[FILE_ID_KEY].to_numpy()
+    valid = pc.is_null(columns[REASON_KEY]).to_numpy(zero_copy_only=False)
+    _account_bad_records(columns, np.flatnonzero(~valid), files, stats, on_error)
+    _count_dropped_columns(converted, files, stats)
+
+    rows_per_file = np.bincount(file_ids, minlength=len(files))
+    file_starts = np.concatenate([[0], np.cumsum(rows_per_file)])
+    chosen, copies = [], []
+    for file_id, file in enumerate(files):
+        source_stats = stats.sources[str(file.path)]
+        source_stats.records += int(rows_per_file[file_id])
+        begin, end = file_starts[file_id], file_starts[file_id + 1]
+        positions = np.flatnonzero(valid[begin:end]) + begin
+        file_copies = _sample(len(positions), file.spec, seed, file.salt, source_stats)
+        positions = positions[: len(file_copies)]
+        chosen.append(positions[file_copies > 0])
+        copies.append(file_copies[file_copies > 0])
+    indices = np.concatenate([np.zeros(0, np.int64), *chosen])
+    if len(indices) < len(converted):
+        converted = converted.select(indices)
+    canonical = converted.add_column(COPIES_KEY, np.concatenate([np.zeros(0, np.int64), *copies]))
+    return canonical.select_columns([CONVERSATION_KEY, SOURCE_ID_KEY, ORIGIN_KEY, COPIES_KEY]), stats
 
 
-def _read_source_file(path: Path, spec: SourceSpec, on_error: str, stats: SourceStats) -> list[dict[str, Any]]:
-    kept = []
-    for line, record in iter_records(path):
-        stats.records += 1
-        try:
-            if isinstance(record, DataFormatError):
-                raise record
-            canonical, dropped_columns = to_canonical(record, path, line, spec.format, spec.fields)
-        except DataFormatError as e:
-            if on_error == "raise":
-                raise
-            if sum(stats.dropped.values()) < _SKIP_WARNINGS_PER_SOURCE:
-                logger.warning("Skipped %s (data.on_error=skip)", e)
-            stats.drop(e.reason)
-            continue
-        for column in dropped_columns:
-            stats.dropped_columns[column] = stats.dropped_columns.get(column, 0) + 1
-        kept.append(canonical)
-    return kept
+@dataclass(frozen=True)
+class _SourceFile:
+    """One file of a `data.sources` entry; `salt` (entry index and path) seeds its sampling."""
+
+    path: Path
+    spec: SourceSpec
+    salt: str
 
 
-def _sample(
-    records: list[dict[str, Any]], spec: SourceSpec, seed: int, salt: str, stats: SourceStats
-) -> list[dict[str, Any]]:
-    """Cap at `max_samples`, then give each record `floor(weight)` copies plus one for a seeded share."""
-    if spec.max_samples is not None and len(records) > spec.max_samples:
-        stats.drop("max_samples", len(records) - spec.max_samples)
-        records = records[: spec.max_samples]
-    whole = math.floor(spec.weight)
-    extra = round((spec.weight - whole) * len(records))
-    chosen = set(random.Random(f"{seed}:{salt}").sample(range(len(records)), extra))
-    sampled = []
-    for i, record in enumerate(records):
-        copies = whole + (i in chosen)
-        if copies == 0:
-            stats.drop("weight")
-            continue
-        sampled.append({**record, COPIES_KEY: copies})
-    return sampled
+def _workers(num_proc: int, rows: int) -> int | None:
+    """Processes for a `map` over `rows` rows: None (this process) for one, as a pool of one only adds copies."""
+    workers = min(num_proc, max(rows // _ROWS_PER_WORKER, 1))
+    return workers if workers > 1 else None
 
 
-def _to_rows(records: list[dict[str, Any]], source_ids: dict[str, int]) -> Dataset:
-    # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps Arrow
-    # from having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
-    return Dataset.from_dict(
+def _raw_rows(files: list[_SourceFile]) -> Dataset:
+    raw, file_ids, lines = [], [], []
+    for file_id, file in enumerate(files):
+        for line, record in iter_raw_records(file.path):
+            raw.append(record)
+            file_ids.append(file_id)
+            lines.append(line)
+    # Built in Arrow directly: `Dataset.from_dict` would infer and check the type of every value.
+    table = pa.table(
         {
-            CONVERSATION_KEY: [
-                json.dumps({key: r[key] for key in ("messages", TOOLS_KEY) if key in r}, ensure_ascii=False)
-                for r in records
-            ],
-            SOURCE_KEY: [r[SOURCE_KEY] for r in records],
-            SOURCE_ID_KEY: [source_ids[r[SOURCE_KEY]] for r in records],
-            ORIGIN_KEY: [r[ORIGIN_KEY] for r in records],
-            COPIES_KEY: [r[COPIES_KEY] for r in records],
+            RAW_KEY: pa.array(raw, pa.binary()),
+            FILE_ID_KEY: pa.array(file_ids, pa.int32()),
+            LINE_KEY: pa.array(lines, pa.int64()),
         }
     )
+    return Dataset(InMemoryTable(table))
+
+
+def _convert_batch(batch: pa.Table, files: list[_SourceFile], source_ids: dict[str, int]) -> pa.Table:
+    """Parse, check and convert raw records: the canonical JSON, or the reason and problem of a bad record."""
+    conversations, origins, reasons, problems, dropped, sample_sources = [], [], [], [], [], []
+    for raw, file_id, line in zip(
+        batch.column(RAW_KEY).to_pylist(),
+        batch.column(FILE_ID_KEY).to_pylist(),
+        batch.column(LINE_KEY).to_pylist(),
+        strict=True,
+    ):
+        file = files[file_id]
+        sample_sources.append(source_ids[str(file.path)])
+        try:
+            record = parse_record(file.path, line, raw)
+            canonical, dropped_columns = to_canonical(record, file.path, line, file.spec.format, file.spec.fields)
+        except DataFormatError as e:
+            conversations.append(None)
+            origins.append(f"{file.path}:{line}")
+            reasons.append(e.reason)
+            problems.append(e.problem)
+            dropped.append([])
+            continue
+        # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps
+        # Arrow from having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
+        conversations.append(
+            json.dumps(
+                {key: canonical[key] for key in (MESSAGES_KEY, TOOLS_KEY) if key in canonical}, ensure_ascii=False
+            )
+        )
+        origins.append(canonical[ORIGIN_KEY])
+        reasons.append(None)
+        problems.append(None)
+        dropped.append(dropped_columns)
+    return pa.table(
+        {
+            FILE_ID_KEY: batch.column(FILE_ID_KEY),
+            LINE_KEY: batch.column(LINE_KEY),
+            SOURCE_ID_KEY: pa.array(sample_sources, pa.int32()),
+            CONVERSATION_KEY: pa.array(conversations, pa.string()),
+            ORIGIN_KEY: pa.array(origins, pa.string()),
+            REASON_KEY: pa.array(reasons, pa.string()),
+            PROBLEM_KEY: pa.array(problems, pa.string()),
+            DROPPED_COLUMNS_KEY: pa.array(dropped, pa.list_(pa.string())),
+        }
+    )
+
+
+def _account_bad_records(
+    columns: pa.Table, bad: np.ndarray, files: list[_SourceFile], stats: DatasetStats, on_error: str
+) -> None:
+    """Raise on the first bad record under `raise`; count each one under its reason under `skip`."""
+    for row in columns.take(bad).to_pylist():
+        path = files[row[FILE_ID_KEY]].path
+        error = DataFormatError(path, row[LINE_KEY], row[PROBLEM_KEY], row[REASON_KEY])
+        if on_error == "raise":
+            raise error
+        source_stats = stats.sources[str(path)]
+        if sum(source_stats.dropped.values()) < _SKIP_WARNINGS_PER_SOURCE:
+            logger.warning("Skipped %s (data.on_error=skip)", error)
+        source_stats.drop(error.reason)
+
+
+def _count_dropped_columns(converted: Dataset, files: list[_SourceFile], stats: DatasetStats) -> None:
+    dropped = converted.with_format("arrow")[DROPPED_COLUMNS_KEY]
+    names = pc.list_flatten(dropped)
+    if not len(names):
+        return
+    file_ids = converted.with_format("arrow")[FILE_ID_KEY].take(pc.list_parent_indices(dropped))
+    counts = pa.table({FILE_ID_KEY: file_ids, "column": names}).group_by([FILE_ID_KEY, "column"])
+    for row in counts.aggregate([("column", "count")]).sort_by("column").to_pylist():
+        columns = stats.sources[str(files[row[FILE_ID_KEY]].path)].dropped_columns
+        columns[row["column"]] = columns.get(row["column"], 0) + row["column_count"]
+
+
+def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceStats) -> np.ndarray:
+    """The copies of each of a file's first valid records: capped at `max_samples`, then `floor(weight)` copies
+    plus one for a seeded share."""
+    if spec.max_samples is not None and records > spec.max_samples:
+        stats.drop("max_samples", records - spec.max_samples)
+        records = spec.max_samples
+    whole = math.floor(spec.weight)
+    extra = round((spec.weight - whole) * records)
+    copies = np.full(records, whole, dtype=np.int64)
+    copies[random.Random(f"{seed}:{salt}").sample(range(records), extra)] += 1
+    if (unsampled := int((copies == 0).sum())) > 0:
+        stats.drop("weight", unsampled)
+    return copies
 
 
 def build_prepared(
@@ -186,27 +306,34 @@ def build_prepared(
 ) -> PreparedData:
     """Read, tokenise, account and split, without any cache (see `build_datasets`)."""
     check_assistant_mask(tokenizer)
-    records, stats = load_canonical(sources, on_error, seed)
-    source_ids = {name: i for i, name in enumerate(stats.sources)}
-    tokenized = _to_rows(records, source_ids).map(
-        partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length),
-        batched=True,
-        num_proc=min(num_proc, max(len(records) // 1000, 1)),
-        remove_columns=[CONVERSATION_KEY],
-        desc="Tokenising",
+    canonical, stats = load_canonical(sources, on_error, seed, num_proc)
+    if not len(canonical):
+        raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
+    # Arrow batches in and out: the tokenised columns never become Python lists.
+    tokenized = (
+        canonical.with_format("arrow")
+        .map(
+            partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length),
+            batched=True,
+            num_proc=_workers(num_proc, len(canonical)),
+            desc="Tokenising",
+        )
+        .with_format(None)
     )
     _account(tokenized, stats)
-    kept = tokenized.filter(lambda n: n > 0, input_columns=NUM_TRAINABLE_KEY)
+    kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
     if validation_split_percentage > 0:
         split = kept.train_test_split(test_size=validation_split_percentage / 100.0, seed=seed)
         train, validation = split["train"], split["test"]
     else:
         train, validation = kept, None
-    copies = list(train[COPIES_KEY])
-    if any(n > 1 for n in copies):
-        train = train.select([i for i, n in enumerate(copies) for _ in range(n)])
-    for source in list(train[SOURCE_KEY]) + (list(validation[SOURCE_KEY]) if validation is not None else []):
-        stats.sources[source].samples += 1
+    copies = _column(train, COPIES_KEY)
+    if (copies > 1).any():
+        train = train.select(np.repeat(np.arange(len(train)), copies))
+    for part in (train, validation) if validation is not None else (train,):
+        samples = np.bincount(_column(part, SOURCE_ID_KEY), minlength=len(stats.sources))
+        for source, count in zip(stats.sources.values(), samples.tolist(), strict=True):
+            source.samples += count
     stats.train_samples = len(train)
     stats.validation_samples = len(validation) if validation is not None else 0
     columns = [*MODEL_INPUT_KEYS, *SAMPLE_KEYS]
@@ -279,17 +406,44 @@ def build_datasets(
     return prepared.train, prepared.validation, prepared.stats
 
 
+def _column(dataset: Dataset, name: str) -> np.ndarray:
+    """One scalar column as numpy, through Arrow (an indices mapping, after a split, is applied)."""
+    return dataset.with_format("arrow")[name].to_numpy()
+
+
 def _account(tokenized: Dataset, stats: DatasetStats) -> None:
-    columns = tokenized.select_columns([SOURCE_KEY, NUM_TRAINABLE_KEY, TRUNCATED_KEY, INPUT_IDS_KEY])
-    for row in columns:
-        source = stats.sources[row[SOURCE_KEY]]
-        if row[NUM_TRAINABLE_KEY] == 0:
-            source.drop("no_trainable_tokens_after_truncation" if row[TRUNCATED_KEY] else "no_trainable_tokens")
-            continue
-        source.kept += 1
-        source.truncated += int(row[TRUNCATED_KEY])
-        source.tokens += len(row[INPUT_IDS_KEY])
-        source.trainable_tokens += row[NUM_TRAINABLE_KEY]
+    """Per source: kept, truncated, tokens and trainable tokens, and the samples dropped with nothing to train."""
+    columns = tokenized.with_format("arrow")[:]
+    source_ids = columns[SOURCE_ID_KEY].to_numpy()
+    trainable = columns[NUM_TRAINABLE_KEY].to_numpy()
+    truncated = columns[TRUNCATED_KEY].to_numpy(zero_copy_only=False)
+    tokens = pc.list_value_length(columns[INPUT_IDS_KEY]).to_numpy()
+    kept = trainable > 0
+
+    def per_source(values: np.ndarray) -> list[int]:
+        return np.bincount(source_ids, weights=values, minlength=len(stats.sources)).astype(np.int64).tolist()
+
+    sums = zip(
+        stats.sources.values(),
+        per_source(kept),
+        per_source(kept & truncated),
+        per_source(np.where(kept, tokens, 0)),
+        per_source(np.where(kept, trainable, 0)),
+        per_source(~kept & truncated),
+        per_source(~kept & ~truncated),
+        strict=True,
+    )
+    for source, n_kept, n_truncated, n_tokens, n_trainable, empty_after_cut, empty in sums:
+        source.kept += n_kept
+        source.truncated += n_truncated
+        source.tokens += n_tokens
+        source.trainable_tokens += n_trainable
+        for reason, count in (
+            ("no_trainable_tokens_after_truncation", empty_after_cut),
+            ("no_trainable_tokens", empty),
+        ):
+            if count:
+                source.drop(reason, count)
 
 
 def load_run_config(overrides: list[str]) -> RunConfig:

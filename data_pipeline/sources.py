@@ -8,7 +8,9 @@ optionally gzip-compressed; a UTF-8 BOM is accepted.
 Reading never hides a problem: `iter_records` yields each record with its line number, or a `DataFormatError`
 for a line that is not valid UTF-8 or JSON, so the caller either stops on it (`data.on_error=raise`) or counts
 it (`skip`). A JSON array that cannot be parsed, or a file that is not valid UTF-8 as a whole array, raises
-even under `skip`: the records after the break cannot be counted, and nothing is dropped uncounted.
+even under `skip`: the records after the break cannot be counted, and nothing is dropped uncounted. Data
+preparation splits reading in two: `iter_raw_records` finds the records' bytes in the preparing process, and
+`parse_record` parses each one in a worker.
 """
 
 from __future__ import annotations
@@ -165,6 +167,22 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     Raises:
         DataFormatError: a JSON array that is broken or not valid UTF-8 (the rest cannot be counted).
     """
+    for line_number, raw in iter_raw_records(path):
+        try:
+            yield line_number, parse_record(path, line_number, raw)
+        except DataFormatError as e:
+            yield line_number, e
+
+
+def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yield `(line_number, JSON bytes)` for each record of a file, unparsed: `parse_record` reads one.
+
+    The bytes of a JSONL line are not checked here, so that the (costly) parsing can run in worker processes; a
+    JSON array is parsed here, as its records can only be found by parsing it.
+
+    Raises:
+        DataFormatError: a JSON array that is broken or not valid UTF-8 (the rest cannot be counted).
+    """
     data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     data = data.removeprefix(UTF8_BOM)
     if data.lstrip().startswith(b"["):
@@ -174,9 +192,27 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataFormatError(
                 path, text_line(data[: e.start]), f"invalid UTF-8 ({e.reason})", "invalid_utf8"
             ) from e
-        yield from _read_json_array(path, text)
-    else:
-        yield from _read_jsonl(path, data)
+        yield from _json_array_records(path, text)
+        return
+    for line_number, raw in enumerate(data.split(b"\n"), start=1):
+        if raw.strip():
+            yield line_number, raw
+
+
+def parse_record(path: str | Path, line_number: int, raw: bytes) -> Any:
+    """The JSON value of one record from `iter_raw_records`.
+
+    Raises:
+        DataFormatError: the bytes are not valid UTF-8 or not valid JSON, located at `path:line_number`.
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, line_number, f"invalid UTF-8 ({e.reason})", "invalid_utf8") from e
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})", "invalid_json") from e
 
 
 def read_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -192,36 +228,21 @@ def text_line(prefix: bytes | str) -> int:
     return prefix.count(b"\n" if isinstance(prefix, bytes) else "\n") + 1
 
 
-def _read_jsonl(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
-    for line_number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield line_number, DataFormatError(path, line_number, f"invalid UTF-8 ({e.reason})", "invalid_utf8")
-            continue
-        try:
-            yield line_number, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield (
-                line_number,
-                DataFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})", "invalid_json"),
-            )
-
-
-def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+def _json_array_records(path: Path, text: str) -> Iterator[tuple[int, bytes]]:
     decoder = json.JSONDecoder()
     position = text.index("[") + 1
+    line_number, counted_to = 1, 0
     while True:
         position = _skip_whitespace(text, position)
         if position >= len(text):
             raise DataFormatError(path, text_line(text[:position]), "JSON array is not closed with ']'", "invalid_json")
         if text[position] == "]":
             return
-        line_number = text_line(text[:position])
+        # Counted from the previous record on: a count from the start would make a large array quadratic.
+        line_number += text.count("\n", counted_to, position)
+        counted_to = position
         try:
-            record, position = decoder.raw_decode(text, position)
+            _, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as e:
             raise DataFormatError(
                 path,
@@ -230,8 +251,8 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
                 "the rest of the array cannot be read, so this stops even under data.on_error=skip",
                 "invalid_json",
             ) from e
-        yield line_number, record
-        position = _skip_whitespace(text, position)
+        yield line_number, text[position:end].encode("utf-8")
+        position = _skip_whitespace(text, end)
         if position < len(text) and text[position] == ",":
             position += 1
 

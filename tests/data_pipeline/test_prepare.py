@@ -99,3 +99,33 @@ def test_sources_in_the_config_may_be_mappings(tmp_path: Path) -> None:
         prepare.load_run_config([f"data.sources=[{{path: {source},weight: -1}}]"])
     with pytest.raises(ValueError, match="data.on_error='ignore'"):
         prepare.load_run_config(["data.on_error=ignore"])
+
+
+def test_up_weighted_records_repeat_in_training_only_and_never_cross_the_split(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    source = write_chats(tmp_path / "c.jsonl", 40)
+    sources = [{"path": str(source), "weight": 2.5}]
+    train, validation, stats = prepare.build_datasets(sources, chatml_tokenizer, 64, 1, 20.0, seed=0)
+    canonical, _ = prepare.load_canonical(sources, seed=0)
+    copies = dict(zip(canonical["origin"], canonical["copies"], strict=True))
+    train_counts: dict[str, int] = {}
+    for origin in train["origin"]:
+        train_counts[origin] = train_counts.get(origin, 0) + 1
+    assert len(validation) == len(set(validation["origin"])) == 8  # 20% of the 40 distinct records, once each
+    assert not set(validation["origin"]) & set(train_counts)
+    assert train_counts == {origin: copies[origin] for origin in train_counts} and len(train_counts) == 32
+    assert stats.sources[str(source)].samples == len(train) + len(validation) == stats.train_samples + 8
+
+
+def test_nothing_left_to_tokenise_is_an_error_with_the_counts(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"data.sources: no record in .*empty.jsonl"):
+        prepare.build_datasets([str(empty)], chatml_tokenizer, 64, 1, 0.0, seed=0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no chat here"}\n')
+    with pytest.raises(ValueError, match=r"(?s)every record was dropped.*unknown_format 1"):
+        prepare.build_datasets([str(bad)], chatml_tokenizer, 64, 1, 0.0, seed=0, on_error="skip")

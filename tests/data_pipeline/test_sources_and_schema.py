@@ -182,9 +182,10 @@ def test_max_samples_and_weight_are_deterministic_and_counted(tmp_path: Path) ->
     chat = write(tmp_path / "c.jsonl", "".join(json.dumps({"messages": EXPECTED, "n": i}) + "\n" for i in range(10)))
     capped, stats = load_canonical([{"path": str(chat), "max_samples": 4, "weight": 2.5}], seed=1)
     assert len(capped) == 4 and sum(r["copies"] for r in capped) == 10
+    assert capped["origin"] == [f"{chat}:{line}" for line in range(1, 5)]  # the first valid records, in order
     assert sorted({r["copies"] for r in capped}) == [2, 3]
     assert stats.sources[str(chat)].dropped == {"max_samples": 6}
     half, stats = load_canonical([{"path": str(chat), "weight": 0.5}], seed=1)
     again, _ = load_canonical([{"path": str(chat), "weight": 0.5}], seed=1)
-    assert len(half) == 5 and half == again and stats.sources[str(chat)].dropped == {"weight": 5}
+    assert len(half) == 5 and half[:] == again[:] and stats.sources[str(chat)].dropped == {"weight": 5}
     assert stats.sources[str(chat)].dropped_columns == {"n": 10}

@@ -1,16 +1,27 @@
-"""Assistant-only labels: decoding the labelled tokens gives exactly the assistant replies."""
+"""Assistant-only labels: decoding the labelled tokens gives exactly the assistant replies, and the batch path
+(`tokenize_dialogues`) gives token for token what `apply_chat_template` does (`tokenize_dialogue`)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import random
+from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from data_pipeline.prepare import build_datasets
-from data_pipeline.tokenize import check_assistant_mask, tokenize_dialogue
+from data_pipeline.prepare import build_datasets, load_canonical
+from data_pipeline.tokenize import (
+    TOKENIZED_KEYS,
+    Dialogue,
+    check_assistant_mask,
+    tokenize_dialogue,
+    tokenize_dialogues,
+)
 from dft.loss import IGNORE_INDEX
 from tests.conftest import SAMPLE_SOURCES
+from tests.data_pipeline.test_validation import write_mixed_corpus
 
 DIALOGUE = [
     {"role": "system", "content": "Answer with a number."},
@@ -31,6 +42,36 @@ LLAMA3_STYLE_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
+
+
+# A Qwen2.5-style layout: tool schemas in the system turn, tool calls as JSON inside the reply, tool results as
+# user turns.
+QWEN_STYLE_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{- '<|im_start|>user\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{%- generation %}"
+    "{{- message['content'] }}"
+    "{%- for call in message.get('tool_calls', []) %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{- call['function']['arguments'] | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def qwen_style_tokenizer(chatml_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = QWEN_STYLE_TOOLS_TEMPLATE
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +164,67 @@ def test_samples_truncated_to_nothing_trainable_are_dropped_and_counted(
     assert source.kept + sum(source.dropped.values()) == source.records == 2400
     assert len(train) == source.kept
     assert all(any(t != IGNORE_INDEX for t in labels) for labels in train["labels"])
+
+
+def assert_batch_matches_reference(
+    dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> None:
+    columns = tokenize_dialogues(dialogues, tokenizer, max_length)
+    assert set(columns) == set(TOKENIZED_KEYS)
+    for i, (messages, tools) in enumerate(dialogues):
+        expected = tokenize_dialogue(messages, tokenizer, max_length, tools)
+        got = {key: columns[key][i].as_py() for key in TOKENIZED_KEYS}
+        assert got == expected, f"dialogue {i} differs from apply_chat_template: {messages}"
+
+
+def canonical_dialogues(sources: list[str]) -> list[Dialogue]:
+    rows, _ = load_canonical(sources, on_error="raise")
+    dialogues = [json.loads(conversation) for conversation in rows["conversation"]]
+    return [(dialogue["messages"], dialogue.get("tools")) for dialogue in dialogues]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3_style", "qwen_style"])
+@pytest.mark.parametrize("max_length", [10**6, 40])
+def test_batch_matches_apply_chat_template_on_the_sample_data(
+    name: str, max_length: int, request: pytest.FixtureRequest
+) -> None:
+    dialogues = canonical_dialogues(SAMPLE_SOURCES)
+    # Every third record keeps the test quick and still covers both files, 1-2 turn dialogues and truncation.
+    assert_batch_matches_reference(dialogues[::3], request.getfixturevalue(f"{name}_tokenizer"), max_length)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3_style", "qwen_style"])
+def test_batch_matches_apply_chat_template_on_tools_and_every_format(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    write_mixed_corpus(tmp_path)
+    dialogues = canonical_dialogues([str(tmp_path)])
+    assert any(tools for _, tools in dialogues) and any("tool_calls" in m for d, _ in dialogues for m in d)
+    assert any(m.get("train") is False for d, _ in dialogues for m in d)
+    tokenizer = request.getfixturevalue(f"{name}_tokenizer")
+    for max_length in (10**6, 24):
+        assert_batch_matches_reference(dialogues, tokenizer, max_length)
+
+
+def random_text(rng: random.Random) -> str:
+    # Spaces and newlines at the edges of replies (trimmed from byte-level offsets), digits split one by one,
+    # multi-byte characters, and a special token written inside the content.
+    pieces = ["a", "b c", " ", "  ", "\n", "\n\n", "7", "42", "é", "日本", "🙂", "<|im_end|>", "x\ty", "?!"]
+    return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3_style", "qwen_style"])
+def test_batch_matches_apply_chat_template_on_random_dialogues(name: str, request: pytest.FixtureRequest) -> None:
+    rng = random.Random(0)
+    dialogues = []
+    for _ in range(150):
+        messages = [{"role": "system", "content": random_text(rng)}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 4)):
+            reply = {"role": "assistant", "content": random_text(rng)}
+            if rng.random() < 0.2:
+                reply["train"] = False
+            messages += [{"role": "user", "content": random_text(rng)}, reply]
+        dialogues.append((messages, None))
+    tokenizer = request.getfixturevalue(f"{name}_tokenizer")
+    for max_length in (10**6, 30):
+        assert_batch_matches_reference(dialogues, tokenizer, max_length)
