@@ -181,12 +181,18 @@ class _FusedLinearDFT(torch.autograd.Function):
             chunk_rows = rows[start:end]
             chunk_hidden = hidden.index_select(0, chunk_rows)
             logits, tanh = _chunk_logits(chunk_hidden, weight, bias, softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            nll[start:end] = lse - logits.gather(1, targets[start:end, None]).squeeze(1)
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            # logsumexp by hand, in place: torch.logsumexp would allocate a second [chunk, vocab] block, and the
+            # exponentials it throws away are the softmax the gradient needs.
+            row_max = logits.amax(dim=-1)
+            row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            exp_logits = logits.sub_(row_max[:, None]).exp_()
+            sum_exp = exp_logits.sum(dim=-1)
+            nll[start:end] = row_max + sum_exp.log() - target_logits
             token_weights[start:end] = dft_token_weights(nll[start:end], alpha)
             if any(needs_grad):
                 # d(sum_t w_t CE_t)/d(logits_t) = w_t * (softmax_t - onehot_t), w_t held constant (stop-gradient).
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad_logits = exp_logits.div_(sum_exp[:, None])  # softmax, in place of the logits
                 grad_logits[torch.arange(chunk_rows.numel(), device=grad_logits.device), targets[start:end]] -= 1.0
                 grad_logits.mul_(token_weights[start:end, None])
                 if tanh is not None:
@@ -201,7 +207,7 @@ class _FusedLinearDFT(torch.autograd.Function):
                 if need_bias:
                     grad_bias += grad_logits.sum(0)
                 del grad_logits
-            del logits, tanh  # free this chunk before the next one is allocated
+            del logits, exp_logits, tanh  # free this chunk before the next one is allocated
         # Held on the context, not saved for backward: the backward scales them in place and drops them, so no
         # second [vocab, hidden] float32 copy ever exists.
         ctx.grads = (grad_hidden, grad_weight, grad_bias)

@@ -290,3 +290,20 @@ def test_no_gradient_work_without_autograd_and_one_backward_only() -> None:
     # scale them twice, so it must fail loudly rather than return wrong gradients.
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_large_logits_stay_finite_and_exact() -> None:
+    # Logits in the hundreds: exp() of them overflows float32 unless the row maximum is taken out first.
+    hidden, weight, _, labels = random_inputs(12, scale=60.0)
+    fused_h, fused_w = leaves(hidden, weight)
+    f64_h, f64_w = leaves(hidden.double(), weight.double())
+    assert (hidden[0] @ weight.T).abs().max() > 200
+    loss, _ = fused_dft_loss(fused_h, fused_w, labels, 0.5, chunk_size=4)
+    f64_loss = float64_dft(f64_h, f64_w, labels, 0.5)
+    loss.backward()
+    f64_loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(fused_w.grad).all()
+    torch.testing.assert_close(loss.double(), f64_loss, rtol=1e-5, atol=1e-5)
+    for ours, f64 in ((fused_h, f64_h), (fused_w, f64_w)):
+        error = (ours.grad.double() - f64.grad).norm() / f64.grad.norm()
+        assert error <= 1e-5, error
