@@ -70,7 +70,10 @@ def test_background_run_log_grows_then_exit_status_is_recorded(tmp_path: Path, l
 
 
 def test_failed_background_run_records_its_exit_status(tmp_path: Path, launch_env) -> None:
-    log = start("broken", tmp_path, launch_env, "data.sources=[no_such_file.jsonl]")
+    # A failure launcher.check cannot see up front: the run starts, then stops on its first non-finite step.
+    overrides = ["debug=quick", NO_HELDOUT, f"output_dir={tmp_path / 'run'}"]
+    nonfinite = ["resilience.inject_nonfinite_at_steps=[1]", "resilience.max_consecutive_nonfinite=1"]
+    log = start("broken", tmp_path, launch_env, *overrides, *nonfinite)
     _, status = follow_until_exit(log)
     assert status == "1", f"exit status {status}:\n{tail(log.read_text())}"
-    assert "no such file 'no_such_file.jsonl'" in log.read_text()
+    assert "optimizer steps in a row had a non-finite loss" in log.read_text()
