@@ -274,7 +274,7 @@ def write_docs_section(table: str, results: dict) -> None:
             SECTION_HEADING,
             "",
             f"Measured {results['date']} with `bench/data_prepare_throughput.py --samples {corpus['samples']}` on "
-            f"{machine['cpus']} shared CPU cores ({machine['platform']}, Python {machine['python']}, "
+            f"{machine['cpus']} CPU cores ({machine['platform']}, Python {machine['python']}, "
             f"datasets {machine['datasets']}, transformers {machine['transformers']}, TRL {machine['trl']}). "
             f"Corpus: {corpus['samples']:,} synthetic ChatML dialogues (2-4 exchanges, mostly short turns with a "
             f"long tail), {corpus['tokens']:,} tokens after truncation to {MAX_LENGTH} with the bundled tokenizer, "
