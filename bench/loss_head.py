@@ -387,6 +387,16 @@ def write_docs_section(result: dict) -> None:
         format_table(rows),
         "",
         "`chunked CE` trains plain cross-entropy, so its loss column is the CE, not the DFT loss of the others.",
+        *(
+            [
+                "Measured while other jobs ran (1-minute load average above 3 when the row started or ended, where "
+                "this benchmark alone makes about 2; their times are inflated): "
+                + ", ".join(f"{r['size']} {r['variant']} (chunk {r['chunk'] or '-'})" for r in loaded)
+                + "."
+            ]
+            if (loaded := [r for r in measured if max(r["load_average_1min"]) > 3])
+            else []
+        ),
         *[
             f"Not measured yet: {name} ({' x '.join(map(str, SIZES[name]))}); run `--sizes {name}` on a machine "
             "with about 16 GB free and nothing else running."
