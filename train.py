@@ -27,7 +27,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from data_pipeline.collate import SampleIdCollator
-from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, sample_lengths
+from data_pipeline.packing import PaddingFreeCollator, SamplerEpochCallback, TokenBudgetBatchSampler, sample_lengths
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from dft.loss import IGNORE_INDEX
@@ -138,6 +138,7 @@ def main(cfg: DictConfig) -> None:
             seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
             lengths = sample_lengths(train_set)
             trainer.train_batch_sampler = TokenBudgetBatchSampler(lengths, run.data.packing_max_tokens, seed)
+            trainer.add_callback(SamplerEpochCallback(trainer.train_batch_sampler))
         use_readable_progress(trainer)
         logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
         result = trainer.train(resume_from_checkpoint=resume_from)

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow.compute
 import torch
 from torch.utils.data import Sampler
-from transformers import DataCollatorWithFlattening
+from transformers import DataCollatorWithFlattening, TrainerCallback, TrainerControl, TrainerState
 
 from data_pipeline.tokenize import INPUT_IDS_KEY
 from dft.loss import IGNORE_INDEX
@@ -175,3 +176,20 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     def fill_rate(self) -> float:
         """Tokens over budget summed over all micro-batches: `1 - fill_rate` is the budget left unused."""
         return sum(self.lengths) / (self.num_bins * self.max_tokens)
+
+
+class SamplerEpochCallback(TrainerCallback):
+    """Tells a batch sampler the epoch at each epoch's start, the resumed one included.
+
+    The Trainer's own `set_epoch` reaches a batch sampler only through one wrapper: on several ranks, in the
+    epoch a run resumes in, the sampler sits under accelerate's `SkipBatchSampler` and `BatchSamplerShard` and
+    would keep epoch 0's order, so the skipped micro-batches would not be the ones already trained on.
+    `on_epoch_begin` runs before the epoch's loader is iterated, with the state loaded from the checkpoint.
+    """
+
+    def __init__(self, sampler: TokenBudgetBatchSampler) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # state.epoch counts fractions of an epoch (a run resumed at 1.37 is in epoch 1), summed in floats.
+        self.sampler.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))

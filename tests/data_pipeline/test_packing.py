@@ -17,10 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
 from datasets import Dataset
-from transformers import TrainingArguments
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, pack_best_fit_decreasing, sample_lengths
+from data_pipeline.packing import (
+    PaddingFreeCollator,
+    SamplerEpochCallback,
+    TokenBudgetBatchSampler,
+    pack_best_fit_decreasing,
+    sample_lengths,
+)
 from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
 from launcher.artifacts import read_metrics
@@ -264,3 +271,19 @@ def test_train_py_with_a_token_budget_trains_one_epoch_of_packed_micro_batches(t
     losses = [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r]
     assert [step for step, _ in losses] == list(range(1, math.ceil(num_bins / 2) + 1))
     assert all(math.isfinite(loss) for _, loss in losses)
+
+
+def test_a_resumed_epoch_on_several_ranks_skips_that_epochs_micro_batches() -> None:
+    # The loader of rank 0 of 2 in the epoch a run resumes in, wrapped as accelerate and the Trainer wrap it:
+    # SkipBatchSampler(BatchSamplerShard(ours)). The Trainer's set_epoch looks one level down only.
+    lengths = [int(n) for n in torch.randint(8, 200, (300,), generator=torch.Generator().manual_seed(5))]
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=512, seed=2)
+    skipped = 3
+    resumed = SkipBatchSampler(BatchSamplerShard(sampler, num_processes=2, process_index=0), skip_batches=skipped)
+    assert not hasattr(resumed.batch_sampler, "set_epoch")  # so only the callback can reach the sampler
+    expected = epoch_bins(TokenBudgetBatchSampler(lengths, max_tokens=512, seed=2), 1)[0::2][skipped:]
+    assert list(resumed) != expected  # still epoch 0's order: the bug the callback fixes
+    state = TrainerState()
+    state.epoch = 1.37  # loaded from the checkpoint, before the epoch's loader is iterated
+    SamplerEpochCallback(sampler).on_epoch_begin(None, state, TrainerControl())
+    assert list(resumed) == expected
