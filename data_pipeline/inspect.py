@@ -11,9 +11,10 @@ import sys
 
 from transformers import PreTrainedTokenizerBase
 
-from data_pipeline.prepare import PreparedData, load_run_config, prepare_run
+from data_pipeline.prepare import PreparedData, prepare_run
 from data_pipeline.tokenize import INPUT_IDS_KEY, LABELS_KEY
 from dft.loss import IGNORE_INDEX
+from launcher.config import load_run_config
 
 SAMPLES_SHOWN = 3
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"

@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,8 +35,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
 from datasets.table import InMemoryTable
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.cache import cached_build, dataset_fingerprint
@@ -60,7 +59,7 @@ from data_pipeline.tokenize import (
     check_assistant_mask,
     tokenize_batch,
 )
-from launcher.config import RunConfig, register_configs, to_run_config
+from launcher.config import RunConfig, load_run_config
 from launcher.model import load_tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,6 @@ SOURCE_ID_KEY = "source_id"
 SAMPLE_KEYS = (SOURCE_ID_KEY, ORIGIN_KEY)
 COPIES_KEY = "copies"
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Located warnings per source under `skip`; the counts cover the rest.
 _SKIP_WARNINGS_PER_SOURCE = 3
 # Columns of the conversion step: each record's bytes and place, then its canonical JSON or why it is bad.
@@ -138,16 +136,7 @@ def load_canonical(
     raw = _raw_rows(files)
     if not len(raw):
         raise ValueError(f"data.sources: no record in {', '.join(str(file.path) for file in files)}")
-    converted = (
-        raw.with_format("arrow")
-        .map(
-            partial(_convert_batch, files=files, source_ids=source_ids),
-            batched=True,
-            num_proc=_workers(num_proc, len(raw)),
-            desc="Checking",
-        )
-        .with_format(None)
-    )
+    converted = _arrow_map(raw, partial(_convert_batch, files=files, source_ids=source_ids), num_proc, "Checking")
     del raw
     columns = converted.with_format("arrow").select_columns([FILE_ID_KEY, LINE_KEY, REASON_KEY, PROBLEM_KEY])[:]
     file_ids = columns[FILE_ID_KEY].to_numpy()
@@ -183,10 +172,15 @@ class _SourceFile:
     salt: str
 
 
-def _workers(num_proc: int, rows: int) -> int | None:
-    """Processes for a `map` over `rows` rows: None (this process) for one, as a pool of one only adds copies."""
-    workers = min(num_proc, max(rows // _ROWS_PER_WORKER, 1))
-    return workers if workers > 1 else None
+def _arrow_map(dataset: Dataset, function: Callable[[pa.Table], Any], num_proc: int, desc: str) -> Dataset:
+    """`dataset.map(function, batched=True)` with Arrow batches in and out, so columns never become Python lists,
+    over at most `num_proc` processes: one per `_ROWS_PER_WORKER` rows, and this process alone rather than a
+    pool of one, which only adds copies."""
+    workers = min(num_proc, max(len(dataset) // _ROWS_PER_WORKER, 1))
+    mapped = dataset.with_format("arrow").map(
+        function, batched=True, num_proc=workers if workers > 1 else None, desc=desc
+    )
+    return mapped.with_format(None)
 
 
 def _raw_rows(files: list[_SourceFile]) -> Dataset:
@@ -269,11 +263,12 @@ def _account_bad_records(
 
 
 def _count_dropped_columns(converted: Dataset, files: list[_SourceFile], stats: DatasetStats) -> None:
-    dropped = converted.with_format("arrow")[DROPPED_COLUMNS_KEY]
+    table = converted.with_format("arrow")
+    dropped = table[DROPPED_COLUMNS_KEY]
     names = pc.list_flatten(dropped)
     if not len(names):
         return
-    file_ids = converted.with_format("arrow")[FILE_ID_KEY].take(pc.list_parent_indices(dropped))
+    file_ids = table[FILE_ID_KEY].take(pc.list_parent_indices(dropped))
     counts = pa.table({FILE_ID_KEY: file_ids, "column": names}).group_by([FILE_ID_KEY, "column"])
     for row in counts.aggregate([("column", "count")]).sort_by("column").to_pylist():
         columns = stats.sources[str(files[row[FILE_ID_KEY]].path)].dropped_columns
@@ -309,16 +304,8 @@ def build_prepared(
     canonical, stats = load_canonical(sources, on_error, seed, num_proc)
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
-    # Arrow batches in and out: the tokenised columns never become Python lists.
-    tokenized = (
-        canonical.with_format("arrow")
-        .map(
-            partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length),
-            batched=True,
-            num_proc=_workers(num_proc, len(canonical)),
-            desc="Tokenising",
-        )
-        .with_format(None)
+    tokenized = _arrow_map(
+        canonical, partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length), num_proc, "Tokenising"
     )
     _account(tokenized, stats)
     kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
@@ -444,14 +431,6 @@ def _account(tokenized: Dataset, stats: DatasetStats) -> None:
         ):
             if count:
                 source.drop(reason, count)
-
-
-def load_run_config(overrides: list[str]) -> RunConfig:
-    """Compose `conf/config.yaml` with `train.py`'s overrides into the typed `RunConfig`."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_run_config(compose(config_name="config", overrides=overrides))
 
 
 def prepare_run(run: RunConfig) -> tuple[Path, bool, PreTrainedTokenizerBase]:

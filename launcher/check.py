@@ -24,32 +24,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.sources import parse_sources, resolve_files
 from launcher.checkpoints import check_resume_compatible, resolve_resume_checkpoint
-from launcher.config import RunConfig, register_configs, to_run_config
+from launcher.config import RunConfig, load_run_config
 from launcher.preflight import check_deepspeed_config
 
 EXIT_PROBLEMS = 2
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 EMBEDDED_PREFIX = "embedded:"  # embedded/base_model.py's: importing it loads the model stack
-
-
-def compose_run_config(overrides: list[str]) -> RunConfig:
-    """`conf/config.yaml` with `train.py`'s overrides, as the typed `RunConfig`.
-
-    `data_pipeline.prepare.load_run_config` does the same, but importing that module loads `datasets` and
-    the model stack: twice this check's start-up, paid before every launch.
-    """
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_run_config(compose(config_name="config", overrides=overrides))
 
 
 def _local_model_problem(key: str, value: str | None) -> str | None:
@@ -126,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher.check: skipped, Hydra flags {flags} are left to train.py", file=sys.stderr)  # noqa: T201
         return 0
     try:
-        run = compose_run_config(args.overrides)
+        run = load_run_config(args.overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         cause = f" ({e.__cause__})" if e.__cause__ is not None and str(e.__cause__) not in str(e) else ""
         problems = [f"config: {e}{cause}"]

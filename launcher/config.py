@@ -17,9 +17,12 @@ import enum
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import TrainingArguments
 
@@ -247,6 +250,18 @@ class RunConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def load_run_config(overrides: list[str]) -> RunConfig:
+    """Compose `conf/config.yaml` with `train.py`'s overrides into the typed `RunConfig`, outside `@hydra.main`
+    (the `prepare`, `inspect` and `check` commands)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_run_config(compose(config_name="config", overrides=overrides))
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 import data_pipeline.prepare as prepare
 from data_pipeline.stats import STATS_FILE
+from launcher.config import load_run_config
 from tests.conftest import REPO_ROOT, TOKENIZER_DIR
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -92,13 +93,13 @@ def test_prepare_command_prints_the_directory_last(tmp_path: Path) -> None:
 
 def test_sources_in_the_config_may_be_mappings(tmp_path: Path) -> None:
     source = write_chats(tmp_path / "c.jsonl", 1)
-    run = prepare.load_run_config([f"data.sources=[{source},{{path: {tmp_path},weight: 2.5,max_samples: 3}}]"])
+    run = load_run_config([f"data.sources=[{source},{{path: {tmp_path},weight: 2.5,max_samples: 3}}]"])
     assert run.data.sources[1] == {"path": str(tmp_path), "weight": 2.5, "max_samples": 3}
     assert run.data.on_error == "raise" and run.data.cache_dir == ".cache/datasets"
     with pytest.raises(ValueError, match=r"data.sources\[0\].weight=-1 must be a number > 0"):
-        prepare.load_run_config([f"data.sources=[{{path: {source},weight: -1}}]"])
+        load_run_config([f"data.sources=[{{path: {source},weight: -1}}]"])
     with pytest.raises(ValueError, match="data.on_error='ignore'"):
-        prepare.load_run_config(["data.on_error=ignore"])
+        load_run_config(["data.on_error=ignore"])
 
 
 def test_up_weighted_records_repeat_in_training_only_and_never_cross_the_split(
