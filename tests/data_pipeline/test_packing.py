@@ -92,6 +92,21 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tmp_path: Path, implem
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def sgd_args(output_dir: Path, **overrides: object) -> TrainingArguments:
+    """Plain SGD at a constant rate on CPU, nothing saved or reported: updates that are easy to compare."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        **overrides,
+    )
+
+
 def test_training_steps_with_packing_match_padding(tmp_path: Path) -> None:
     """Through `Trainer.train`: the Trainer's own token count, gradient accumulation and optimizer steps."""
     samples = features() * 4  # 12 samples: 2 optimizer steps of 2 micro-batches of 3 samples
@@ -99,19 +114,7 @@ def test_training_steps_with_packing_match_padding(tmp_path: Path) -> None:
     params = {}
     for name, collator in (("padded", padded), ("packed", PaddingFreeCollator())):
         model = tiny_qwen2()
-        args = TrainingArguments(
-            output_dir=str(tmp_path / name),
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            per_device_train_batch_size=3,
-            gradient_accumulation_steps=2,
-            max_steps=2,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            disable_tqdm=True,
-        )
+        args = sgd_args(tmp_path / name, per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=2)
         trainer = DFTTrainer(
             model=model, args=args, train_dataset=samples, data_collator=collator, alpha=0.6, implementation="fused"
         )
@@ -195,20 +198,13 @@ def test_trainer_trains_on_token_budget_micro_batches_as_on_the_same_batches_giv
     params, steps = {}, math.ceil(len(bins) / 3)
     for name in ("budget", "stock"):
         model = tiny_qwen2()
-        args = TrainingArguments(
-            output_dir=str(tmp_path / name),
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
+        args = sgd_args(
+            tmp_path / name,
             per_device_train_batch_size=1,
             gradient_accumulation_steps=3,
             num_train_epochs=1,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
             train_sampling_strategy="sequential",
             remove_unused_columns=False,
-            disable_tqdm=True,
         )
         if name == "budget":
             dataset, collator = samples, PaddingFreeCollator()
