@@ -244,19 +244,24 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-def test_never_allocates_full_logits() -> None:
+@pytest.mark.parametrize("with_groups", [False, True], ids=["plain", "token_groups"])
+def test_never_allocates_full_logits(with_groups: bool) -> None:
     batch, seq, hidden_size, vocab, chunk = 2, 64, 8, 301, 16
     generator = torch.Generator().manual_seed(8)
     hidden = torch.randn(batch, seq, hidden_size, generator=generator, requires_grad=True)
     weight = torch.randn(vocab, hidden_size, generator=generator, requires_grad=True)
     labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    # Per-group statistics come from the per-token CE the chunk loop has anyway: no extra block either.
+    groups = {"token_groups": torch.randint(0, 5, (batch, seq), generator=generator), "num_groups": 5}
     # Bound: one chunk of logits, the weight's gradient, or the hidden states' - far below tokens * vocab.
     bound = max(chunk * vocab, vocab * hidden_size, batch * seq * hidden_size)
     assert bound * 4 < num_valid(labels) * vocab
     with _LargestAllocation() as tracker:
-        loss, _ = fused_dft_loss(hidden, weight, labels, 1.0, chunk_size=chunk)
+        loss, stats = fused_dft_loss(hidden, weight, labels, 1.0, chunk_size=chunk, **(groups if with_groups else {}))
         loss.backward()
     assert 0 < tracker.largest <= bound
+    if with_groups:
+        assert stats.group_sums[:, -1].sum().item() == num_valid(labels)
     with _LargestAllocation() as naive:
         dft_loss(hidden @ weight.T, labels, 1.0)[0].backward()
     assert naive.largest >= num_valid(labels) * vocab  # the tracker sees a full-logits allocation when there is one

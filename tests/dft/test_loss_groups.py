@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dft.loss import GROUP_SUM_COLUMNS, IGNORE_INDEX, dft_loss, fused_dft_loss
-from tests.dft.test_fused_loss import _LargestAllocation, leaves, num_valid, random_inputs
+from tests.dft.test_fused_loss import leaves, num_valid, random_inputs
 
 NUM_GROUPS = 4  # group 3 is never used: its row must be zeros
 
@@ -88,21 +88,6 @@ def test_fused_and_reference_group_sums_agree_on_packed_rows() -> None:
     torch.testing.assert_close(fused.group_sums, reference.group_sums, rtol=1e-6, atol=1e-9)
     # Each sample's last position predicts the next sample's separator, so it is not counted anywhere.
     assert fused.group_sums[:, -1].tolist() == [8.0, 0.0, 4.0 + 5.0]
-
-
-def test_group_sums_add_no_full_logits_block_to_the_fused_loss() -> None:
-    batch, seq, hidden_size, vocab, chunk = 2, 64, 8, 301, 16
-    generator = torch.Generator().manual_seed(8)
-    hidden = torch.randn(batch, seq, hidden_size, generator=generator, requires_grad=True)
-    weight = torch.randn(vocab, hidden_size, generator=generator, requires_grad=True)
-    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
-    groups = torch.randint(0, 5, (batch, seq), generator=generator)
-    bound = max(chunk * vocab, vocab * hidden_size, batch * seq * hidden_size)
-    with _LargestAllocation() as tracker:
-        loss, stats = fused_dft_loss(hidden, weight, labels, 1.0, chunk_size=chunk, token_groups=groups, num_groups=5)
-        loss.backward()
-    assert 0 < tracker.largest <= bound
-    assert stats.group_sums[:, -1].sum().item() == num_valid(labels)
 
 
 @pytest.mark.parametrize(
