@@ -26,27 +26,41 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
+from cluster.atomic_save import AtomicCheckpointMixin
+from cluster.distributed import accept_launcher_local_rank, teardown
+from cluster.export import verify_export
+from cluster.resilience import ResilienceCallback
+from cluster.resume import check_resume_compatible, resolve_resume_checkpoint
+from config.deepspeed import check_deepspeed_config
+from config.schema import RunConfig, register_configs, to_run_config
+from config.sources import SourceSpec
+from core.files import write_atomic
+from core.keys import IGNORE_INDEX
+from core.ranks import is_rank_zero, launch_world_size
 from data_pipeline.collate import SampleIdCollator
-from data_pipeline.packing import PaddingFreeCollator, SamplerEpochCallback, TokenBudgetBatchSampler, sample_lengths
+from data_pipeline.loader import TokenBudgetLoaderMixin
+from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, sample_lengths
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
-from dft.loss import IGNORE_INDEX
+from data_pipeline.stats import source_metric_names
 from dft.trainer import DFTTrainer
 from evaluation.heldout import HeldoutResult, evaluate_heldout, format_comparison, load_heldout
 from evaluation.samples import samples_markdown
-from launcher.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress, write_atomic
-from launcher.banner import end_summary, startup_banner
-from launcher.checkpoints import check_resume_compatible, launch_world_size, resolve_resume_checkpoint
-from launcher.config import RunConfig, register_configs, to_run_config
-from launcher.distributed import accept_launcher_local_rank, is_rank_zero, setup_logging, teardown
-from launcher.export import verify_export
-from launcher.model import load_model, load_tokenizer, resolve_model_path
-from launcher.preflight import check_deepspeed_config
-from launcher.resilience import ResilienceCallback
-from launcher.trackers import tracker_callbacks
+from modeling.loading import load_model, load_tokenizer, resolve_model_path
+from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress
+from observability.banner import end_summary, startup_banner
+from observability.rank_logging import setup_logging
+from observability.trackers import tracker_callbacks
+from observability.training_metrics import RankMetricsMixin, ThroughputMetricsMixin
 
 logger = logging.getLogger("train")
 register_configs()
+
+
+class SFTTrainer(AtomicCheckpointMixin, RankMetricsMixin, ThroughputMetricsMixin, TokenBudgetLoaderMixin, DFTTrainer):
+    """The run's Trainer: the DFT loss and its metrics (`dft.trainer`), with atomic checkpoints
+    (`cluster.atomic_save`), per-rank sums and throughput (`observability.training_metrics`) and token-budget
+    micro-batches (`data_pipeline.loader`)."""
 
 
 def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HeldoutResult:
@@ -75,7 +89,7 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run = to_run_config(cfg)
-    check_source_paths(run.data.sources + ([run.heldout.file] if run.heldout.file else []))
+    check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
     check_deepspeed_config(run.deepspeed.config)
     output_dir = Path(run.output_dir)
     log_path = setup_logging(output_dir)
@@ -102,20 +116,15 @@ def main(cfg: DictConfig) -> None:
         # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
         deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
-        train_set, validation_set, data_stats = build_datasets(
-            run.data.sources,
-            tokenizer,
-            run.data.max_length,
-            run.data.num_proc,
-            run.data.validation_split_percentage,
-            training_args.seed,
-            on_error=run.data.on_error,
-            cache_dir=run.data.cache_dir,
-        )
+        train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
         logger.info("Data:\n%s", data_stats.summary())
 
         model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
-        trainer = DFTTrainer(
+        token_budget = None
+        if run.data.packing_max_tokens is not None:
+            seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
+            token_budget = TokenBudgetBatchSampler(sample_lengths(train_set), run.data.packing_max_tokens, seed)
+        trainer = SFTTrainer(
             model=model,
             args=training_args,
             train_dataset=train_set,
@@ -127,18 +136,10 @@ def main(cfg: DictConfig) -> None:
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
             ),
             callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config), resilience],
-            loss_type=run.loss.type,
-            alpha=run.loss.alpha,
-            implementation=run.loss.implementation,
-            alpha_warmup_steps=run.loss.alpha_warmup_steps,
-            chunk_size=run.loss.chunk_size,
-            source_names=list(data_stats.sources),
+            loss=run.loss,
+            source_keys=source_metric_names(list(data_stats.sources)),
+            train_batch_sampler=token_budget,
         )
-        if run.data.packing_max_tokens is not None:
-            seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
-            lengths = sample_lengths(train_set)
-            trainer.train_batch_sampler = TokenBudgetBatchSampler(lengths, run.data.packing_max_tokens, seed)
-            trainer.add_callback(SamplerEpochCallback(trainer.train_batch_sampler))
         use_readable_progress(trainer)
         logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
         result = trainer.train(resume_from_checkpoint=resume_from)

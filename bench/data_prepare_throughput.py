@@ -6,7 +6,7 @@ so long that truncation leaves no assistant token) into a temporary JSONL. Both 
 with the bundled tokenizer (`embedded/assets/tokenizer`, ChatML with `{% generation %}` markers), assistant-only
 labels, truncation to `max_length` keeping the start, and samples without a trainable token dropped:
 
-- ours: `data_pipeline.prepare.build_datasets(..., cache_dir=None)`, i.e. the in-memory build: read every record,
+- ours: `data_pipeline.prepare.build_datasets` with `data.cache_dir=null`, the in-memory build: read every record,
   parse, validate and convert it, tokenise with assistant masks (both steps across `data.num_proc` processes),
   drop and count, and the per-source stats; `on_error=raise`, no validation split (TRL has none), `datasets`
   caching disabled.
@@ -45,8 +45,8 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO_ROOT / "embedded" / "assets" / "tokenizer"
+from embedded.paths import REPO_ROOT, TOKENIZER_DIR
+
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "data_prepare_throughput.json"
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Data preparation throughput (CPU)"
@@ -120,14 +120,15 @@ def measure_ours(corpus: Path, num_proc: int) -> dict:
     """Our in-memory build (`cache_dir=None`): read, validate, convert, tokenise, drop and count, stats."""
     import datasets
 
-    from data_pipeline.prepare import INPUT_IDS_KEY, build_datasets
+    from config.schema import DataConfig
+    from core.keys import INPUT_IDS_KEY
+    from data_pipeline.prepare import build_datasets
 
     datasets.disable_caching()
     tokenizer = _load_tokenizer()
     start = time.perf_counter()
-    train, validation, stats = build_datasets(
-        [str(corpus)], tokenizer, MAX_LENGTH, num_proc, validation_split_percentage=0, seed=SEED, on_error="raise"
-    )
+    data = DataConfig(sources=[str(corpus)], max_length=MAX_LENGTH, num_proc=num_proc, cache_dir=None)
+    train, validation, stats = build_datasets(data, tokenizer, seed=SEED)
     seconds = time.perf_counter() - start
     assert validation is None
     (source,) = stats.sources.values()

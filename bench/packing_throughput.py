@@ -38,8 +38,8 @@ from transformers import (
     TrainingArguments,
 )
 
+from core.keys import IGNORE_INDEX
 from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler
-from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

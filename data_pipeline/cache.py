@@ -1,33 +1,25 @@
-"""The prepared-dataset cache: its fingerprint, and one builder per fingerprint at a time.
+"""The prepared-dataset cache key: what `<cache_dir>/<fingerprint>/` is named after.
 
 A prepared dataset lives in `<cache_dir>/<fingerprint>/`. The fingerprint hashes everything that changes the
 result: `DATASET_CACHE_VERSION`, the bytes (not the dates) of every source file with its path and source
 options, the tokenizer (its full serialised pipeline or vocabulary, special tokens and chat template), and the
 options of `build_datasets`. Worker counts do not change the result and are left out.
 
-`cached_build` takes a file lock per fingerprint: on a multi-rank launch one process builds while the others
-wait on the lock (no collective call, so no distributed timeout), then all read the same directory. The build
-writes into a temporary directory renamed into place, so a crashed build never leaves a half cache behind.
+`data_pipeline.prepare` builds each fingerprint once (`core.files.build_once`, a file lock per fingerprint): on a
+multi-rank launch one process builds while the others wait on the lock (no collective call, so no distributed
+timeout), then all read the same directory; a crashed build never leaves a half cache behind.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from transformers import PreTrainedTokenizerBase
 
-from data_pipeline.sources import SourceSpec
-
-logger = logging.getLogger(__name__)
+from config.sources import SourceSpec
 
 # Bump when reading, conversion, tokenisation or the saved layout change what a given input produces.
 DATASET_CACHE_VERSION = "sft_chat_v4"
@@ -71,35 +63,3 @@ def dataset_fingerprint(
         "options": options,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:24]
-
-
-def cached_build(cache_dir: str | Path, fingerprint: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
-    """Return `<cache_dir>/<fingerprint>`, calling `build(temporary_dir)` first unless it exists.
-
-    Returns:
-        The directory and whether this call built it.
-    """
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / fingerprint
-    if target.is_dir():
-        return target, False
-    lock = FileLock(str(cache_dir / f"{fingerprint}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        logger.info("Another process is preparing %s: waiting for it", target)
-        lock.acquire()
-    try:
-        if target.is_dir():
-            return target, False
-        temporary = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{fingerprint}.tmp-"))
-        try:
-            build(temporary)
-            os.rename(temporary, target)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
-    finally:
-        lock.release()
-    return target, True

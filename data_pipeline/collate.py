@@ -22,10 +22,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.prepare import SOURCE_ID_KEY
-from data_pipeline.schema import ORIGIN_KEY
-from data_pipeline.tokenize import INPUT_IDS_KEY, LABELS_KEY
-from dft.trainer import ORIGINS_KEY, SOURCE_IDS_KEY
+from core.keys import INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, ORIGINS_KEY, SOURCE_ID_KEY, SOURCE_IDS_KEY
 
 
 class SampleIdCollator:

@@ -11,10 +11,9 @@ import sys
 
 from transformers import PreTrainedTokenizerBase
 
+from config.schema import load_run_config
+from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.prepare import PreparedData, prepare_run
-from data_pipeline.tokenize import INPUT_IDS_KEY, LABELS_KEY
-from dft.loss import IGNORE_INDEX
-from launcher.config import load_run_config
 
 SAMPLES_SHOWN = 3
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"

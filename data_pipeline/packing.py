@@ -33,8 +33,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers import DataCollatorWithFlattening, TrainerCallback, TrainerControl, TrainerState
 
-from data_pipeline.tokenize import INPUT_IDS_KEY
-from dft.loss import IGNORE_INDEX
+from core.keys import IGNORE_INDEX, INPUT_IDS_KEY
 
 USE_CACHE_KEY = "use_cache"
 logger = logging.getLogger(__name__)

@@ -37,37 +37,27 @@ from datasets import Dataset, load_from_disk
 from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
-from data_pipeline.cache import cached_build, dataset_fingerprint
-from data_pipeline.schema import MESSAGES_KEY, ORIGIN_KEY, TOOLS_KEY, to_canonical
-from data_pipeline.sources import (
-    ON_ERROR_CHOICES,
-    DataFormatError,
-    SourceSpec,
-    iter_raw_records,
-    parse_record,
-    parse_sources,
-    resolve_files,
-)
+from config.schema import DataConfig, RunConfig, load_run_config
+from config.sources import ON_ERROR_CHOICES, SourceSpec
+from core.files import build_once
+from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
+from data_pipeline.cache import dataset_fingerprint
+from data_pipeline.schema import MESSAGES_KEY, TOOLS_KEY, to_canonical
+from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
 from data_pipeline.stats import DatasetStats, SourceStats
 from data_pipeline.tokenize import (
-    ATTENTION_MASK_KEY,
     CONVERSATION_KEY,
-    INPUT_IDS_KEY,
-    LABELS_KEY,
     NUM_TRAINABLE_KEY,
     TRUNCATED_KEY,
     check_assistant_mask,
     tokenize_batch,
 )
-from launcher.config import RunConfig, load_run_config
-from launcher.model import load_tokenizer, resolve_tokenizer_path
+from modeling.loading import load_tokenizer, resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
 MODEL_INPUT_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY)
-# Carried beside the model inputs: which source (its index in `stats.sources`, the order of `data.sources`)
-# and which record (`file:line`) each sample is, for per-source metrics and for naming a bad batch's samples.
-SOURCE_ID_KEY = "source_id"
+# Carried beside the model inputs, for per-source metrics and for naming a bad batch's samples.
 SAMPLE_KEYS = (SOURCE_ID_KEY, ORIGIN_KEY)
 COPIES_KEY = "copies"
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
@@ -102,14 +92,14 @@ class PreparedData:
 
 
 def load_canonical(
-    sources: list[Any], on_error: str = "raise", seed: int = 0, num_proc: int = 1
+    specs: list[SourceSpec], on_error: str = "raise", seed: int = 0, num_proc: int = 1
 ) -> tuple[Dataset, DatasetStats]:
     """Read, check and sample every source.
 
     Each file's records are found here; parsing, checking and conversion run across `num_proc` processes.
 
     Args:
-        sources: `data.sources` entries (paths, globs, directories or mappings).
+        specs: the checked `data.sources` entries (`DataConfig.specs`).
         on_error: `raise` stops at the first bad record; `skip` counts it under its reason.
         seed: seeds the sampling by `weight`.
         num_proc: conversion workers.
@@ -126,7 +116,7 @@ def load_canonical(
         raise ValueError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
     files = [
         _SourceFile(path, spec, f"{index}:{path}")
-        for index, spec in enumerate(parse_sources(sources))
+        for index, spec in enumerate(specs)
         for path in resolve_files(spec, index)
     ]
     stats = DatasetStats()
@@ -290,18 +280,11 @@ def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceS
     return copies
 
 
-def build_prepared(
-    sources: list[Any],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    num_proc: int,
-    validation_split_percentage: float,
-    seed: int,
-    on_error: str = "raise",
-) -> PreparedData:
+def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Read, tokenise, account and split, without any cache (see `build_datasets`)."""
     check_assistant_mask(tokenizer)
-    canonical, stats = load_canonical(sources, on_error, seed, num_proc)
+    max_length, num_proc, validation_split_percentage = data.max_length, data.num_proc, data.validation_split_percentage
+    canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc)
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
     tokenized = _arrow_map(
@@ -328,66 +311,40 @@ def build_prepared(
     return PreparedData(train.select_columns(columns), validation, stats)
 
 
-def prepare_dataset(
-    sources: list[Any],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    num_proc: int,
-    validation_split_percentage: float,
-    seed: int,
-    on_error: str,
-    cache_dir: str | Path,
-) -> tuple[Path, bool]:
-    """Build the dataset into `<cache_dir>/<fingerprint>` unless a matching one is there.
+def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[Path, bool]:
+    """Build the dataset into `<data.cache_dir>/<fingerprint>` unless a matching one is there.
 
     Returns:
         The prepared directory and whether this call built it.
     """
-    specs = parse_sources(sources)
-    files = [(spec, resolve_files(spec, index)) for index, spec in enumerate(specs)]
+    if data.cache_dir is None:
+        raise ValueError("data.cache_dir is null: there is no cache to prepare the dataset into; give a directory")
+    files = [(spec, resolve_files(spec, index)) for index, spec in enumerate(data.specs)]
     options = {
-        "max_length": max_length,
-        "validation_split_percentage": validation_split_percentage,
+        "max_length": data.max_length,
+        "validation_split_percentage": data.validation_split_percentage,
         "seed": seed,
-        "on_error": on_error,
+        "on_error": data.on_error,
     }
-    fingerprint = dataset_fingerprint(files, tokenizer, options)
-
-    def build(directory: Path) -> None:
-        prepared = build_prepared(sources, tokenizer, max_length, num_proc, validation_split_percentage, seed, on_error)
-        prepared.save(directory)
-
-    return cached_build(cache_dir, fingerprint, build)
+    directory = Path(data.cache_dir) / dataset_fingerprint(files, tokenizer, options)
+    built = build_once(directory, lambda temporary: build_prepared(data, tokenizer, seed).save(temporary))
+    return directory, built
 
 
 def build_datasets(
-    sources: list[Any],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    num_proc: int,
-    validation_split_percentage: float,
-    seed: int,
-    on_error: str = "raise",
-    cache_dir: str | Path | None = None,
+    data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> tuple[Dataset, Dataset | None, DatasetStats]:
     """The training set, the validation set (or None) and the data report.
 
     Args:
-        sources: `data.sources` entries.
+        data: the sources and every preparation option; `data.cache_dir` null builds in memory.
         tokenizer: its chat template gives the assistant mask (checked on a probe dialogue first).
-        max_length: tokens kept per sample.
-        num_proc: tokenisation workers.
-        validation_split_percentage: share of the distinct samples held out.
         seed: the split and the weighted sampling.
-        on_error: `raise` or `skip` (count) bad records.
-        cache_dir: reuse or write the prepared dataset there; None builds in memory.
     """
-    if cache_dir is None:
-        prepared = build_prepared(sources, tokenizer, max_length, num_proc, validation_split_percentage, seed, on_error)
+    if data.cache_dir is None:
+        prepared = build_prepared(data, tokenizer, seed)
         return prepared.train, prepared.validation, prepared.stats
-    directory, built = prepare_dataset(
-        sources, tokenizer, max_length, num_proc, validation_split_percentage, seed, on_error, cache_dir
-    )
+    directory, built = prepare_dataset(data, tokenizer, seed)
     logger.info("%s the prepared dataset %s", "Wrote" if built else "Reusing", directory)
     prepared = PreparedData.load(directory)
     return prepared.train, prepared.validation, prepared.stats
@@ -440,17 +397,7 @@ def prepare_run(run: RunConfig) -> tuple[Path, bool, PreTrainedTokenizerBase]:
         The prepared directory, whether this call built it, and the run's tokenizer.
     """
     tokenizer = load_tokenizer(run.model, resolve_tokenizer_path(run.model))
-    data = run.data
-    directory, built = prepare_dataset(
-        data.sources,
-        tokenizer,
-        data.max_length,
-        data.num_proc,
-        data.validation_split_percentage,
-        run.training.seed,
-        data.on_error,
-        data.cache_dir,
-    )
+    directory, built = prepare_dataset(run.data, tokenizer, run.training.seed)
     return directory, built, tokenizer
 
 

@@ -30,11 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.keys import ORIGIN_KEY
 from data_pipeline.sources import DataFormatError
 
 MESSAGES_KEY, TOOLS_KEY, SOURCE_KEY, TRAIN_KEY = "messages", "tools", "source", "train"
-# `<file>:<line>` of the record a sample came from: named in logs when a batch misbehaves.
-ORIGIN_KEY = "origin"
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_ROLE_ALIASES = {"developer": "system", "function": "tool"}
 SHAREGPT_ROLES = {

@@ -1,9 +1,8 @@
 """Where records come from: `data.sources` entries, the files they name, and reading those files line by line.
 
-A source entry is a path, a glob, a directory (its `*.jsonl`, `*.json`, `*.jsonl.gz` and `*.json.gz` files,
-sorted), or a mapping `{path, weight, max_samples, format, fields}`; `parse_sources` checks each one into a
-`SourceSpec` and names `data.sources[i]` in every error. Files are JSONL or a JSON array, either of them
-optionally gzip-compressed; a UTF-8 BOM is accepted.
+A source entry is checked into a `config.sources.SourceSpec` by the config schema; here its path becomes files:
+the file itself, a sorted glob, or a directory's `*.jsonl`, `*.json`, `*.jsonl.gz` and `*.json.gz` files. Files
+are JSONL or a JSON array, either of them optionally gzip-compressed; a UTF-8 BOM is accepted.
 
 Reading never hides a problem: `iter_records` yields each record with its line number, or a `DataFormatError`
 for a line that is not valid UTF-8 or JSON, so the caller either stops on it (`data.on_error=raise`) or counts
@@ -18,29 +17,13 @@ from __future__ import annotations
 import glob
 import gzip
 import json
-import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from config.sources import SourceSpec
+
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-FORMATS = ("auto", "chatml", "sharegpt", "alpaca", "prompt_completion")
-# The record keys a `fields` mapping may rename to, i.e. the canonical column names of every format.
-CANONICAL_FIELDS = (
-    "messages",
-    "tools",
-    "conversations",
-    "system",
-    "instruction",
-    "input",
-    "output",
-    "history",
-    "prompt",
-    "completion",
-)
-ON_ERROR_CHOICES = ("raise", "skip")
-SOURCE_KEYS = ("path", "weight", "max_samples", "format", "fields")
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -50,78 +33,6 @@ class DataFormatError(ValueError):
     def __init__(self, path: str | Path, line: int, problem: str, reason: str = "invalid_record") -> None:
         super().__init__(f"{path}:{line}: {problem}")
         self.path, self.line, self.problem, self.reason = str(path), line, problem, reason
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One checked `data.sources` entry.
-
-    Attributes:
-        path: a file, a glob or a directory.
-        weight: sampling weight; 2.5 keeps every record twice plus a seeded half of them once more, 0.5 keeps a
-            seeded half. Deterministic with the seed.
-        max_samples: keep at most this many valid records (the first ones, in file order) before weighting.
-        format: `auto` detects the format per record; any other value of `FORMATS` forces it.
-        fields: canonical column name -> the column name used by this source, e.g. `{"messages": "dialog"}`.
-    """
-
-    path: str
-    weight: float = 1.0
-    max_samples: int | None = None
-    format: str = "auto"
-    fields: dict[str, str] = field(default_factory=dict)
-
-    def as_key(self) -> dict[str, Any]:
-        """Everything that changes what this source contributes, for the cache fingerprint."""
-        return {
-            "weight": self.weight,
-            "max_samples": self.max_samples,
-            "format": self.format,
-            "fields": dict(sorted(self.fields.items())),
-        }
-
-
-def parse_sources(entries: list[Any]) -> list[SourceSpec]:
-    """Check every `data.sources` entry and normalise it into a `SourceSpec`.
-
-    Raises:
-        ValueError: an entry of the wrong type or with a bad option, naming `data.sources[i]`.
-    """
-    return [_parse_source(index, entry) for index, entry in enumerate(entries)]
-
-
-def _parse_source(index: int, entry: Any) -> SourceSpec:
-    where = f"data.sources[{index}]"
-    if isinstance(entry, (str, Path)):
-        return SourceSpec(path=str(entry))
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: expected a path or a mapping with 'path', got {type(entry).__name__}")
-    entry = dict(entry)
-    unknown = sorted(set(entry) - set(SOURCE_KEYS))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {list(SOURCE_KEYS)}")
-    path = entry.get("path")
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}.path: a file, glob or directory is required, got {path!r}")
-    weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-        raise ValueError(f"{where}.weight={weight!r} must be a number > 0 (remove the source to drop it)")
-    max_samples = entry.get("max_samples")
-    if max_samples is not None and (type(max_samples) is not int or max_samples < 1):
-        raise ValueError(f"{where}.max_samples={max_samples!r} must be an integer >= 1 or null")
-    record_format = entry.get("format") or "auto"
-    if record_format not in FORMATS:
-        raise ValueError(f"{where}.format={record_format!r} is not one of {list(FORMATS)}")
-    fields = entry.get("fields") or {}
-    if not isinstance(fields, Mapping):
-        raise ValueError(f"{where}.fields: expected a mapping canonical name -> column name, got {fields!r}")
-    fields = dict(fields)
-    for canonical, column in fields.items():
-        if canonical not in CANONICAL_FIELDS:
-            raise ValueError(f"{where}.fields: {canonical!r} is not a canonical field; use one of {CANONICAL_FIELDS}")
-        if not isinstance(column, str) or not column:
-            raise ValueError(f"{where}.fields.{canonical}: the source column name must be a string, got {column!r}")
-    return SourceSpec(path, float(weight), max_samples, record_format, fields)
 
 
 def resolve_files(spec: SourceSpec, index: int) -> list[Path]:
@@ -150,13 +61,13 @@ def resolve_files(spec: SourceSpec, index: int) -> list[Path]:
     )
 
 
-def check_source_paths(entries: list[Any]) -> list[Path]:
-    """Every source must parse and name existing files before anything expensive starts.
+def check_source_paths(specs: list[SourceSpec]) -> list[Path]:
+    """Every source must name existing files before anything expensive starts.
 
     Returns:
         All files, in source order.
     """
-    return [file for index, spec in enumerate(parse_sources(entries)) for file in resolve_files(spec, index)]
+    return [file for index, spec in enumerate(specs) for file in resolve_files(spec, index)]
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:

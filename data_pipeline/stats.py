@@ -4,12 +4,13 @@ For every source `kept + sum(dropped.values()) == records`: each record read end
 counted reason (a broken line, a bad record, `max_samples`, down-sampling by `weight`, no trainable token left).
 `tokens` and `trainable_tokens` count the kept records once; `samples` counts the training and validation rows
 the source gives after up-sampling by `weight`. `dropped_columns` counts, per column name, the records whose
-column was not part of their format.
+column was not part of their format. `source_metric_names` names each source in per-source metric keys.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,18 @@ class DatasetStats:
         data = json.loads((Path(directory) / STATS_FILE).read_text(encoding="utf-8"))
         sources = {name: SourceStats(**values) for name, values in data.pop("sources").items()}
         return cls(sources=sources, **data)
+
+
+def source_metric_names(source_names: Sequence[str]) -> list[str]:
+    """Short unique names for metric keys: each file's stem (`data/chat.jsonl.gz` -> `chat`).
+
+    A stem shared by several files gets its parent directory's name in front (`a_train`, `b_train`), and a
+    name still shared gets its source index behind.
+    """
+    paths = [Path(name) for name in source_names]
+    stems = [Path(path.name.removesuffix(".gz")).stem for path in paths]
+    names = [
+        stem if stems.count(stem) == 1 else f"{path.parent.name}_{stem}"
+        for path, stem in zip(paths, stems, strict=True)
+    ]
+    return [name if names.count(name) == 1 else f"{name}_{index}" for index, name in enumerate(names)]

@@ -31,10 +31,9 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.schema import MESSAGES_KEY, TOOLS_KEY, TRAIN_KEY
-from dft.loss import IGNORE_INDEX
 
-INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY = "input_ids", "attention_mask", "labels"
 NUM_TRAINABLE_KEY, TRUNCATED_KEY = "num_trainable_tokens", "truncated"
 CONVERSATION_KEY = "conversation"
 TOKENIZED_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY, NUM_TRAINABLE_KEY, TRUNCATED_KEY)

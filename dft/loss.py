@@ -24,10 +24,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-# The columns of `DFTStats.group_sums`: `sum_weighted_nll` is the group's `sum_t w_t * CE_t`, its share of the
-# loss before the division by `N`.
-GROUP_SUM_COLUMNS = ("sum_p_correct", "sum_nll", "sum_weighted_nll", "num_tokens")
+from config.schema import LossConfig
+from core.keys import IGNORE_INDEX
+from core.metric_sums import GROUP_SUM_COLUMNS
 
 
 class DFTStats(NamedTuple):
@@ -239,7 +238,7 @@ def fused_dft_loss(
     alpha: float,
     ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = LossConfig.chunk_size,
     logit_softcap: float | None = None,
     lm_head_bias: torch.Tensor | None = None,
     token_groups: torch.Tensor | None = None,

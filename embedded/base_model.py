@@ -19,19 +19,17 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
+from core.files import build_once
+from embedded.paths import EMBEDDED_PREFIX, TOKENIZER_DIR
 from embedded.tasks import sample_dialogue
 
-EMBEDDED_PREFIX = "embedded:"
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 # Bump when the recipe below changes in a way its fields do not capture.
 RECIPE_VERSION = 1
 
@@ -56,10 +54,6 @@ class BaseModelRecipe:
 RECIPES = {"tiny-qwen2": BaseModelRecipe()}
 
 
-def is_embedded(name_or_path: str) -> bool:
-    return name_or_path.startswith(EMBEDDED_PREFIX)
-
-
 def _fingerprint(recipe: BaseModelRecipe) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"recipe": asdict(recipe), "version": RECIPE_VERSION}, sort_keys=True).encode())
@@ -77,22 +71,12 @@ def resolve_embedded_model(name_or_path: str, cache_dir: str | Path) -> Path:
             f"choose one of {[EMBEDDED_PREFIX + n for n in RECIPES]}"
         )
     recipe = RECIPES[name]
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"{name}-{_fingerprint(recipe)}"
-    if (target / "config.json").exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").exists():
-            return target
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _build(recipe, tmp)
-        tmp.rename(target)
+    target = Path(cache_dir) / f"{name}-{_fingerprint(recipe)}"
+    build_once(target, lambda directory: _build(recipe, directory, target))
     return target
 
 
-def _build(recipe: BaseModelRecipe, out_dir: Path) -> None:
+def _build(recipe: BaseModelRecipe, out_dir: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(recipe.seed)
     config = Qwen2Config(
@@ -114,7 +98,7 @@ def _build(recipe: BaseModelRecipe, out_dir: Path) -> None:
         "Building embedded base model (%d parameters): %d cross-entropy pre-training steps, once; cached at %s",
         n_params,
         recipe.pretrain_steps,
-        out_dir.with_name(out_dir.name.removesuffix(".tmp")),
+        target,
     )
     _pretrain(model, tokenizer, recipe)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
+from core.files import write_atomic
+from embedded.paths import SAMPLE_DIR, TOKENIZER_DIR
 from embedded.tasks import Message, follow_up, reversal, rotation, sample_dialogue, to_alpaca
 from embedded.tokenizer import save_tokenizer, train_tokenizer
-from launcher.artifacts import write_atomic
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DIR = REPO_ROOT / "data" / "sample"
-TOKENIZER_DIR = REPO_ROOT / "embedded" / "assets" / "tokenizer"
 
 HELDOUT_PER_TASK = 20
 CHAT_SAMPLES = 2400

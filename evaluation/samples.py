@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dft.loss import IGNORE_INDEX
+from core.keys import IGNORE_INDEX
 from evaluation.heldout import greedy_reply
 
 

@@ -14,7 +14,7 @@
 #   SHUTDOWN_TIMEOUT  seconds torchrun gives its ranks, after forwarding a SIGUSR1/SIGTERM, to save a checkpoint
 #                and exit before it kills them (default 300; keep it under Slurm's signal lead time)
 # Arguments: Hydra overrides for train.py.
-# The config is checked first on every node (python -m launcher.check: paths, and a resume against the
+# The config is checked first on every node (python -m cluster.check: paths, and a resume against the
 # world size NNODES x NUM_GPUS): a problem exits 2 before any rank starts.
 #
 # Example (2 nodes of 8 GPUs):
@@ -34,15 +34,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 if [[ -n "$HOSTFILE" ]]; then
   # The world size is the hostfile's slot count: DeepSpeed checks a resume against it in train.py.
-  "$PYTHON" -m launcher.check "$@"
+  "$PYTHON" -m cluster.check "$@"
   exec "$PYTHON" -m deepspeed.launcher.runner --hostfile="$HOSTFILE" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
 fi
 setup_ranks_per_node
 # Each node checks the paths as it sees them (a shared filesystem that is not mounted shows up here).
-"$PYTHON" -m launcher.check --world-size $(( NNODES * NUM_GPUS )) "$@"
+"$PYTHON" -m cluster.check --world-size $(( NNODES * NUM_GPUS )) "$@"
 # torchrun forwards only TERM, INT, HUP and QUIT by default, and SIGUSR1 (Slurm's warning before the time
-# limit) would kill it outright: forward it too, then wait for the ranks' checkpoint (launcher/resilience.py).
+# limit) would kill it outright: forward it too, then wait for the ranks' checkpoint (cluster/resilience.py).
 # torchrun then exits 1 with a SignalException traceback: the ranks' 75 is in <output_dir>/preempted.json.
 # Under Slurm this chain is tested end to end: tests/launch/test_slurm.py.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}

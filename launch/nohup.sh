@@ -2,7 +2,7 @@
 # Start a training run in the background, detached from the terminal: it survives logout, its output
 # goes to logs/<run>-<timestamp>.log, its process id to logs/<run>-<timestamp>.pid, and when it ends its
 # exit status to logs/<run>-<timestamp>.exit (0: finished; 143: stopped by kill; no file: still running).
-# The config is checked first, on the terminal (python -m launcher.check): a bad path exits 2, nothing starts.
+# The config is checked first, on the terminal (python -m cluster.check): a bad path exits 2, nothing starts.
 #
 # Variables (and REPO_DIR, PYTHON of launch/env.sh):
 #   RUN_NAME  prefix of the log and PID files (default train)
@@ -29,7 +29,7 @@ case "$LAUNCHER" in
   *) echo "LAUNCHER=$LAUNCHER: expected python or single_node" >&2; exit 2 ;;
 esac
 # A bad path fails here, on the terminal, rather than in the detached run's log (exit 2 with the problems).
-"$PYTHON" -m launcher.check "${check[@]}" "$@"
+"$PYTHON" -m cluster.check "${check[@]}" "$@"
 
 mkdir -p "$LOG_DIR"
 stem="$(cd "$LOG_DIR" && pwd)/$RUN_NAME-$(date +%Y%m%d-%H%M%S)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on one node: NUM_GPUS ranks under the DeepSpeed launcher. On a node without GPUs DeepSpeed's
 # CPU accelerator runs NUM_GPUS CPU ranks over gloo (a laptop check of a multi-rank setup).
-# The config is checked first (python -m launcher.check): a bad path exits 2 before any rank starts.
+# The config is checked first (python -m cluster.check): a bad path exits 2 before any rank starts.
 #
 # Variables (and those of launch/env.sh: REPO_DIR, PYTHON, NUM_GPUS, CPU_THREADS_PER_RANK):
 #   MASTER_PORT  rendezvous port (default 29500); give each concurrent job on a node its own
@@ -17,6 +17,6 @@ MASTER_PORT=${MASTER_PORT:-29500}
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 setup_ranks_per_node
 # Every path the config names, and a resume against this world size, before any rank starts (exit 2).
-"$PYTHON" -m launcher.check --world-size "$NUM_GPUS" "$@"
+"$PYTHON" -m cluster.check --world-size "$NUM_GPUS" "$@"
 
 exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus="$NUM_GPUS" --master_port="$MASTER_PORT" train.py "$@"

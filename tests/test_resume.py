@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.checkpoints import LATEST_MARKER, STAGING_DIR, STALL_MESSAGE, STALL_SAVE_ENV, checkpoint_problem
+from cluster.checkpoints import LATEST_MARKER, STAGING_DIR, STALL_MESSAGE, STALL_SAVE_ENV, checkpoint_problem
 from tests.launch.conftest import (
     COMPARABLE_RUN,
     LAST_STEP,

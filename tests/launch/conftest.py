@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from launcher.artifacts import METRICS_FILE, read_metrics
-from launcher.checkpoints import TRAINER_STATE_FILE
+from cluster.checkpoints import TRAINER_STATE_FILE
 from launcher.config import ModelConfig
 from launcher.model import resolve_model_path
 

@@ -1,4 +1,4 @@
-"""launcher.check: every path the config names is checked before ranks spawn, every problem listed at once.
+"""cluster.check: every path the config names is checked before ranks spawn, every problem listed at once.
 
 In process for the CLI itself; then through launch/single_node.sh and launch/nohup.sh, which must stop
 with status 2 and the key and path of the problem, without starting the DeepSpeed launcher or a run.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.check import EXIT_PROBLEMS, main
+from cluster.check import EXIT_PROBLEMS, main
 from tests.launch.conftest import LAUNCH_DIR, REPO_ROOT
 from tests.launch.test_checkpoints import make_checkpoint
 

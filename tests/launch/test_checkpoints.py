@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from launcher.checkpoints import (
+from cluster.checkpoints import (
     LATEST_MARKER,
     MANIFEST_FILE,
     STAGING_DIR,
@@ -89,7 +89,7 @@ def test_legacy_checkpoint_without_manifest_is_accepted_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, weights: str
 ) -> None:
     make_checkpoint(tmp_path, 3, weights=weights, manifest=False)
-    with caplog.at_level(logging.INFO, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-3")
     assert any(f"has no {MANIFEST_FILE}" in w for w in warnings_of(caplog)), caplog.text
 
@@ -98,7 +98,7 @@ def test_checkpoint_with_a_matching_manifest_is_accepted_silently(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_checkpoint(tmp_path, 3, weights="global_step", world_size=2, zero_stage=3)
-    with caplog.at_level(logging.INFO, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-3")
     assert not warnings_of(caplog)
 
@@ -109,7 +109,7 @@ def test_auto_skips_legacy_checkpoints_missing_state_or_weights(
     make_checkpoint(tmp_path, 4)
     no_state = make_checkpoint(tmp_path, 8, state=False, manifest=False)
     no_weights = make_checkpoint(tmp_path, 12, weights=None, manifest=False)
-    with caplog.at_level(logging.INFO, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
     warnings = warnings_of(caplog)
     assert len(warnings) == 2, warnings
@@ -149,7 +149,7 @@ def test_auto_skips_a_checkpoint_that_does_not_match_its_manifest(
     make_checkpoint(tmp_path, 4, weights=weights, world_size=2)
     damaged = make_checkpoint(tmp_path, 8, weights=weights, world_size=2)
     damage(damaged)
-    with caplog.at_level(logging.INFO, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
     warnings = warnings_of(caplog)
     assert len(warnings) == 1 and f"Skipping incomplete checkpoint {damaged}" in warnings[0], warnings
@@ -159,7 +159,7 @@ def test_auto_skips_a_checkpoint_that_does_not_match_its_manifest(
 def test_auto_ignores_a_save_in_staging_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_checkpoint(tmp_path, 4)
     partial = make_checkpoint(tmp_path / STAGING_DIR, 8, manifest=False)  # every file there but the manifest
-    with caplog.at_level(logging.INFO, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
     assert any(f"Ignoring {partial}: a checkpoint save that did not finish" in w for w in warnings_of(caplog))
 
@@ -173,7 +173,7 @@ def test_auto_without_a_complete_checkpoint_starts_fresh(
         output_dir.mkdir()
     if layout == "only incomplete":
         make_checkpoint(output_dir, 5, state=False, manifest=False)
-    with caplog.at_level(logging.INFO, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint("auto", output_dir) is None
     assert "starting fresh" in caplog.text
 
@@ -198,7 +198,7 @@ def test_explicit_file_path_fails(tmp_path: Path) -> None:
 
 def test_explicit_incomplete_path_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     checkpoint = make_checkpoint(tmp_path, 2, weights=None, manifest=False)
-    with caplog.at_level(logging.WARNING, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="cluster.checkpoints"):
         assert resolve_resume_checkpoint(str(checkpoint), tmp_path) == str(checkpoint)
     assert "looks incomplete" in caplog.text and "model weights" in caplog.text
 
@@ -264,7 +264,7 @@ def test_plain_checkpoint_resumes_on_another_world_size_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     checkpoint = make_checkpoint(tmp_path, 4, world_size=1)
-    with caplog.at_level(logging.WARNING, logger="launcher.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="cluster.checkpoints"):
         check_resume_compatible(str(checkpoint), 2, None)
     assert "saved by 1 rank(s), this run has 2" in caplog.text and "gradient_accumulation_steps x ranks" in caplog.text
 

@@ -31,7 +31,7 @@ def start(run_name: str, log_dir: Path, launch_env: dict[str, str], *overrides: 
     output = run_script(
         [str(LAUNCH_DIR / "nohup.sh"), *overrides],
         env={**launch_env, "RUN_NAME": run_name, "LOG_DIR": str(log_dir)},
-        timeout=120,  # launcher.check runs in the foreground first: imports torch, slow on a loaded machine
+        timeout=120,  # cluster.check runs in the foreground first: imports torch, slow on a loaded machine
         log_dirs=[log_dir],
     )
     follow = re.search(r"tail -f (\S+)", output)
@@ -70,7 +70,7 @@ def test_background_run_log_grows_then_exit_status_is_recorded(tmp_path: Path, l
 
 
 def test_failed_background_run_records_its_exit_status(tmp_path: Path, launch_env) -> None:
-    # A failure launcher.check cannot see up front: the run starts, then stops on its first non-finite step.
+    # A failure cluster.check cannot see up front: the run starts, then stops on its first non-finite step.
     overrides = ["debug=quick", NO_HELDOUT, f"output_dir={tmp_path / 'run'}"]
     nonfinite = ["resilience.inject_nonfinite_at_steps=[1]", "resilience.max_consecutive_nonfinite=1"]
     log = start("broken", tmp_path, launch_env, *overrides, *nonfinite)

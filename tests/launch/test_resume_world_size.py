@@ -2,7 +2,7 @@
 
 ZeRO shards the optimizer state over the ranks that saved it, and DeepSpeed cannot re-shard it when it
 loads: the 2-rank ZeRO-3 checkpoint of `zero3_deepspeed_run` resumed on 1 rank must fail before any rank
-is spawned (launch/single_node.sh runs `launcher.check`) and, launched without that script, before
+is spawned (launch/single_node.sh runs `cluster.check`) and, launched without that script, before
 train.py loads the model, with a message that says what to do. A DDP (or single-process) checkpoint
 holds the whole optimizer state: saved by 1 rank and resumed on 2 with the same global batch, the run
 continues as if it had never stopped.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.checkpoints import LATEST_MARKER, MANIFEST_FILE, STAGING_DIR, ZERO_SHARD_PATTERN, checkpoint_problem
+from cluster.checkpoints import LATEST_MARKER, MANIFEST_FILE, STAGING_DIR, ZERO_SHARD_PATTERN, checkpoint_problem
 from tests.launch.conftest import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from launcher.artifacts import METRICS_FILE
-from launcher.checkpoints import TRAINER_STATE_FILE
+from cluster.checkpoints import TRAINER_STATE_FILE
 from tests.launch.conftest import (
     LAUNCH_DIR,
     NO_HELDOUT,
@@ -179,7 +179,7 @@ def _wait_for(ready, what: str, root: Path) -> None:
 TIME_LIMIT_MIN = 60
 JOB_TIMEOUT_S = 240  # per run of a job: mostly start-up (35 s on 2 loaded cores), then 10-30 s of training
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-PREEMPTED_EXIT_CODE = 75  # launcher/resilience.py's, which slurm.sbatch passes on when it does not requeue
+PREEMPTED_EXIT_CODE = 75  # cluster/resilience.py's, which slurm.sbatch passes on when it does not requeue
 # Two ranks of one thread each, in Slurm and out of it: the same arithmetic in the same order.
 RANKS_ENV = {"NUM_GPUS": "2", "CPU_THREADS_PER_RANK": "1"}
 

@@ -26,7 +26,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import TrainingArguments
 
-from data_pipeline.sources import ON_ERROR_CHOICES, parse_sources
+from config.sources import ON_ERROR_CHOICES, SourceSpec, parse_sources
 
 _PRIMITIVES = (bool, int, float, str)
 
@@ -125,8 +125,9 @@ class DataConfig:
     """Share of samples held out for `eval_loss`/`eval_nll` (deterministic with `training.seed`)."""
     on_error: str = "raise"
     """A bad record: raise stops with `file:line: problem`; skip drops it and counts it per reason in stats.json."""
-    cache_dir: str = ".cache/datasets"
-    """Prepared datasets, one directory per fingerprint of the inputs (python -m data_pipeline.prepare)."""
+    cache_dir: Optional[str] = ".cache/datasets"
+    """Prepared datasets, one directory per fingerprint of the inputs (python -m data_pipeline.prepare); null
+    prepares in memory at every run."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""
@@ -145,7 +146,8 @@ class DataConfig:
                 )
         if len(self.sources) == 0:
             raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
-        parse_sources(self.sources)
+        # Parsed once per run; a bad entry fails here, naming data.sources[i]. Not a field: not a config key.
+        self.specs: list[SourceSpec] = parse_sources(self.sources)
         _check_choice("data.on_error", self.on_error, ON_ERROR_CHOICES)
         if self.max_length < 8:
             raise ValueError(f"data.max_length={self.max_length} is too small (at least 8 tokens)")
@@ -218,7 +220,7 @@ SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 class ResilienceConfig:
     signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
     """Signals that preempt the run: every rank stops at the next step boundary, a checkpoint is saved and the
-    process exits with status 75 (see launcher/resilience.py). Slurm sends SIGUSR1 ahead of the time limit
+    process exits with status 75 (see cluster/resilience.py). Slurm sends SIGUSR1 ahead of the time limit
     (launch/slurm.sbatch) and SIGTERM on preemption or scancel."""
     max_consecutive_nonfinite: int = 5
     """Optimizer steps in a row skipped for a non-finite loss or gradient before the run stops with a checkpoint."""

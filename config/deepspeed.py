@@ -1,20 +1,21 @@
-"""Checks that run before anything heavy starts.
+"""The DeepSpeed JSON a run names (`deepspeed.config`): checked before anything heavy starts, and its ZeRO stage.
 
-A bad setup should fail in the first second with the file, the key and the fix,
-not after every rank has loaded the model or, worse, after training has saved
-weights nobody can load.
+A bad file should fail in the first second with the file, the key and the fix, not after every rank has loaded
+the model or, worse, after training has saved weights nobody can load. Every reader of the ZeRO stage (the
+start-up banner, the resume compatibility check) asks `zero_stage`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 ZERO3_GATHER_ON_SAVE_KEY = "stage3_gather_16bit_weights_on_model_save"
 
 
-def check_deepspeed_config(path: str | Path | None) -> None:
-    """Refuse a DeepSpeed JSON that is missing, malformed, or would save empty ZeRO-3 weights.
+def check_deepspeed_config(path: str | Path | None) -> dict[str, Any] | None:
+    """Read a DeepSpeed JSON, refusing one that is missing, malformed, or would save empty ZeRO-3 weights.
 
     Under ZeRO-3 each rank holds only a shard of every parameter; unless the JSON sets
     `zero_optimization.stage3_gather_16bit_weights_on_model_save: true`, the Trainer saves
@@ -23,11 +24,14 @@ def check_deepspeed_config(path: str | Path | None) -> None:
     Args:
         path: the file named by `deepspeed.config`; None (no DeepSpeed) passes.
 
+    Returns:
+        The parsed JSON, or None without DeepSpeed.
+
     Raises:
         ValueError: naming the file, what is wrong and the fix.
     """
     if path is None:
-        return
+        return None
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -53,3 +57,13 @@ def check_deepspeed_config(path: str | Path | None) -> None:
             f"saves empty weights (each rank holds only a shard); set "
             f'"{ZERO3_GATHER_ON_SAVE_KEY}": true under "zero_optimization"'
         )
+    return config
+
+
+def zero_stage(deepspeed_config: str | Path | dict[str, Any] | None) -> int | None:
+    """The ZeRO stage a DeepSpeed config (its path or its parsed JSON) asks for: 0 when it has none, None without
+    DeepSpeed."""
+    if not deepspeed_config:
+        return None
+    config = deepspeed_config if isinstance(deepspeed_config, dict) else check_deepspeed_config(deepspeed_config)
+    return int((config.get("zero_optimization") or {}).get("stage", 0))

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments
 
-from launcher.artifacts import read_metrics
-from launcher.config import RunConfig
-
-
-def _zero_stage(deepspeed_config: Any) -> str:
-    if not deepspeed_config:
-        return "none (DDP or single process)"
-    config = deepspeed_config if isinstance(deepspeed_config, dict) else json.loads(Path(deepspeed_config).read_text())
-    return str(config.get("zero_optimization", {}).get("stage", 0))
+from config.deepspeed import zero_stage
+from config.schema import RunConfig
+from observability.artifacts import read_metrics
 
 
 def startup_banner(
@@ -33,11 +25,12 @@ def startup_banner(
     mean_tokens = sum(len(ids) for ids in train_set["input_ids"]) / max(len(train_set), 1)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    stage = zero_stage(args.deepspeed)
     rows = [
         ("world size", f"{args.world_size} ({device})"),
         ("model", f"{run.model.name_or_path} ({model.config.model_type})"),
         ("attention", str(model.config._attn_implementation)),
-        ("ZeRO stage", _zero_stage(args.deepspeed)),
+        ("ZeRO stage", "none (DDP or single process)" if stage is None else str(stage)),
         ("precision", precision),
         ("loss", f"{run.loss.type} (alpha {run.loss.alpha})" if run.loss.type == "dft" else run.loss.type),
         ("samples", f"train {len(train_set)}, validation {len(validation_set) if validation_set is not None else 0}"),

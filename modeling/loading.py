@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from embedded.base_model import TOKENIZER_DIR, is_embedded, resolve_embedded_model
-from launcher.config import ModelConfig
+from config.schema import ModelConfig
+from embedded.base_model import resolve_embedded_model
+from embedded.paths import TOKENIZER_DIR, is_embedded
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
-"""Check a run's config before any rank starts: `python -m launcher.check [--world-size N] <overrides>`.
+"""Check a run's config before any rank starts: `python -m cluster.check [--world-size N] <overrides>`.
 
 The launch scripts run it first, so a typo in a path fails in seconds, on the login node's terminal,
 with every problem listed at once, instead of once per rank after the ranks have started (or, for a
 held-out file, after training). It composes the config exactly as `train.py` does (Hydra, then the
 typed schema, which rejects unknown keys and wrong types), then checks every path the config names:
 each `data.sources[i]` resolves to files, `heldout.file` exists, `deepspeed.config` is a usable
-DeepSpeed JSON (launcher/preflight.py), `model.name_or_path` and `model.tokenizer_name_or_path` exist
+DeepSpeed JSON (config/deepspeed.py), `model.name_or_path` and `model.tokenizer_name_or_path` exist
 when they are local paths, an explicit `training.resume_from_checkpoint` is a directory, and
 `output_dir` can be created. With `--world-size`, the checkpoint a resume would load is checked
-against it (launcher/checkpoints.py: a ZeRO checkpoint resumes only on the world size that saved it).
+against it (cluster/resume.py: a ZeRO checkpoint resumes only on the world size that saved it).
 
 Exit status: 0 when the config passes, 2 with one line per problem (the config key first) otherwise.
 Hydra flags (`--config-name`, `-m`, ...) are not understood here: the check then steps aside (status 0)
@@ -27,14 +27,14 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.sources import parse_sources, resolve_files
-from launcher.checkpoints import check_resume_compatible, resolve_resume_checkpoint
-from launcher.config import RunConfig, load_run_config
-from launcher.preflight import check_deepspeed_config
+from cluster.resume import check_resume_compatible, resolve_resume_checkpoint
+from config.deepspeed import check_deepspeed_config
+from config.schema import RunConfig, load_run_config
+from data_pipeline.sources import resolve_files
+from embedded.paths import EMBEDDED_PREFIX
 
 EXIT_PROBLEMS = 2
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
-EMBEDDED_PREFIX = "embedded:"  # embedded/base_model.py's: importing it loads the model stack
 
 
 def _local_model_problem(key: str, value: str | None) -> str | None:
@@ -77,8 +77,7 @@ def config_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
         run: the typed config, as `train.py` builds it.
         world_size: the ranks the launcher will start; None skips the resume world-size check.
     """
-    # The schema has parsed the sources already: parse_sources cannot fail here.
-    problems = [_failure(resolve_files, spec, index) for index, spec in enumerate(parse_sources(run.data.sources))]
+    problems = [_failure(resolve_files, spec, index) for index, spec in enumerate(run.data.specs)]
     if run.heldout.file is not None and not Path(run.heldout.file).is_file():
         problems.append(
             f"heldout.file: no such file '{run.heldout.file}' (relative paths start at the launch directory "
@@ -101,14 +100,14 @@ def config_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Check the config the overrides compose; print the problems. Returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m launcher.check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.check", description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, help="ranks the launcher will start (checks a resume against it)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for train.py")
     args, flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     # Only real problems reach the terminal: train.py logs the resume choice again, with its warnings.
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     if flags:
-        print(f"launcher.check: skipped, Hydra flags {flags} are left to train.py", file=sys.stderr)  # noqa: T201
+        print(f"cluster.check: skipped, Hydra flags {flags} are left to train.py", file=sys.stderr)  # noqa: T201
         return 0
     try:
         run = load_run_config(args.overrides)
@@ -118,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         problems = config_problems(run, args.world_size)
     if problems:
-        print(f"launcher.check: {len(problems)} problem(s) in the run config:", file=sys.stderr)  # noqa: T201
+        print(f"cluster.check: {len(problems)} problem(s) in the run config:", file=sys.stderr)  # noqa: T201
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)  # noqa: T201
         return EXIT_PROBLEMS
-    print("launcher.check: config and paths OK", file=sys.stderr)  # noqa: T201
+    print("cluster.check: config and paths OK", file=sys.stderr)  # noqa: T201
     return 0
 
 

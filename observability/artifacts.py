@@ -13,12 +13,13 @@ import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from core.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,6 @@ def redact_secrets(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_secrets(item) for item in value]
     return value
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    tmp.replace(path)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:

@@ -42,8 +42,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import ModelOutput
 
-from launcher.config import ResilienceConfig
-from launcher.distributed import get_rank
+from config.schema import ResilienceConfig
+from core.ranks import get_rank
 
 logger = logging.getLogger(__name__)
 

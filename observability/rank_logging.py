@@ -1,4 +1,4 @@
-"""Rank-aware logging and the few distributed helpers the entry point needs.
+"""Rank-aware logging: one readable console for many ranks, and every rank's full log in a file.
 
 Rank 0 logs INFO to the console; other ranks log WARNING and above, prefixed
 with their rank, so eight ranks do not print eight copies of every line.
@@ -9,38 +9,14 @@ process group exists the rank is read from the launcher's `RANK` variable.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 import transformers
 
+from core.ranks import get_rank
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def get_rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_rank_zero() -> bool:
-    return get_rank() == 0
-
-
-def accept_launcher_local_rank() -> None:
-    """Move the deepspeed launcher's `--local_rank=N` into `LOCAL_RANK`: Hydra rejects unknown flags."""
-    kept = []
-    args = iter(sys.argv[1:])
-    for arg in args:
-        if arg.startswith("--local_rank="):
-            os.environ["LOCAL_RANK"] = arg.split("=", 1)[1]
-        elif arg == "--local_rank":
-            os.environ["LOCAL_RANK"] = next(args)
-        else:
-            kept.append(arg)
-    sys.argv[1:] = kept
 
 
 def setup_logging(output_dir: str | Path) -> Path:
@@ -72,10 +48,3 @@ def setup_logging(output_dir: str | Path) -> Path:
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     return log_path
-
-
-def teardown() -> None:
-    """Barrier then destroy: exiting without it aborted about one run in twelve (see shared FACTS)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

@@ -16,7 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback, WandbCallback
 
-from launcher.config import RunConfig
+from config.schema import RunConfig
 
 
 def tracker_callbacks(run: RunConfig, run_config: dict[str, Any]) -> list[TrainerCallback]:

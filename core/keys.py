@@ -1,0 +1,20 @@
+"""Column and batch key names shared by the data side, the loss and evaluation, so that none imports another for them.
+
+The data pipeline writes these columns and batch keys; the Trainer pops the sample keys before the model call.
+"""
+
+from __future__ import annotations
+
+# Label of a position that is not trained (padding, prompts, truncated turns): the value the Hugging Face
+# losses and collators already ignore.
+IGNORE_INDEX = -100
+
+# Model inputs of a prepared sample.
+INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY = "input_ids", "attention_mask", "labels"
+# Carried beside the model inputs in the prepared data: which source (its index in `stats.sources`, the order of
+# `data.sources`) and which record (`file:line`) each sample is.
+SOURCE_ID_KEY, ORIGIN_KEY = "source_id", "origin"
+# Batch keys beside the model inputs (written by the collator, popped before the model call): per-token source
+# ids shaped like `labels`, and each sample's `file:line` as a list of str.
+SOURCE_IDS_KEY, ORIGINS_KEY = "source_ids", "origins"
+SAMPLE_BATCH_KEYS = (SOURCE_IDS_KEY, ORIGINS_KEY)
