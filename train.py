@@ -12,18 +12,15 @@ The recipe: typed config -> logging -> model path and tokenizer -> held-out base
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
 import hydra
-import torch
 from datasets import Dataset
 from omegaconf import DictConfig, OmegaConf
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from cluster.atomic_save import AtomicCheckpointMixin
@@ -32,14 +29,14 @@ from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
 from cluster.resume import check_resume_compatible, resolve_resume_checkpoint
 from config.deepspeed import check_deepspeed_config
-from config.schema import RunConfig, register_configs, to_run_config
+from config.schema import RunConfig, register_configs, to_run_config, to_training_arguments
 from config.sources import SourceSpec
 from core.files import write_atomic
 from core.keys import IGNORE_INDEX
 from core.ranks import is_rank_zero, launch_world_size
 from data_pipeline.collate import SampleIdCollator
-from data_pipeline.loader import TokenBudgetLoaderMixin
-from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, sample_lengths
+from data_pipeline.loader import TokenBudgetLoaderMixin, token_budget_sampler
+from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
@@ -104,12 +101,7 @@ def main(cfg: DictConfig) -> None:
     tokenizer = load_tokenizer(run.model, model_path)
     before = heldout_eval(run, *plain_copy(run, model_path)) if run.heldout.file and is_rank_zero() else None
 
-    training_kwargs = dataclasses.asdict(run.training)
-    if not torch.cuda.is_available():
-        training_kwargs["use_cpu"] = True  # the Trainer refuses bf16 on a GPU-less machine otherwise
-    if training_kwargs["disable_tqdm"] is None and not sys.stdout.isatty():
-        training_kwargs["disable_tqdm"] = True  # nohup/Slurm logs: plain lines that `tail -f` can read
-    training_args = TrainingArguments(**training_kwargs)
+    training_args = to_training_arguments(run.training)
     # Catches preemption signals from here on; names a skipped step's samples once the trainer exists.
     resilience = ResilienceCallback(run.resilience, step_origins=lambda: trainer.step_origins)
     if training_args.deepspeed:
@@ -120,10 +112,7 @@ def main(cfg: DictConfig) -> None:
         logger.info("Data:\n%s", data_stats.summary())
 
         model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
-        token_budget = None
-        if run.data.packing_max_tokens is not None:
-            seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
-            token_budget = TokenBudgetBatchSampler(sample_lengths(train_set), run.data.packing_max_tokens, seed)
+        data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
         trainer = SFTTrainer(
             model=model,
             args=training_args,
@@ -138,7 +127,7 @@ def main(cfg: DictConfig) -> None:
             callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config), resilience],
             loss=run.loss,
             source_keys=source_metric_names(list(data_stats.sources)),
-            train_batch_sampler=token_budget,
+            train_batch_sampler=token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed),
         )
         use_readable_progress(trainer)
         logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))

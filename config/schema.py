@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -296,3 +298,14 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
         child_schema = hints[key]
         if dataclasses.is_dataclass(child_schema) and isinstance(node[key], DictConfig):
             _reject_unknown_keys(node[key], child_schema, prefix=f"{prefix}{key}.")
+
+
+def to_training_arguments(training: TrainingConfig) -> TrainingArguments:
+    """`training.*` as the Trainer's arguments, with the two values a machine decides: CPU-only training where
+    there is no GPU, and no tqdm bar where stdout is not a terminal (unless `training.disable_tqdm` is set)."""
+    kwargs = dataclasses.asdict(training)
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # the Trainer refuses bf16 on a GPU-less machine otherwise
+    if kwargs["disable_tqdm"] is None and not sys.stdout.isatty():
+        kwargs["disable_tqdm"] = True  # nohup/Slurm logs: plain lines that `tail -f` can read
+    return TrainingArguments(**kwargs)

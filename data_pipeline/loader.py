@@ -16,9 +16,18 @@ import datasets
 import torch
 from transformers.trainer_utils import seed_worker
 
-from data_pipeline.packing import SamplerEpochCallback
+from data_pipeline.packing import SamplerEpochCallback, TokenBudgetBatchSampler, sample_lengths
 
 logger = logging.getLogger(__name__)
+
+
+def token_budget_sampler(
+    train_set: datasets.Dataset, max_tokens: int | None, seed: int
+) -> TokenBudgetBatchSampler | None:
+    """The sampler for `data.packing_max_tokens` (None when it is off), shuffled by `seed`."""
+    if max_tokens is None:
+        return None
+    return TokenBudgetBatchSampler(sample_lengths(train_set), max_tokens, seed)
 
 
 class TokenBudgetLoaderMixin:
