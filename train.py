@@ -40,10 +40,11 @@ from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
+from data_pipeline.templates import load_chat_tokenizer
 from dft.trainer import DFTTrainer
 from evaluation.heldout import HeldoutResult, evaluate_heldout, format_comparison, load_heldout
 from evaluation.samples import samples_markdown
-from modeling.loading import load_model, load_tokenizer, resolve_model_path
+from modeling.loading import load_model, resolve_model_path
 from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress
 from observability.banner import end_summary, startup_banner
 from observability.rank_logging import setup_logging
@@ -67,7 +68,7 @@ def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTo
 
 def plain_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """An unsharded copy for rank 0's generations, whatever the training sharding."""
-    return load_model(run.model, model_path, bf16=False, deepspeed=False), load_tokenizer(run.model, model_path)
+    return load_model(run.model, model_path, bf16=False, deepspeed=False), load_chat_tokenizer(run, model_path)
 
 
 def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: Dataset | None) -> None:
@@ -98,7 +99,7 @@ def main(cfg: DictConfig) -> None:
     check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
 
     model_path = resolve_model_path(run.model)
-    tokenizer = load_tokenizer(run.model, model_path)
+    tokenizer = load_chat_tokenizer(run, model_path)
     before = heldout_eval(run, *plain_copy(run, model_path)) if run.heldout.file and is_rank_zero() else None
 
     training_args = to_training_arguments(run.training)

@@ -31,6 +31,7 @@ from cluster.resume import check_resume_compatible, resolve_resume_checkpoint
 from config.deepspeed import check_deepspeed_config
 from config.schema import RunConfig, load_run_config
 from data_pipeline.sources import resolve_files
+from data_pipeline.templates import chat_template_path
 from embedded.paths import EMBEDDED_PREFIX
 
 EXIT_PROBLEMS = 2
@@ -83,6 +84,8 @@ def config_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
             f"heldout.file: no such file '{run.heldout.file}' (relative paths start at the launch directory "
             f"{Path.cwd()}); or heldout.file=null to skip the before/after comparison"
         )
+    if run.data.chat_template is not None:
+        problems.append(_failure(chat_template_path, run.data.chat_template))
     deepspeed_problem = _failure(check_deepspeed_config, run.deepspeed.config)
     problems.append(deepspeed_problem)
     problems.append(_local_model_problem("model.name_or_path", run.model.name_or_path))

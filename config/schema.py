@@ -130,6 +130,10 @@ class DataConfig:
     cache_dir: Optional[str] = ".cache/datasets"
     """Prepared datasets, one directory per fingerprint of the inputs (python -m data_pipeline.prepare); null
     prepares in memory at every run."""
+    chat_template: Optional[str] = None
+    """A Jinja file, or a template the project ships (`chatml`), to render dialogues with instead of the
+    tokenizer's own; saved with the model. null: the tokenizer's template, as the model ships it (with or without
+    `{% generation %}` markers: see data_pipeline/tokenize.py)."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""

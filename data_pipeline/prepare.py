@@ -45,14 +45,16 @@ from data_pipeline.cache import dataset_fingerprint
 from data_pipeline.schema import MESSAGES_KEY, TOOLS_KEY, to_canonical
 from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
 from data_pipeline.stats import DatasetStats, SourceStats
+from data_pipeline.templates import load_chat_tokenizer
 from data_pipeline.tokenize import (
     CONVERSATION_KEY,
     NUM_TRAINABLE_KEY,
     TRUNCATED_KEY,
+    UNTRAINED_TURNS_KEY,
     check_assistant_mask,
     tokenize_batch,
 )
-from modeling.loading import load_tokenizer, resolve_tokenizer_path
+from modeling.loading import resolve_tokenizer_path
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +364,7 @@ def _account(tokenized: Dataset, stats: DatasetStats) -> None:
     trainable = columns[NUM_TRAINABLE_KEY].to_numpy()
     truncated = columns[TRUNCATED_KEY].to_numpy(zero_copy_only=False)
     tokens = pc.list_value_length(columns[INPUT_IDS_KEY]).to_numpy()
+    untrained_turns = columns[UNTRAINED_TURNS_KEY].to_numpy()
     kept = trainable > 0
 
     def per_source(values: np.ndarray) -> list[int]:
@@ -375,9 +378,11 @@ def _account(tokenized: Dataset, stats: DatasetStats) -> None:
         per_source(np.where(kept, trainable, 0)),
         per_source(~kept & truncated),
         per_source(~kept & ~truncated),
+        per_source(untrained_turns),
         strict=True,
     )
-    for source, n_kept, n_truncated, n_tokens, n_trainable, empty_after_cut, empty in sums:
+    for source, n_kept, n_truncated, n_tokens, n_trainable, empty_after_cut, empty, n_untrained_turns in sums:
+        source.untrained_turns += n_untrained_turns
         source.kept += n_kept
         source.truncated += n_truncated
         source.tokens += n_tokens
@@ -396,7 +401,7 @@ def prepare_run(run: RunConfig) -> tuple[Path, bool, PreTrainedTokenizerBase]:
     Returns:
         The prepared directory, whether this call built it, and the run's tokenizer.
     """
-    tokenizer = load_tokenizer(run.model, resolve_tokenizer_path(run.model))
+    tokenizer = load_chat_tokenizer(run, resolve_tokenizer_path(run.model))
     directory, built = prepare_dataset(run.data, tokenizer, run.training.seed)
     return directory, built, tokenizer
 

@@ -30,6 +30,10 @@ class SourceStats:
     trainable_tokens: int = 0
     samples: int = 0
     dropped_columns: dict[str, int] = field(default_factory=dict)
+    untrained_turns: int = 0
+    """Assistant turns not trained because the chat template renders them differently once later turns follow
+    (Qwen3 drops earlier thinking) or moves text into the prompt (Mistral's system message); see
+    `data_pipeline.tokenize`."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -68,6 +72,11 @@ class DatasetStats:
             if s.dropped_columns:
                 dropped = ", ".join(f"{column} ({n})" for column, n in sorted(s.dropped_columns.items()))
                 lines.append(f"columns ignored in {name}: {dropped}")
+            if s.untrained_turns:
+                lines.append(
+                    f"assistant turns left untrained in {name}: {s.untrained_turns} (the chat template renders "
+                    "them differently once later turns follow)"
+                )
         lines.append(f"train samples: {self.train_samples}  validation samples: {self.validation_samples}")
         return "\n".join(lines)
 

@@ -1,10 +1,22 @@
 """Chat-template tokenisation with assistant-only labels.
 
-The loss mask comes from the tokenizer's own chat template: its `{% generation %}` markers give the character
-spans of the assistant replies, as in `apply_chat_template(..., return_assistant_tokens_mask=True)`, so every
-assistant turn of a multi-turn dialogue is trained (with its end-of-turn token) and nothing else is.
-`check_assistant_mask` runs the template on a probe dialogue at start-up and refuses a template whose mask is
-empty or does not cover exactly the assistant replies, rather than training on nothing.
+The loss mask comes from the tokenizer's own chat template, as the model's authors shipped it, in one of two ways:
+
+- With `{% generation %}` markers (the embedded tokenizer's template), the markers give the character spans of
+  the assistant replies, as in `apply_chat_template(..., return_assistant_tokens_mask=True)`.
+- Without them (the templates Qwen2.5, Qwen3, Llama 3, Mistral, Gemma, DeepSeek and Phi ship), each assistant
+  turn's span is derived from the template by prefix rendering: the dialogue up to the turn with the
+  generation prompt (`add_generation_prompt=True`) is the prompt the model sees, the dialogue up to and with the
+  turn adds exactly what the model must generate: the reply (tool calls included) and the end-of-turn token
+  (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, ...), trailing whitespace left out. Each span is
+  verified: the prompt rendering must be a prefix of the rendering with the turn, and that must be a prefix of
+  the whole dialogue's rendering. A turn that fails (the template rewrites earlier turns once later ones follow,
+  as Qwen3 drops earlier thinking, or moves text into the prompt, as Mistral's system message) is not trained
+  and is counted per source (`untrained_turns` in stats.json), never trained on the wrong tokens.
+
+Either way every assistant turn of a multi-turn dialogue is trained (with its end-of-turn token) and nothing
+else is. `check_assistant_mask` runs the template on a probe dialogue at start-up and refuses a template whose
+mask is empty or does not cover exactly the assistant replies, rather than training on nothing.
 
 `tokenize_dialogues` is the path data preparation takes: it renders each dialogue once with transformers'
 template renderer, encodes the whole batch in one fast-tokenizer call, and turns token offsets and generation
@@ -12,7 +24,8 @@ spans into labels with numpy, returning Arrow columns. `tokenize_dialogue` is it
 `apply_chat_template` call per dialogue: the tests and the start-up check hold the two token for token equal.
 
 An assistant turn marked `train: False` in the canonical record (a `loss: 0` flag in the source) is masked out:
-the template's mask has one run of tokens per assistant turn, and the runs of untrained turns are cleared.
+with markers the template's mask has one run of tokens per assistant turn, and the runs of untrained turns are
+cleared; derived spans are per turn already.
 Tools are passed to the template when it refers to them (`tools` in its source).
 
 Truncation policy: a sample longer than `max_length` keeps its first `max_length` tokens; a sample left with
@@ -23,20 +36,27 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Sequence
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
+from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY
 from data_pipeline.schema import MESSAGES_KEY, TOOLS_KEY, TRAIN_KEY
 
 NUM_TRAINABLE_KEY, TRUNCATED_KEY = "num_trainable_tokens", "truncated"
+# Assistant turns left untrained because the template renders them differently once later turns follow.
+UNTRAINED_TURNS_KEY = "untrained_turns"
 CONVERSATION_KEY = "conversation"
-TOKENIZED_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY, NUM_TRAINABLE_KEY, TRUNCATED_KEY)
+TOKENIZED_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY, NUM_TRAINABLE_KEY, TRUNCATED_KEY, UNTRAINED_TURNS_KEY)
+# transformers' own test for a template's generation markers (chat_template_utils.render_jinja_template).
+GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
 
 PROBE_DIALOGUE = [
     {"role": "system", "content": "You are terse."},
@@ -52,6 +72,11 @@ Dialogue = tuple[list[dict[str, Any]], list[dict[str, Any]] | None]
 
 def _template_tools(tools: list[dict[str, Any]] | None, tokenizer: PreTrainedTokenizerBase) -> list | None:
     return tools if tools and TOOLS_KEY in (tokenizer.chat_template or "") else None
+
+
+def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template marks its assistant replies with `{% generation %}`."""
+    return GENERATION_MARKER.search(tokenizer.chat_template or "") is not None
 
 
 def _untrained_turns(messages: list[dict[str, Any]]) -> tuple[list[int], int]:
@@ -70,25 +95,27 @@ def tokenize_dialogue(
 
     Args:
         messages: canonical messages; an assistant turn with `train: False` gets no label.
-        tokenizer: a tokenizer whose chat template has generation markers.
+        tokenizer: a tokenizer with a chat template, with or without generation markers.
         max_length: tokens kept from the start.
         tools: tool schemas, passed to templates that use them.
 
     Returns:
-        `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, and whether it was truncated.
+        `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, whether it was truncated, and the
+        number of assistant turns the template would not let us locate.
     """
-    encoded = tokenizer.apply_chat_template(
-        messages,
-        tools=_template_tools(tools, tokenizer),
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-    )
-    input_ids = list(encoded[INPUT_IDS_KEY])
-    mask = list(encoded["assistant_masks"])
-    untrained, num_assistant_turns = _untrained_turns(messages)
-    if untrained:
-        mask = _clear_turns(mask, untrained, num_assistant_turns)
+    template_tools = _template_tools(tools, tokenizer)
+    if has_generation_markers(tokenizer):
+        encoded = tokenizer.apply_chat_template(
+            messages, tools=template_tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        input_ids = list(encoded[INPUT_IDS_KEY])
+        mask = list(encoded["assistant_masks"])
+        untrained, num_assistant_turns = _untrained_turns(messages)
+        if untrained:
+            mask = _clear_turns(mask, untrained, num_assistant_turns)
+        unlocated = 0
+    else:
+        input_ids, mask, unlocated = _prefix_token_mask(messages, tokenizer, template_tools)
     truncated = len(input_ids) > max_length
     input_ids, mask = input_ids[:max_length], mask[:max_length]
     labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
@@ -98,7 +125,38 @@ def tokenize_dialogue(
         LABELS_KEY: labels,
         NUM_TRAINABLE_KEY: sum(mask),
         TRUNCATED_KEY: truncated,
+        UNTRAINED_TURNS_KEY: unlocated,
     }
+
+
+def _prefix_token_mask(
+    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list | None
+) -> tuple[list[int], list[int], int]:
+    """The token-level reference of the derived spans: each turn's tokens are those the rendering with the turn
+    adds to the tokens of the prompt rendering, trailing whitespace tokens left out, when both are token prefixes
+    of the next rendering. Returns the dialogue's tokens, the mask and the number of turns not located."""
+
+    def encode(part: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
+        return list(
+            tokenizer.apply_chat_template(
+                part, tools=tools, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+            )[INPUT_IDS_KEY]
+        )
+
+    input_ids = encode(messages, False)
+    mask, unlocated = [0] * len(input_ids), 0
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, with_turn = encode(messages[:k], True), encode(messages[: k + 1], False)
+        end = len(with_turn)
+        while end > len(prompt) and not tokenizer.decode(with_turn[end - 1 : end]).strip():
+            end -= 1
+        if end <= len(prompt) or with_turn[: len(prompt)] != prompt or input_ids[:end] != with_turn[:end]:
+            unlocated += 1
+        elif message.get(TRAIN_KEY) is not False:
+            mask[len(prompt) : end] = [1] * (end - len(prompt))
+    return input_ids, mask, unlocated
 
 
 def _clear_turns(mask: list[int], turns: list[int], num_assistant_turns: int) -> list[int]:
@@ -116,33 +174,89 @@ def _clear_turns(mask: list[int], turns: list[int], num_assistant_turns: int) ->
     return flags.astype(int).tolist()
 
 
-def render_dialogues(
-    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """Each dialogue as the chat template writes it, and the character spans of its `{% generation %}` blocks.
+class ChatTemplateError(ValueError):
+    """The chat template refused a dialogue (its `raise_exception`, or a template error): `index` says which."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(problem)
+        self.index = index
+
+
+class RenderedDialogues(NamedTuple):
+    """Each dialogue as its chat template writes it, and what to train of it."""
+
+    texts: list[str]
+    spans: list[list[tuple[int, int]]]
+    """Per dialogue, the character spans of the assistant turns to train, in order."""
+    untrained_turns: list[int]
+    """Per dialogue, the assistant turns that could not be located (derived spans only; see the module doc)."""
+    per_turn: bool
+    """Whether `spans` already leave out the `train: False` turns (derived spans) or are the template's
+    generation blocks, one per assistant turn (markers)."""
+
+
+def render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase) -> RenderedDialogues:
+    """Render each dialogue with the tokenizer's chat template and find the character spans to train.
 
     The same rendering `apply_chat_template` does (its template choice, special tokens as template variables,
-    messages without None values), with one renderer call for all the dialogues that pass no tools.
+    messages without None values), with one renderer call per kind of rendering for all the dialogues that pass
+    no tools.
+
+    Raises:
+        ChatTemplateError: the template refused a dialogue, naming which.
     """
-    special_tokens = tokenizer.special_tokens_map
-    texts: list[str] = [""] * len(dialogues)
-    spans: list[list[tuple[int, int]]] = [[] for _ in dialogues]
+    try:
+        return _render_dialogues(dialogues, tokenizer)
+    except (TemplateError, TypeError, KeyError, ValueError) as e:
+        for index, dialogue in enumerate(dialogues):
+            try:
+                _render_dialogues([dialogue], tokenizer)
+            except (TemplateError, TypeError, KeyError, ValueError) as single:
+                raise ChatTemplateError(index, f"the chat template refused the dialogue: {single}") from single
+        raise ChatTemplateError(0, f"the chat template failed on the batch: {e}") from e
+
+
+def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase) -> RenderedDialogues:
+    derived = not has_generation_markers(tokenizer)
+    count = len(dialogues)
+    rendered = RenderedDialogues([""] * count, [[] for _ in range(count)], [0] * count, per_turn=derived)
     groups: dict[int, tuple[list | None, list[int]]] = {}
     for i, (_, tools) in enumerate(dialogues):
         template_tools = _template_tools(tools, tokenizer)
         # Dialogues without tools share one call; a dialogue with tools renders on its own.
         groups.setdefault(-1 if template_tools is None else i, (template_tools, []))[1].append(i)
     for template_tools, indices in groups.values():
-        rendered, generation_spans = render_jinja_template(
-            conversations=[[_without_none(m) for m in dialogues[i][0]] for i in indices],
+        render = partial(
+            render_jinja_template,
             tools=template_tools,
             chat_template=tokenizer.get_chat_template(None, template_tools),
-            return_assistant_tokens_mask=True,
-            **special_tokens,
+            **tokenizer.special_tokens_map,
         )
-        for i, text, generation in zip(indices, rendered, generation_spans, strict=True):
-            texts[i], spans[i] = text, generation
-    return texts, spans
+        conversations = [[_without_none(m) for m in dialogues[i][0]] for i in indices]
+        if not derived:
+            texts, generation_spans = render(conversations=conversations, return_assistant_tokens_mask=True)
+            for i, text, generation in zip(indices, texts, generation_spans, strict=True):
+                rendered.texts[i], rendered.spans[i] = text, generation
+            continue
+        texts, _ = render(conversations=conversations)
+        turns = [(j, k) for j, c in enumerate(conversations) for k, m in enumerate(c) if m["role"] == "assistant"]
+        prompts = [conversations[j][:k] for j, k in turns]
+        prompts = render(conversations=prompts, add_generation_prompt=True)[0] if turns else []
+        # The rendering up to a dialogue's last message is the whole dialogue's: render only the others.
+        inner = [(j, k) for j, k in turns if k < len(conversations[j]) - 1]
+        inner_texts = render(conversations=[conversations[j][: k + 1] for j, k in inner])[0] if inner else []
+        with_turn = dict(zip(inner, inner_texts, strict=True))
+        for (j, k), prompt in zip(turns, prompts, strict=True):
+            i, text = indices[j], texts[j]
+            upto = with_turn.get((j, k), text)
+            end = len(upto.rstrip())
+            if end <= len(prompt) or not upto.startswith(prompt) or not text.startswith(upto[:end]):
+                rendered.untrained_turns[i] += 1
+            elif conversations[j][k].get(TRAIN_KEY) is not False:
+                rendered.spans[i].append((len(prompt), end))
+        for i, text in zip(indices, texts, strict=True):
+            rendered.texts[i] = text
+    return rendered
 
 
 def _without_none(message: dict[str, Any]) -> dict[str, Any]:
@@ -160,17 +274,20 @@ def tokenize_dialogues(
 
     Args:
         dialogues: (messages, tools) pairs; an assistant turn with `train: False` gets no label.
-        tokenizer: a fast tokenizer whose chat template has generation markers.
+        tokenizer: a fast tokenizer with a chat template, with or without generation markers.
         max_length: tokens kept from the start of each dialogue.
 
     Returns:
-        `input_ids`, `attention_mask`, `labels` (int32 and int8 lists), `num_trainable_tokens`, `truncated`.
+        `input_ids`, `attention_mask`, `labels` (int32 and int8 lists), `num_trainable_tokens`, `truncated`,
+        `untrained_turns` (assistant turns the template would not let us locate).
 
     Raises:
+        ChatTemplateError: the template refused a dialogue (`index` says which).
         ValueError: a tokenizer without offsets (not a fast one), generation spans out of order, or `train:
             False` flags on a template whose mask does not have one run per assistant turn.
     """
-    texts, spans = render_dialogues(dialogues, tokenizer)
+    rendered = render_dialogues(dialogues, tokenizer)
+    texts, spans = rendered.texts, rendered.spans
     # What apply_chat_template does after rendering: the special tokens are written by the template.
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
     if encoded.encodings is None:
@@ -182,7 +299,7 @@ def tokenize_dialogues(
     token_starts = np.concatenate([[0], np.cumsum(lengths)])
     input_ids = np.fromiter(itertools.chain.from_iterable(encoded[INPUT_IDS_KEY]), dtype=np.int32)
     mask = _assistant_mask(encoded.encodings, texts, spans, lengths)
-    for i, (messages, _) in enumerate(dialogues):
+    for i, (messages, _) in enumerate(dialogues if not rendered.per_turn else ()):
         untrained, num_assistant_turns = _untrained_turns(messages)
         if untrained:
             begin, end = token_starts[i], token_starts[i + 1]
@@ -205,6 +322,7 @@ def tokenize_dialogues(
         ),
         NUM_TRAINABLE_KEY: pa.array(trained_before[offsets[1:]] - trained_before[offsets[:-1]]),
         TRUNCATED_KEY: pa.array(truncated),
+        UNTRAINED_TURNS_KEY: pa.array(rendered.untrained_turns, type=pa.int32()),
     }
 
 
@@ -256,8 +374,13 @@ def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, max_leng
     for conversation in batch.column(CONVERSATION_KEY).to_pylist():
         dialogue = json.loads(conversation)
         dialogues.append((dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
+    try:
+        columns = tokenize_dialogues(dialogues, tokenizer, max_length)
+    except ChatTemplateError as e:
+        origin = batch.column(ORIGIN_KEY)[e.index].as_py() if ORIGIN_KEY in batch.column_names else f"record {e.index}"
+        raise ValueError(f"{origin}: {e}") from e
     table = batch.drop_columns([CONVERSATION_KEY])
-    for name, column in tokenize_dialogues(dialogues, tokenizer, max_length).items():
+    for name, column in columns.items():
         table = table.append_column(name, column)
     return table
 
@@ -266,7 +389,10 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a chat template whose assistant mask is empty or covers anything but the replies.
 
     The probe dialogue goes through `tokenize_dialogues`, the path preparation takes, which must also agree
-    with `apply_chat_template` (`tokenize_dialogue`) on it.
+    with `apply_chat_template` (`tokenize_dialogue`) on it. Each trained run of tokens must decode to one reply,
+    in order, and end with a special token (the template's end of turn). A template that refuses a system message
+    (Gemma) or moves it into the last prompt (Mistral) is probed again without one: data with system messages then
+    fails at the record with `file:line`, or leaves its turns untrained and counted.
 
     Raises:
         ValueError: no chat template, an empty mask, or a mask that covers more or less than the replies.
@@ -274,23 +400,52 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase) -> None:
     """
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template: set one (e.g. ChatML) before training on chat data")
-    columns = tokenize_dialogues([(PROBE_DIALOGUE, None)], tokenizer, max_length=10**9)
+    try:
+        _check_probe(PROBE_DIALOGUE, tokenizer)
+    except (ChatTemplateError, _SystemMessageMoved):
+        _check_probe([m for m in PROBE_DIALOGUE if m["role"] != "system"], tokenizer)
+
+
+class _SystemMessageMoved(ValueError):
+    """The probe's turns could not be located with a system message: the template moves it."""
+
+
+def _check_probe(probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> None:
+    columns = tokenize_dialogues([(probe, None)], tokenizer, max_length=10**9)
     row = {key: column[0].as_py() for key, column in columns.items()}
-    reference = tokenize_dialogue(PROBE_DIALOGUE, tokenizer, max_length=10**9)
+    reference = tokenize_dialogue(probe, tokenizer, max_length=10**9)
     if row != reference:
         raise RuntimeError(
             "data_pipeline.tokenize: the batch tokenisation disagrees with apply_chat_template on the probe "
             f"dialogue ({row} vs {reference}); check the installed transformers version against this module"
         )
-    trained_ids = [label for label in row[LABELS_KEY] if label != IGNORE_INDEX]
-    if not trained_ids:
+    if row[UNTRAINED_TURNS_KEY] and probe[0]["role"] == "system":
+        raise _SystemMessageMoved("with a system message")
+    pairs = zip(row[INPUT_IDS_KEY], row[LABELS_KEY], strict=True)
+    runs = [
+        [token for token, _ in run]
+        for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
+        if trained
+    ]
+    replies = [m["content"] for m in probe if m["role"] == "assistant"]
+    if not runs:
         raise ValueError(
-            "the chat template gives an empty assistant mask: it needs {% generation %} ... {% endgeneration %} "
-            "around each assistant reply (see embedded/tokenizer.py for a ChatML example)"
+            "the chat template gives an empty assistant mask: "
+            + (
+                "its {% generation %} blocks cover no token"
+                if has_generation_markers(tokenizer)
+                else "rendering the probe dialogue turn by turn located no assistant reply (the template rewrites "
+                "earlier turns when later ones are added); set data.chat_template to one that renders each turn as a "
+                "prefix of the next, or add {% generation %} ... {% endgeneration %} around each reply"
+            )
         )
-    trained_text = tokenizer.decode(trained_ids, skip_special_tokens=True)
-    replies = [m["content"] for m in PROBE_DIALOGUE if m["role"] == "assistant"]
-    if trained_text.replace("\n", "").replace(" ", "") != "".join(replies).replace(" ", ""):
+    texts = [tokenizer.decode(run) for run in runs]
+    special_ids = set(tokenizer.all_special_ids)
+    if len(runs) != len(replies) or any(
+        tokenizer.decode(run, skip_special_tokens=True).strip() != reply or run[-1] not in special_ids
+        for run, reply in zip(runs, replies, strict=False)
+    ):
         raise ValueError(
-            f"the chat template's assistant mask covers {trained_text!r}, expected only the replies {replies}"
+            f"the chat template's assistant mask covers {texts}, expected each reply of {replies} followed by the "
+            "template's end-of-turn token, and nothing else"
         )
