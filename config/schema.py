@@ -86,6 +86,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOSS_TYPES = ("dft", "ce")
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
 LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
+TRUNCATIONS = ("keep_start", "keep_end", "drop")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -120,7 +121,11 @@ class DataConfig:
     `{path, weight, max_samples, format, fields}` (see data_pipeline/sources.py). Records may be ChatML/OpenAI
     `messages`, ShareGPT `conversations`, Alpaca or `prompt`/`completion`, detected per record."""
     max_length: int = 512
-    """Samples longer than this are truncated from the end; samples left with no trainable token are dropped."""
+    """Tokens per sample at most; longer ones are cut or dropped as `truncation` says."""
+    truncation: str = "keep_start"
+    """A sample longer than `max_length`: keep_start keeps its first `max_length` tokens (a long prompt can leave no
+    answer); keep_end keeps its last ones, so the last assistant turn survives and the prompt is cut from the left;
+    drop drops it (counted as longer_than_max_length). A sample left with no trainable token is dropped and counted."""
     num_proc: int = 2
     """Worker processes for tokenisation."""
     validation_split_percentage: float = 0.0
@@ -155,6 +160,7 @@ class DataConfig:
         # Parsed once per run; a bad entry fails here, naming data.sources[i]. Not a field: not a config key.
         self.specs: list[SourceSpec] = parse_sources(self.sources)
         _check_choice("data.on_error", self.on_error, ON_ERROR_CHOICES)
+        _check_choice("data.truncation", self.truncation, TRUNCATIONS)
         if self.max_length < 8:
             raise ValueError(f"data.max_length={self.max_length} is too small (at least 8 tokens)")
         if self.num_proc < 1:

@@ -290,9 +290,12 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
     tokenized = _arrow_map(
-        canonical, partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length), num_proc, "Tokenising"
+        canonical,
+        partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length, truncation=data.truncation),
+        num_proc,
+        "Tokenising",
     )
-    _account(tokenized, stats)
+    _account(tokenized, stats, data.truncation)
     kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
     if validation_split_percentage > 0:
         split = kept.train_test_split(test_size=validation_split_percentage / 100.0, seed=seed)
@@ -324,6 +327,7 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     files = [(spec, resolve_files(spec, index)) for index, spec in enumerate(data.specs)]
     options = {
         "max_length": data.max_length,
+        "truncation": data.truncation,
         "validation_split_percentage": data.validation_split_percentage,
         "seed": seed,
         "on_error": data.on_error,
@@ -357,8 +361,9 @@ def _column(dataset: Dataset, name: str) -> np.ndarray:
     return dataset.with_format("arrow")[name].to_numpy()
 
 
-def _account(tokenized: Dataset, stats: DatasetStats) -> None:
-    """Per source: kept, truncated, tokens and trainable tokens, and the samples dropped with nothing to train."""
+def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
+    """Per source: kept, truncated, tokens and trainable tokens, and the samples dropped: with nothing to train, or
+    too long (`data.truncation=drop`)."""
     columns = tokenized.with_format("arrow")[:]
     source_ids = columns[SOURCE_ID_KEY].to_numpy()
     trainable = columns[NUM_TRAINABLE_KEY].to_numpy()
@@ -387,8 +392,9 @@ def _account(tokenized: Dataset, stats: DatasetStats) -> None:
         source.truncated += n_truncated
         source.tokens += n_tokens
         source.trainable_tokens += n_trainable
+        too_long = "longer_than_max_length" if truncation == "drop" else "no_trainable_tokens_after_truncation"
         for reason, count in (
-            ("no_trainable_tokens_after_truncation", empty_after_cut),
+            (too_long, empty_after_cut),
             ("no_trainable_tokens", empty),
         ):
             if count:

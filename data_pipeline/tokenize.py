@@ -28,8 +28,9 @@ with markers the template's mask has one run of tokens per assistant turn, and t
 cleared; derived spans are per turn already.
 Tools are passed to the template when it refers to them (`tools` in its source).
 
-Truncation policy: a sample longer than `max_length` keeps its first `max_length` tokens; a sample left with
-no trainable token is dropped by the caller and counted.
+Truncation (`data.truncation`): a sample longer than `max_length` keeps its first `max_length` tokens
+(`keep_start`), its last ones (`keep_end`: the prompt is cut from the left, the last assistant turn survives), or
+none (`drop`); a sample left with no trainable token is dropped by the caller and counted.
 """
 
 from __future__ import annotations
@@ -90,14 +91,16 @@ def tokenize_dialogue(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     tools: list[dict[str, Any]] | None = None,
+    truncation: str = "keep_start",
 ) -> dict[str, Any]:
     """The reference of `tokenize_dialogues`: one dialogue through `apply_chat_template`, labels as Python lists.
 
     Args:
         messages: canonical messages; an assistant turn with `train: False` gets no label.
         tokenizer: a tokenizer with a chat template, with or without generation markers.
-        max_length: tokens kept from the start.
+        max_length: tokens kept at most.
         tools: tool schemas, passed to templates that use them.
+        truncation: `keep_start`, `keep_end` or `drop` (see the module doc).
 
     Returns:
         `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, whether it was truncated, and the
@@ -117,7 +120,9 @@ def tokenize_dialogue(
     else:
         input_ids, mask, unlocated = _prefix_token_mask(messages, tokenizer, template_tools)
     truncated = len(input_ids) > max_length
-    input_ids, mask = input_ids[:max_length], mask[:max_length]
+    if truncated:
+        kept = {"keep_start": slice(0, max_length), "keep_end": slice(-max_length, None), "drop": slice(0, 0)}
+        input_ids, mask = input_ids[kept[truncation]], mask[kept[truncation]]
     labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
     return {
         INPUT_IDS_KEY: input_ids,
@@ -265,7 +270,7 @@ def _without_none(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokenize_dialogues(
-    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, max_length: int
+    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, max_length: int, truncation: str = "keep_start"
 ) -> dict[str, pa.Array]:
     """Tokenise a batch of canonical dialogues and label their trained assistant turns, as Arrow columns.
 
@@ -275,7 +280,8 @@ def tokenize_dialogues(
     Args:
         dialogues: (messages, tools) pairs; an assistant turn with `train: False` gets no label.
         tokenizer: a fast tokenizer with a chat template, with or without generation markers.
-        max_length: tokens kept from the start of each dialogue.
+        max_length: tokens kept at most of each dialogue.
+        truncation: `keep_start`, `keep_end` or `drop` (see the module doc).
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (int32 and int8 lists), `num_trainable_tokens`, `truncated`,
@@ -305,11 +311,14 @@ def tokenize_dialogues(
             begin, end = token_starts[i], token_starts[i + 1]
             mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
 
-    kept_lengths = np.minimum(lengths, max_length)
     truncated = lengths > max_length
+    kept_lengths = np.where(truncated, 0 if truncation == "drop" else max_length, lengths)
     if truncated.any():
         position = np.arange(len(input_ids)) - np.repeat(token_starts[:-1], lengths)
-        keep = position < max_length
+        if truncation == "keep_end":
+            keep = position >= np.repeat(lengths - kept_lengths, lengths)
+        else:
+            keep = position < np.repeat(kept_lengths, lengths)
         input_ids, mask = input_ids[keep], mask[keep]
     offsets = np.concatenate([[0], np.cumsum(kept_lengths)])
     trained_before = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
@@ -364,7 +373,9 @@ def _assistant_mask(
     return reached & (offsets[:, 1] > span_starts[np.minimum(skipped, len(span_ends) - 1)])
 
 
-def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, max_length: int) -> pa.Table:
+def tokenize_batch(
+    batch: pa.Table, tokenizer: PreTrainedTokenizerBase, max_length: int, truncation: str = "keep_start"
+) -> pa.Table:
     """`datasets.map(batched=True)` adapter on an Arrow-formatted dataset.
 
     Each row's `conversation` is canonical JSON (messages, tools); it is replaced by the tokenised columns and
@@ -375,7 +386,7 @@ def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, max_leng
         dialogue = json.loads(conversation)
         dialogues.append((dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
     try:
-        columns = tokenize_dialogues(dialogues, tokenizer, max_length)
+        columns = tokenize_dialogues(dialogues, tokenizer, max_length, truncation)
     except ChatTemplateError as e:
         origin = batch.column(ORIGIN_KEY)[e.index].as_py() if ORIGIN_KEY in batch.column_names else f"record {e.index}"
         raise ValueError(f"{origin}: {e}") from e
