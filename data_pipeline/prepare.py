@@ -49,6 +49,7 @@ from data_pipeline.templates import load_chat_tokenizer
 from data_pipeline.tokenize import (
     CONVERSATION_KEY,
     NUM_TRAINABLE_KEY,
+    REASONING_TURNS_KEY,
     TRUNCATED_KEY,
     UNTRAINED_TURNS_KEY,
     check_assistant_mask,
@@ -370,6 +371,7 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
     truncated = columns[TRUNCATED_KEY].to_numpy(zero_copy_only=False)
     tokens = pc.list_value_length(columns[INPUT_IDS_KEY]).to_numpy()
     untrained_turns = columns[UNTRAINED_TURNS_KEY].to_numpy()
+    reasoning_turns = columns[REASONING_TURNS_KEY].to_numpy()
     kept = trainable > 0
 
     def per_source(values: np.ndarray) -> list[int]:
@@ -384,10 +386,12 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
         per_source(~kept & truncated),
         per_source(~kept & ~truncated),
         per_source(untrained_turns),
+        per_source(np.where(kept, reasoning_turns, 0)),
         strict=True,
     )
-    for source, n_kept, n_truncated, n_tokens, n_trainable, empty_after_cut, empty, n_untrained_turns in sums:
-        source.untrained_turns += n_untrained_turns
+    for source, n_kept, n_truncated, n_tokens, n_trainable, empty_after_cut, empty, n_untrained, n_reasoning in sums:
+        source.untrained_turns += n_untrained
+        source.reasoning_turns += n_reasoning
         source.kept += n_kept
         source.truncated += n_truncated
         source.tokens += n_tokens

@@ -49,6 +49,11 @@ SHAREGPT_ROLES = {
 # Per-message keys that switch training of a turn off when they are 0 / false.
 NO_TRAIN_FLAGS = ("loss", "weight", "train")
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
+# An assistant turn's reasoning: content parts of these types (LLaMA-Factory's `reasoning`), or one of these fields
+# (`reasoning_content`: DeepSeek, Qwen3, OpenAI-compatible servers). Kept as the canonical `reasoning_content`.
+REASONING_PART_TYPES = ("reasoning", "thinking")
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+REASONING_KEY = "reasoning_content"
 FORMAT_KEYS = {
     "chatml": ("messages", "tools"),
     "sharegpt": ("conversations", "system", "tools"),
@@ -136,32 +141,55 @@ def _require(record: dict[str, Any], key: str, where: _Where) -> Any:
 
 def _content(value: Any, where: _Where, label: str, allow_empty_none: bool = False) -> str:
     """A message's content as a string: numbers are written out, text parts are joined by newlines."""
+    content, _ = _content_and_reasoning(value, where, label, allow_empty_none, allow_reasoning=False)
+    return content
+
+
+def _content_and_reasoning(
+    value: Any, where: _Where, label: str, allow_empty_none: bool = False, allow_reasoning: bool = True
+) -> tuple[str, str | None]:
+    """The content as a string and, apart, the text of its reasoning parts (None without any)."""
     if isinstance(value, str):
-        return value
+        return value, None
     if value is None and allow_empty_none:
-        return ""
+        return "", None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        return str(value), None
     if isinstance(value, list):
-        texts = []
+        texts, reasoning = [], []
         for i, part in enumerate(value):
             if isinstance(part, str):
                 texts.append(part)
                 continue
             if not isinstance(part, dict):
                 raise where.error("bad_content", f"{label}.content[{i}]: a part must be an object or a string")
-            if part.get("type", "text") not in TEXT_PART_TYPES:
+            kind = part.get("type", "text")
+            if kind in REASONING_PART_TYPES and not allow_reasoning:
+                raise where.error("bad_content", f"{label}.content[{i}]: only an assistant turn has reasoning")
+            if kind not in TEXT_PART_TYPES and kind not in REASONING_PART_TYPES:
                 raise where.error(
                     "non_text_part",
                     f"{label}.content[{i}]: {part.get('type')!r} part cannot be trained by a text model; "
                     "remove it or the record",
                 )
-            text = part.get("text", part.get("value"))
+            text = part.get("text", part.get("value", part.get(kind)))
             if not isinstance(text, str):
-                raise where.error("bad_content", f"{label}.content[{i}]: a text part needs a string 'text' or 'value'")
-            texts.append(text)
-        return "\n".join(texts)
+                problem = f"{label}.content[{i}]: a {kind} part needs a string 'text' or 'value'"
+                raise where.error("bad_content", problem)
+            (reasoning if kind in REASONING_PART_TYPES else texts).append(text)
+        return "\n".join(texts), "\n".join(reasoning) if reasoning else None
     raise where.error("bad_content", f"{label}: content must be a string or a list of text parts, got {value!r:.60}")
+
+
+def _reasoning_field(message: dict[str, Any], where: _Where, label: str) -> str | None:
+    for field in REASONING_FIELDS:
+        value = message.get(field)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise where.error("bad_content", f"{label}.{field} must be a string, got {type(value).__name__}")
+        return value
+    return None
 
 
 def _trained(message: dict[str, Any], where: _Where, label: str) -> bool:
@@ -218,8 +246,12 @@ def _tools(record: dict[str, Any], where: _Where) -> list[dict[str, Any]] | None
     return tools
 
 
-def _message(role: str, content: str, source: dict[str, Any], where: _Where, label: str) -> Message:
+def _message(
+    role: str, content: str, source: dict[str, Any], where: _Where, label: str, reasoning: str | None = None
+) -> Message:
     message: Message = {"role": role, "content": content}
+    if role == "assistant" and (reasoning := reasoning or _reasoning_field(source, where, label)) is not None:
+        message[REASONING_KEY] = reasoning
     if role == "assistant" and not _trained(source, where, label):
         message[TRAIN_KEY] = False
     if role == "tool":
@@ -243,8 +275,10 @@ def _chatml_messages(messages: Any, where: _Where, key: str) -> list[Message]:
         has_calls = message.get("tool_calls") not in (None, [])
         if has_calls and role != "assistant":
             raise where.error("bad_tool_calls", f"{label}: only an assistant message may have tool_calls")
-        content = _content(message.get("content"), where, label, allow_empty_none=has_calls)
-        canonical = _message(role, content, message, where, label)
+        content, reasoning = _content_and_reasoning(
+            message.get("content"), where, label, allow_empty_none=has_calls, allow_reasoning=role == "assistant"
+        )
+        canonical = _message(role, content, message, where, label, reasoning)
         if has_calls:
             canonical["tool_calls"] = _tool_calls(message["tool_calls"], where, label)
         out.append(canonical)
@@ -284,7 +318,9 @@ def _from_sharegpt(record: dict[str, Any], where: _Where) -> tuple[list[Message]
             out.append(message)
             continue
         role = SHAREGPT_ROLES[speaker]
-        out.append(_message(role, _content(turn.get("value"), where, label), turn, where, label))
+        assistant = role == "assistant"
+        content, reasoning = _content_and_reasoning(turn.get("value"), where, label, allow_reasoning=assistant)
+        out.append(_message(role, content, turn, where, label, reasoning))
     return out, _tools(record, where)
 
 

@@ -34,6 +34,8 @@ class SourceStats:
     """Assistant turns not trained because the chat template renders them differently once later turns follow
     (Qwen3 drops earlier thinking) or moves text into the prompt (Mistral's system message); see
     `data_pipeline.tokenize`."""
+    reasoning_turns: int = 0
+    """Assistant turns with reasoning (a reasoning part or field, or inline thinking), trained with their turn."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -72,6 +74,8 @@ class DatasetStats:
             if s.dropped_columns:
                 dropped = ", ".join(f"{column} ({n})" for column, n in sorted(s.dropped_columns.items()))
                 lines.append(f"columns ignored in {name}: {dropped}")
+            if s.reasoning_turns:
+                lines.append(f"assistant turns with reasoning in {name}: {s.reasoning_turns} (trained)")
             if s.untrained_turns:
                 lines.append(
                     f"assistant turns left untrained in {name}: {s.untrained_turns} (the chat template renders "

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from collections.abc import Sequence
 from functools import partial
@@ -49,13 +50,25 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY
-from data_pipeline.schema import MESSAGES_KEY, TOOLS_KEY, TRAIN_KEY
+from data_pipeline.schema import MESSAGES_KEY, REASONING_KEY, TOOLS_KEY, TRAIN_KEY
 
 NUM_TRAINABLE_KEY, TRUNCATED_KEY = "num_trainable_tokens", "truncated"
 # Assistant turns left untrained because the template renders them differently once later turns follow.
 UNTRAINED_TURNS_KEY = "untrained_turns"
+# Assistant turns with reasoning (trained with the turn).
+REASONING_TURNS_KEY = "reasoning_turns"
+# Reasoning written into the content for a template that does not read `reasoning_content` (DeepSeek-R1's markers).
+THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 CONVERSATION_KEY = "conversation"
-TOKENIZED_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY, NUM_TRAINABLE_KEY, TRUNCATED_KEY, UNTRAINED_TURNS_KEY)
+TOKENIZED_KEYS = (
+    INPUT_IDS_KEY,
+    ATTENTION_MASK_KEY,
+    LABELS_KEY,
+    NUM_TRAINABLE_KEY,
+    TRUNCATED_KEY,
+    UNTRAINED_TURNS_KEY,
+    REASONING_TURNS_KEY,
+)
 # transformers' own test for a template's generation markers (chat_template_utils.render_jinja_template).
 GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
 
@@ -107,13 +120,15 @@ def tokenize_dialogue(
         number of assistant turns the template would not let us locate.
     """
     template_tools = _template_tools(tools, tokenizer)
+    reasoning_turns = _reasoning_turns(messages)
+    untrained, num_assistant_turns = _untrained_turns(messages)
+    messages = template_messages(messages, tokenizer)
     if has_generation_markers(tokenizer):
         encoded = tokenizer.apply_chat_template(
             messages, tools=template_tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         input_ids = list(encoded[INPUT_IDS_KEY])
         mask = list(encoded["assistant_masks"])
-        untrained, num_assistant_turns = _untrained_turns(messages)
         if untrained:
             mask = _clear_turns(mask, untrained, num_assistant_turns)
         unlocated = 0
@@ -131,6 +146,7 @@ def tokenize_dialogue(
         NUM_TRAINABLE_KEY: sum(mask),
         TRUNCATED_KEY: truncated,
         UNTRAINED_TURNS_KEY: unlocated,
+        REASONING_TURNS_KEY: reasoning_turns,
     }
 
 
@@ -138,29 +154,36 @@ def _prefix_token_mask(
     messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list | None
 ) -> tuple[list[int], list[int], int]:
     """The token-level reference of the derived spans: each turn's tokens are those the rendering with the turn
-    adds to the tokens of the prompt rendering, trailing whitespace tokens left out, when both are token prefixes
-    of the next rendering. Returns the dialogue's tokens, the mask and the number of turns not located."""
+    adds to the tokens of the prompt rendering (or, where the generation prompt pre-fills part of the turn, of the
+    prompt text the two renderings share), trailing whitespace tokens left out, when both are token prefixes of
+    the next rendering. Returns the dialogue's tokens, the mask and the number of turns not located."""
 
-    def encode(part: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
-        return list(
-            tokenizer.apply_chat_template(
-                part, tools=tools, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
-            )[INPUT_IDS_KEY]
+    def render(part: list[dict[str, Any]], generation_prompt: bool, tokenize: bool = True) -> Any:
+        rendered = tokenizer.apply_chat_template(
+            part, tools=tools, tokenize=tokenize, return_dict=tokenize, add_generation_prompt=generation_prompt
         )
+        return list(rendered[INPUT_IDS_KEY]) if tokenize else rendered
 
-    input_ids = encode(messages, False)
+    input_ids = render(messages, False)
     mask, unlocated = [0] * len(input_ids), 0
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt, with_turn = encode(messages[:k], True), encode(messages[: k + 1], False)
+        prompt, with_turn = render(messages[:k], True), render(messages[: k + 1], False)
+        start: int | None = len(prompt)
+        if with_turn[: len(prompt)] != prompt:
+            history = render(messages[:k], False)
+            shared = os.path.commonprefix([render(messages[:k], True, False), render(messages[: k + 1], False, False)])
+            start = len(tokenizer(shared, add_special_tokens=False)[INPUT_IDS_KEY])
+            if with_turn[: len(history)] != history or start < len(history):
+                start = None
         end = len(with_turn)
-        while end > len(prompt) and not tokenizer.decode(with_turn[end - 1 : end]).strip():
+        while start is not None and end > start and not tokenizer.decode(with_turn[end - 1 : end]).strip():
             end -= 1
-        if end <= len(prompt) or with_turn[: len(prompt)] != prompt or input_ids[:end] != with_turn[:end]:
+        if start is None or end <= start or input_ids[:end] != with_turn[:end]:
             unlocated += 1
         elif message.get(TRAIN_KEY) is not False:
-            mask[len(prompt) : end] = [1] * (end - len(prompt))
+            mask[start:end] = [1] * (end - start)
     return input_ids, mask, unlocated
 
 
@@ -237,7 +260,7 @@ def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokeni
             chat_template=tokenizer.get_chat_template(None, template_tools),
             **tokenizer.special_tokens_map,
         )
-        conversations = [[_without_none(m) for m in dialogues[i][0]] for i in indices]
+        conversations = [template_messages(dialogues[i][0], tokenizer) for i in indices]
         if not derived:
             texts, generation_spans = render(conversations=conversations, return_assistant_tokens_mask=True)
             for i, text, generation in zip(indices, texts, generation_spans, strict=True):
@@ -254,19 +277,48 @@ def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokeni
         for (j, k), prompt in zip(turns, prompts, strict=True):
             i, text = indices[j], texts[j]
             upto = with_turn.get((j, k), text)
-            end = len(upto.rstrip())
-            if end <= len(prompt) or not upto.startswith(prompt) or not text.startswith(upto[:end]):
+            start, end = len(prompt), len(upto.rstrip())
+            if not upto.startswith(prompt):
+                # The generation prompt pre-fills part of the turn (an opened thinking block) that this turn writes
+                # otherwise: the turn starts where the two renderings part, if that is after the earlier messages.
+                history = render(conversations=[conversations[j][:k]])[0][0]
+                start = len(os.path.commonprefix([prompt, upto]))
+                if not upto.startswith(history) or start < len(history):
+                    start = end
+            if end <= start or not text.startswith(upto[:end]):
                 rendered.untrained_turns[i] += 1
             elif conversations[j][k].get(TRAIN_KEY) is not False:
-                rendered.spans[i].append((len(prompt), end))
+                rendered.spans[i].append((start, end))
         for i, text in zip(indices, texts, strict=True):
             rendered.texts[i] = text
     return rendered
 
 
-def _without_none(message: dict[str, Any]) -> dict[str, Any]:
-    # apply_chat_template drops None values: templates test for a key's presence, not for None.
-    return {key: value for key, value in message.items() if value is not None}
+def template_messages(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """The messages as the chat template gets them, on both tokenisation paths.
+
+    None values are dropped, as apply_chat_template does (templates test for a key's presence, not for None). An
+    assistant turn's reasoning goes to a template that reads `reasoning_content` (Qwen3, DeepSeek) as that field;
+    any other template gets it written into the content, between thinking markers, before the reply.
+    """
+    reads_reasoning = REASONING_KEY in (tokenizer.chat_template or "")
+    out = []
+    for message in messages:
+        message = {key: value for key, value in message.items() if value is not None}
+        if not reads_reasoning and REASONING_KEY in message:
+            reasoning = message.pop(REASONING_KEY)
+            message["content"] = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{message.get('content', '')}"
+        out.append(message)
+    return out
+
+
+def _reasoning_turns(messages: list[dict[str, Any]]) -> int:
+    """Assistant turns with reasoning: a `reasoning_content` field, or thinking written inline in the content."""
+    return sum(
+        1
+        for m in messages
+        if m["role"] == "assistant" and (m.get(REASONING_KEY) or THINK_CLOSE.strip() in (m.get("content") or ""))
+    )
 
 
 def tokenize_dialogues(
@@ -332,6 +384,7 @@ def tokenize_dialogues(
         NUM_TRAINABLE_KEY: pa.array(trained_before[offsets[1:]] - trained_before[offsets[:-1]]),
         TRUNCATED_KEY: pa.array(truncated),
         UNTRAINED_TURNS_KEY: pa.array(rendered.untrained_turns, type=pa.int32()),
+        REASONING_TURNS_KEY: pa.array([_reasoning_turns(messages) for messages, _ in dialogues], type=pa.int32()),
     }
 
 
@@ -430,15 +483,15 @@ def _check_probe(probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
             "data_pipeline.tokenize: the batch tokenisation disagrees with apply_chat_template on the probe "
             f"dialogue ({row} vs {reference}); check the installed transformers version against this module"
         )
-    if row[UNTRAINED_TURNS_KEY] and probe[0]["role"] == "system":
-        raise _SystemMessageMoved("with a system message")
+    replies = [m["content"] for m in probe if m["role"] == "assistant"]
+    if row[UNTRAINED_TURNS_KEY] == len(replies) and probe[0]["role"] == "system":
+        raise _SystemMessageMoved("no turn located with a system message")
     pairs = zip(row[INPUT_IDS_KEY], row[LABELS_KEY], strict=True)
     runs = [
         [token for token, _ in run]
         for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
         if trained
     ]
-    replies = [m["content"] for m in probe if m["role"] == "assistant"]
     if not runs:
         raise ValueError(
             "the chat template gives an empty assistant mask: "
@@ -452,11 +505,30 @@ def _check_probe(probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
         )
     texts = [tokenizer.decode(run) for run in runs]
     special_ids = set(tokenizer.all_special_ids)
-    if len(runs) != len(replies) or any(
-        tokenizer.decode(run, skip_special_tokens=True).strip() != reply or run[-1] not in special_ids
-        for run, reply in zip(runs, replies, strict=False)
-    ):
+    if has_generation_markers(tokenizer):
+        matched = len(runs) == len(replies) and all(
+            tokenizer.decode(run, skip_special_tokens=True).strip() == reply
+            for run, reply in zip(runs, replies, strict=True)
+        )
+    else:
+        matched = _derived_runs_match(runs, replies, probe, tokenizer)
+    if not matched or any(run[-1] not in special_ids for run in runs):
         raise ValueError(
             f"the chat template's assistant mask covers {texts}, expected each reply of {replies} followed by the "
             "template's end-of-turn token, and nothing else"
         )
+
+
+def _derived_runs_match(
+    runs: list[list[int]], replies: list[str], probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
+) -> bool:
+    """Derived spans start where the generation prompt ends, so a run may open with text the template makes the
+    model write before its reply (Qwen3's thinking block), never with another message's text. Turns the template
+    rewrites later are left out (and counted), but the last turn is always located: the runs are the replies of a
+    subsequence of the turns that ends with the last one."""
+    others = [m["content"] for m in probe if m["role"] != "assistant"]
+    texts = [tokenizer.decode(run, skip_special_tokens=True).strip() for run in runs]
+    if not texts[-1].endswith(replies[-1]) or any(other in text for other in others for text in texts):
+        return False
+    remaining = iter(replies)
+    return all(any(text.endswith(reply) for reply in remaining) for text in texts)

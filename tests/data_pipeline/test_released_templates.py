@@ -224,8 +224,10 @@ def test_qwen3_earlier_turns_rewritten_by_the_template_are_counted_not_mistraine
     assert row == tokenize_dialogue(MULTI_TURN, tokenizer, max_length=10**6)
     assert row[UNTRAINED_TURNS_KEY] == 1
     (last,) = trained_runs(row, tokenizer)
-    assert last.strip().endswith("Two, the only even prime.<|im_end|>")
-    assert "Seven." not in last and "<|im_start|>" not in last and "assistant" not in last
+    # This template's generation prompt opens the thinking block ("<|im_start|>assistant\n<think>\n\n"): the model
+    # closes it (empty here) and replies, both trained; the role header is not.
+    assert last.strip() == "</think>\n\nTwo, the only even prime.<|im_end|>"
+    check_assistant_mask(tokenizer)
 
 
 def test_flagship_recipe_prepares_the_bundled_data_with_the_released_qwen25_template(
