@@ -10,6 +10,9 @@ labels, truncation to `max_length` keeping the start, and samples without a trai
   parse, validate and convert it, tokenise with assistant masks (both steps across `data.num_proc` processes),
   drop and count, and the per-source stats; `on_error=raise`, no validation split (TRL has none), `datasets`
   caching disabled.
+- ours, derived masks: the same build with the template's `{% generation %}` markers removed, as released models
+  ship their templates: each assistant turn's span comes from rendering the dialogue up to it (with and without the
+  generation prompt), so it renders each dialogue 1 + 2 x (assistant turns) - 1 times instead of once.
 - TRL: `SFTTrainer._prepare_dataset` (what the constructor runs on the training set) of a real `SFTTrainer` built on
   a tiny model and the first rows, with `assistant_only_loss=True`, `packing=False`, the same `max_length`,
   `dataset_num_proc` 1 or 2 and `datasets` caching disabled. Reading the JSONL (`load_dataset("json",
@@ -37,10 +40,12 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -70,7 +75,8 @@ PROFILE = (
     "profile of the 2-worker run, `datasets.map`'s pool machinery (pickling shards and job arguments, progress "
     "messages through its manager process) took about a tenth of the samples."
 )
-PIPELINES = ("ours", "trl")
+PIPELINES = ("ours", "ours_derived", "trl")
+OURS, OURS_DERIVED = "ours (read + prepare)", "ours, derived masks (read + prepare)"
 WORDS = (
     "the a of to and in is it that for on with as was at by be this from or have an they which one you had not "
     "but what all were when we there can use each she do how their if will up other about out many then them "
@@ -116,8 +122,12 @@ def _load_tokenizer():
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
-def measure_ours(corpus: Path, num_proc: int) -> dict:
-    """Our in-memory build (`cache_dir=None`): read, validate, convert, tokenise, drop and count, stats."""
+def measure_ours(corpus: Path, num_proc: int, derived: bool = False) -> dict:
+    """Our in-memory build (`cache_dir=None`): read, validate, convert, tokenise, drop and count, stats.
+
+    `derived`: the same template without its `{% generation %}` markers, as released models ship theirs, so the
+    masks come from prefix rendering (`data_pipeline.tokenize`); they equal the marked ones token for token.
+    """
     import datasets
 
     from config.schema import DataConfig
@@ -126,6 +136,8 @@ def measure_ours(corpus: Path, num_proc: int) -> dict:
 
     datasets.disable_caching()
     tokenizer = _load_tokenizer()
+    if derived:
+        tokenizer.chat_template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", tokenizer.chat_template)
     start = time.perf_counter()
     data = DataConfig(sources=[str(corpus)], max_length=MAX_LENGTH, num_proc=num_proc, cache_dir=None)
     train, validation, stats = build_datasets(data, tokenizer, seed=SEED)
@@ -220,7 +232,7 @@ def summarise(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
     """One row per pipeline variant and worker count, from its fastest repeat."""
     rows = []
     for (pipeline, workers), repeats in runs.items():
-        variants = [("ours (read + prepare)", "seconds")] if pipeline == "ours" else []
+        variants = {"ours": [(OURS, "seconds")], "ours_derived": [(OURS_DERIVED, "seconds")]}.get(pipeline, [])
         if pipeline == "trl":
             variants = [("TRL prepare", "prepare_seconds"), ("TRL read + prepare", "seconds")]
         for name, key in variants:
@@ -259,11 +271,14 @@ def compare(rows: list[dict]) -> list[str]:
     by_name = {(row["pipeline"], row["workers"]): row["tokens_per_s"] for row in rows}
     lines = []
     for workers in sorted({row["workers"] for row in rows}):
-        ours = by_name[("ours (read + prepare)", workers)]
-        lines.append(
-            f"{workers} worker(s): ours / TRL prepare = {ours / by_name[('TRL prepare', workers)]:.2f}x, "
-            f"ours / TRL read + prepare = {ours / by_name[('TRL read + prepare', workers)]:.2f}x"
-        )
+        for name, label in ((OURS, "ours"), (OURS_DERIVED, "ours, derived masks")):
+            if (name, workers) not in by_name:
+                continue
+            ours = by_name[(name, workers)]
+            lines.append(
+                f"{workers} worker(s): {label} / TRL prepare = {ours / by_name[('TRL prepare', workers)]:.2f}x, "
+                f"{label} / TRL read + prepare = {ours / by_name[('TRL read + prepare', workers)]:.2f}x"
+            )
     return lines
 
 
@@ -338,8 +353,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         pipeline, corpus, num_proc = args.child
-        measure = measure_ours if pipeline == "ours" else measure_trl
-        print(json.dumps(measure(Path(corpus), int(num_proc))))
+        measure = {"ours": measure_ours, "ours_derived": partial(measure_ours, derived=True), "trl": measure_trl}
+        print(json.dumps(measure[pipeline](Path(corpus), int(num_proc))))
         return
 
     if 1 not in args.workers:
