@@ -1,4 +1,8 @@
-"""Shared fixtures: the repo root, the shipped tokenizer, and the embedded base model (built once)."""
+"""Fixtures shared by every test folder: the shipped tokenizer, the embedded base model (built once), a launch
+environment, and the 2-rank ZeRO-3 run that the launch, resume and export tests compare against.
+
+Helpers (functions, constants) are in tests/helpers.py; this file holds fixtures only.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,18 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER_DIR = REPO_ROOT / "embedded" / "assets" / "tokenizer"
-SAMPLE_SOURCES = [
-    str(REPO_ROOT / "data" / "sample" / "chat_letters.jsonl"),
-    str(REPO_ROOT / "data" / "sample" / "reverse_alpaca.json"),
-]
+from config.schema import ModelConfig
+from modeling.loading import resolve_model_path
+from tests.helpers import (
+    COMPARABLE_RUN,
+    DISTRIBUTED_TIMEOUT_S,
+    LAUNCH_DIR,
+    REPO_ROOT,
+    TOKENIZER_DIR,
+    LaunchedRun,
+    launch_environment,
+    run_script,
+)
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -26,3 +36,31 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def chatml_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The embedded base model, built once here: ranks that race to build it each take several times longer."""
+    return Path(resolve_model_path(ModelConfig(cache_dir=str(REPO_ROOT / ".cache" / "models"))))
+
+
+@pytest.fixture
+def launch_env() -> dict[str, str]:
+    """The caller's environment, with this interpreter and a free rendezvous port (`launch_environment`)."""
+    return launch_environment()
+
+
+@pytest.fixture(scope="session")
+def zero3_deepspeed_run(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> LaunchedRun:
+    """launch/single_node.sh deepspeed=zero3 on 2 CPU ranks with `COMPARABLE_RUN` and the held-out comparison.
+
+    Made once per session: the reference for torchrun, DDP, resume and console checks.
+    """
+    output_dir = tmp_path_factory.mktemp("zero3_deepspeed") / "run"
+    console = run_script(
+        [str(LAUNCH_DIR / "single_node.sh"), "deepspeed=zero3", *COMPARABLE_RUN, f"output_dir={output_dir}"],
+        env={**launch_environment(), "NUM_GPUS": "2"},
+        timeout=DISTRIBUTED_TIMEOUT_S,
+        log_dirs=[output_dir / "logs"],
+    )
+    return LaunchedRun(output_dir, console)

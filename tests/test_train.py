@@ -5,31 +5,17 @@ from __future__ import annotations
 import json
 import re
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.artifacts import read_metrics
-from tests.conftest import REPO_ROOT
+from observability.artifacts import read_metrics
+from tests.helpers import run_ok, run_train
 
 TRAIN_METRICS = ("loss", "nll", "avg_p_correct", "learning_rate", "grad_norm", "trainable_tokens_per_second")
 SAMPLE_SOURCE_KEYS = ("chat_letters", "reverse_alpaca")  # conf/data/sample.yaml's two files, by stem
-
-
-def run_train(output_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "train.py", f"output_dir={output_dir}", *overrides]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
-    return result
-
-
-def run_ok(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    result = run_train(output_dir, *overrides)
-    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def train_losses(output_dir: Path) -> list[float]:

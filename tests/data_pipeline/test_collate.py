@@ -8,12 +8,11 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from core.keys import IGNORE_INDEX, ORIGINS_KEY, SOURCE_ID_KEY, SOURCE_IDS_KEY
 from data_pipeline.collate import SampleIdCollator, token_source_ids
 from data_pipeline.packing import PaddingFreeCollator
-from data_pipeline.prepare import SOURCE_ID_KEY, build_datasets
-from dft.loss import IGNORE_INDEX
-from dft.trainer import ORIGINS_KEY, SOURCE_IDS_KEY
-from tests.conftest import SAMPLE_SOURCES
+from data_pipeline.prepare import build_datasets
+from tests.helpers import SAMPLE_SOURCES, data_config
 
 LENGTHS, SOURCES = (5, 11, 8), (1, 0, 1)
 
@@ -70,7 +69,8 @@ def test_packed_batch_gives_each_sample_its_source_over_its_tokens() -> None:
 
 
 def test_prepared_rows_keep_their_source_through_both_collators(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
-    train, _, stats = build_datasets(SAMPLE_SOURCES, chatml_tokenizer, 128, 1, 0, seed=0)
+    data = data_config(SAMPLE_SOURCES, max_length=128, num_proc=1, validation_split_percentage=0)
+    train, _, stats = build_datasets(data, chatml_tokenizer, seed=0)
     names = list(stats.sources)
     rows = [train[i] for i in range(len(train))]
     by_source = {source: next(r for r in rows if r[SOURCE_ID_KEY] == source) for source in range(len(names))}

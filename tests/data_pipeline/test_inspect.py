@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.inspect import render_marked
 from data_pipeline.tokenize import tokenize_dialogue
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 DIALOGUE = [
     {"role": "user", "content": "Hi"},

@@ -21,6 +21,8 @@ from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
 from datasets import Dataset
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from config.schema import LossConfig
+from core.keys import IGNORE_INDEX
 from data_pipeline.packing import (
     PaddingFreeCollator,
     SamplerEpochCallback,
@@ -28,15 +30,22 @@ from data_pipeline.packing import (
     pack_best_fit_decreasing,
     sample_lengths,
 )
-from dft.loss import IGNORE_INDEX
 from dft.trainer import DFTTrainer
-from launcher.artifacts import read_metrics
-from launcher.config import DataConfig
-from tests.conftest import REPO_ROOT, SAMPLE_SOURCES
-from tests.data_pipeline import token_budget_ranks
-from tests.dft.test_trainer_fused import loss_and_grads, make_trainer
-from tests.launch.conftest import DISTRIBUTED_TIMEOUT_S, free_port, run_script
-from tests.tiny_models import VOCAB, tiny_qwen2
+from observability.artifacts import read_metrics
+from tests.helpers import (
+    DISTRIBUTED_TIMEOUT_S,
+    REPO_ROOT,
+    TOKEN_BUDGET_EPOCHS,
+    VOCAB,
+    PackedTrainer,
+    free_port,
+    loss_and_grads,
+    make_trainer,
+    run_script,
+    tiny_qwen2,
+    token_budget_samples,
+    training_args,
+)
 
 LENGTHS = (5, 11, 8)
 
@@ -94,17 +103,7 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tmp_path: Path, implem
 
 def sgd_args(output_dir: Path, **overrides: object) -> TrainingArguments:
     """Plain SGD at a constant rate on CPU, nothing saved or reported: updates that are easy to compare."""
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        disable_tqdm=True,
-        **overrides,
-    )
+    return training_args(output_dir, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", **overrides)
 
 
 def test_training_steps_with_packing_match_padding(tmp_path: Path) -> None:
@@ -115,9 +114,8 @@ def test_training_steps_with_packing_match_padding(tmp_path: Path) -> None:
     for name, collator in (("padded", padded), ("packed", PaddingFreeCollator())):
         model = tiny_qwen2()
         args = sgd_args(tmp_path / name, per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=2)
-        trainer = DFTTrainer(
-            model=model, args=args, train_dataset=samples, data_collator=collator, alpha=0.6, implementation="fused"
-        )
+        loss = LossConfig(alpha=0.6, implementation="fused")
+        trainer = DFTTrainer(model=model, args=args, train_dataset=samples, data_collator=collator, loss=loss)
         trainer.train()
         params[name] = {key: p.detach().clone() for key, p in model.named_parameters()}
     for key, value in params["padded"].items():
@@ -172,14 +170,6 @@ def test_a_sample_longer_than_the_budget_is_refused() -> None:
         TokenBudgetBatchSampler([10, 20, 101], max_tokens=100)
 
 
-def test_config_refuses_a_budget_below_max_length_and_a_budget_without_packing() -> None:
-    with pytest.raises(ValueError, match="data.packing_max_tokens=256 is below data.max_length=512"):
-        DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=256)
-    with pytest.raises(ValueError, match="data.packing=false"):
-        DataConfig(sources=SAMPLE_SOURCES, packing_max_tokens=1024)
-    assert DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=512)
-
-
 def test_sample_lengths_reads_the_arrow_column() -> None:
     rows = [{"input_ids": [1] * n, "labels": [1] * n} for n in (3, 7, 5)]
     dataset = Dataset.from_list(rows).select([2, 0, 1])  # an indices mapping, as a shuffle or split leaves
@@ -211,9 +201,14 @@ def test_trainer_trains_on_token_budget_micro_batches_as_on_the_same_batches_giv
         else:  # one item per micro-batch: the list of its samples, flattened by the same collator
             dataset = [[samples[i] for i in b] for b in bins]
             collator = lambda items: PaddingFreeCollator()(items[0])  # noqa: E731
-        trainer = DFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, alpha=0.6)
-        if name == "budget":
-            trainer.train_batch_sampler = sampler
+        trainer = PackedTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            loss=LossConfig(alpha=0.6),
+            train_batch_sampler=sampler if name == "budget" else None,
+        )
         result = trainer.train()
         assert trainer.state.global_step == steps and math.isfinite(result.training_loss)
         params[name] = {key: p.detach().clone() for key, p in model.named_parameters()}
@@ -223,7 +218,8 @@ def test_trainer_trains_on_token_budget_micro_batches_as_on_the_same_batches_giv
 
 @pytest.mark.distributed
 def test_two_ranks_get_disjoint_token_budget_micro_batches_of_equal_count(tmp_path: Path) -> None:
-    """Two CPU ranks (torchrun, gloo) through `DFTTrainer.get_train_dataloader` and accelerate's sharding."""
+    """Two CPU ranks (torchrun, gloo) through `TokenBudgetLoaderMixin.get_train_dataloader` and accelerate's
+    sharding."""
     count, max_tokens, max_length = 99, 64, 32
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -232,10 +228,10 @@ def test_two_ranks_get_disjoint_token_budget_micro_batches_of_equal_count(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_script(command, env=env, timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[tmp_path])
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    lengths = sample_lengths(token_budget_ranks.samples(count, max_length))
+    lengths = sample_lengths(token_budget_samples(count, max_length))
     sampler = TokenBudgetBatchSampler(lengths, max_tokens, seed=7)
     assert len(sampler) % 2 == 1, "pick sizes with an odd number of micro-batches, to exercise the uneven tail"
-    for epoch in range(token_budget_ranks.EPOCHS):
+    for epoch in range(TOKEN_BUDGET_EPOCHS):
         expected = epoch_bins(sampler, epoch)
         got = [[batch["ids"] for batch in rank["epochs"][epoch]] for rank in ranks]
         assert len(got[0]) == len(got[1]) == (len(expected) + 1) // 2

@@ -12,20 +12,16 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 import data_pipeline.prepare as prepare
+from config.sources import parse_sources
 from data_pipeline.stats import STATS_FILE
-from launcher.config import load_run_config
-from tests.conftest import REPO_ROOT, TOKENIZER_DIR
-
-CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-
-
-def write_chats(path: Path, count: int) -> Path:
-    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(count)))
-    return path
+from tests.helpers import REPO_ROOT, TOKENIZER_DIR, data_config, write_chats
 
 
 def prepare_once(source: Path, cache_dir: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[Path, bool]:
-    return prepare.prepare_dataset([str(source)], tokenizer, 64, 1, 25.0, 0, "raise", cache_dir)
+    data = data_config(
+        [str(source)], max_length=64, num_proc=1, validation_split_percentage=25.0, cache_dir=str(cache_dir)
+    )
+    return prepare.prepare_dataset(data, tokenizer, 0)
 
 
 def test_same_inputs_reuse_the_cache_and_a_changed_source_rebuilds(
@@ -41,16 +37,20 @@ def test_same_inputs_reuse_the_cache_and_a_changed_source_rebuilds(
         raise AssertionError("the cache should have been reused")
 
     monkeypatch.setattr(prepare, "build_prepared", must_not_build)
-    train, validation, reused_stats = prepare.build_datasets(
-        [str(source)], chatml_tokenizer, 64, 1, 25.0, 0, cache_dir=tmp_path / "cache"
+    data = data_config(
+        [str(source)], max_length=64, num_proc=1, validation_split_percentage=25.0, cache_dir=str(tmp_path / "cache")
     )
+    train, validation, reused_stats = prepare.build_datasets(data, chatml_tokenizer, 0)
     assert len(train) == 6 and len(validation) == 2 and reused_stats.train_samples == 6
     monkeypatch.undo()
 
     write_chats(source, 9)
     changed, built = prepare_once(source, tmp_path / "cache", chatml_tokenizer)
     assert built and changed != directory
-    _, built = prepare.prepare_dataset([str(source)], chatml_tokenizer, 32, 1, 25.0, 0, "raise", tmp_path / "cache")
+    data = data_config(
+        [str(source)], max_length=32, num_proc=1, validation_split_percentage=25.0, cache_dir=str(tmp_path / "cache")
+    )
+    _, built = prepare.prepare_dataset(data, chatml_tokenizer, 0)
     assert built  # another max_length is another dataset
 
 
@@ -58,8 +58,11 @@ def test_two_processes_prepare_the_data_once(tmp_path: Path) -> None:
     source = write_chats(tmp_path / "c.jsonl", 50)
     script = (
         "import sys; from transformers import AutoTokenizer; import data_pipeline.prepare as p\n"
+        "from config.schema import DataConfig\n"
         f"tok = AutoTokenizer.from_pretrained({str(TOKENIZER_DIR)!r})\n"
-        f"d, built = p.prepare_dataset([{str(source)!r}], tok, 64, 1, 0.0, 0, 'raise', {str(tmp_path / 'cache')!r})\n"
+        f"data = DataConfig(sources=[{str(source)!r}], max_length=64, num_proc=1, validation_split_percentage=0.0, "
+        f"on_error='raise', cache_dir={str(tmp_path / 'cache')!r})\n"
+        "d, built = p.prepare_dataset(data, tok, 0)\n"
         "print(built, d)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -91,24 +94,14 @@ def test_prepare_command_prints_the_directory_last(tmp_path: Path) -> None:
     assert any("c.jsonl" in line and "records" not in line for line in lines)
 
 
-def test_sources_in_the_config_may_be_mappings(tmp_path: Path) -> None:
-    source = write_chats(tmp_path / "c.jsonl", 1)
-    run = load_run_config([f"data.sources=[{source},{{path: {tmp_path},weight: 2.5,max_samples: 3}}]"])
-    assert run.data.sources[1] == {"path": str(tmp_path), "weight": 2.5, "max_samples": 3}
-    assert run.data.on_error == "raise" and run.data.cache_dir == ".cache/datasets"
-    with pytest.raises(ValueError, match=r"data.sources\[0\].weight=-1 must be a number > 0"):
-        load_run_config([f"data.sources=[{{path: {source},weight: -1}}]"])
-    with pytest.raises(ValueError, match="data.on_error='ignore'"):
-        load_run_config(["data.on_error=ignore"])
-
-
 def test_up_weighted_records_repeat_in_training_only_and_never_cross_the_split(
     tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     source = write_chats(tmp_path / "c.jsonl", 40)
     sources = [{"path": str(source), "weight": 2.5}]
-    train, validation, stats = prepare.build_datasets(sources, chatml_tokenizer, 64, 1, 20.0, seed=0)
-    canonical, _ = prepare.load_canonical(sources, seed=0)
+    data = data_config(sources, max_length=64, num_proc=1, validation_split_percentage=20.0)
+    train, validation, stats = prepare.build_datasets(data, chatml_tokenizer, seed=0)
+    canonical, _ = prepare.load_canonical(parse_sources(sources), seed=0)
     copies = dict(zip(canonical["origin"], canonical["copies"], strict=True))
     train_counts: dict[str, int] = {}
     for origin in train["origin"]:
@@ -125,8 +118,10 @@ def test_nothing_left_to_tokenise_is_an_error_with_the_counts(
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match=r"data.sources: no record in .*empty.jsonl"):
-        prepare.build_datasets([str(empty)], chatml_tokenizer, 64, 1, 0.0, seed=0)
+        data = data_config([str(empty)], max_length=64, num_proc=1, validation_split_percentage=0.0)
+        prepare.build_datasets(data, chatml_tokenizer, seed=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "no chat here"}\n')
     with pytest.raises(ValueError, match=r"(?s)every record was dropped.*unknown_format 1"):
-        prepare.build_datasets([str(bad)], chatml_tokenizer, 64, 1, 0.0, seed=0, on_error="skip")
+        data = data_config([str(bad)], max_length=64, num_proc=1, validation_split_percentage=0.0, on_error="skip")
+        prepare.build_datasets(data, chatml_tokenizer, seed=0)

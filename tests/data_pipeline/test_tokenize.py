@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from config.sources import parse_sources
+from core.keys import IGNORE_INDEX
 from data_pipeline.prepare import build_datasets, load_canonical
 from data_pipeline.tokenize import (
     TOKENIZED_KEYS,
@@ -19,9 +21,7 @@ from data_pipeline.tokenize import (
     tokenize_dialogue,
     tokenize_dialogues,
 )
-from dft.loss import IGNORE_INDEX
-from tests.conftest import SAMPLE_SOURCES
-from tests.data_pipeline.test_validation import write_mixed_corpus
+from tests.helpers import SAMPLE_SOURCES, data_config, write_mixed_corpus
 
 DIALOGUE = [
     {"role": "system", "content": "Answer with a number."},
@@ -140,7 +140,8 @@ def test_template_without_generation_markers_is_refused(chatml_tokenizer: PreTra
 
 
 def test_build_datasets_on_the_sample_files(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
-    train, validation, stats = build_datasets(SAMPLE_SOURCES, chatml_tokenizer, 128, 2, 5.0, seed=0)
+    data = data_config(SAMPLE_SOURCES, max_length=128, num_proc=2, validation_split_percentage=5.0)
+    train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
     records = sum(s.records for s in stats.sources.values())
     assert records == len(train) + len(validation)
     assert all(s.kept + sum(s.dropped.values()) == s.records for s in stats.sources.values())
@@ -158,7 +159,8 @@ def test_samples_truncated_to_nothing_trainable_are_dropped_and_counted(
     chatml_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
     # 12 tokens keep the ChatML prompt of a two-turn addition but cut every reply.
-    train, _, stats = build_datasets(SAMPLE_SOURCES[:1], chatml_tokenizer, 12, 1, 0.0, seed=0)
+    data = data_config(SAMPLE_SOURCES[:1], max_length=12, num_proc=1, validation_split_percentage=0.0)
+    train, _, stats = build_datasets(data, chatml_tokenizer, seed=0)
     source = stats.sources[SAMPLE_SOURCES[0]]
     assert source.dropped.get("no_trainable_tokens_after_truncation", 0) > 0
     assert source.kept + sum(source.dropped.values()) == source.records == 2400
@@ -178,7 +180,7 @@ def assert_batch_matches_reference(
 
 
 def canonical_dialogues(sources: list[str]) -> list[Dialogue]:
-    rows, _ = load_canonical(sources, on_error="raise")
+    rows, _ = load_canonical(parse_sources(sources), on_error="raise")
     dialogues = [json.loads(conversation) for conversation in rows["conversation"]]
     return [(dialogue["messages"], dialogue.get("tools")) for dialogue in dialogues]
 

@@ -6,16 +6,17 @@ kind stops with its file and line, under `skip` each is counted under its reason
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from config.sources import parse_sources
+from core.keys import IGNORE_INDEX
 from data_pipeline.prepare import build_datasets, load_canonical
 from data_pipeline.sources import DataFormatError
-from dft.loss import IGNORE_INDEX
+from tests.helpers import data_config, write_mixed_corpus
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 USER, REPLY = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
@@ -62,14 +63,14 @@ def test_each_bad_record_raises_with_its_file_and_line(tmp_path: Path, reason: s
     path = tmp_path / "chats.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n\n" + line + b"\n")
     with pytest.raises(DataFormatError, match=rf"^{path}:3: ") as error:
-        load_canonical([str(path)], on_error="raise")
+        load_canonical(parse_sources([str(path)]), on_error="raise")
     assert error.value.reason == reason and error.value.line == 3
 
 
 def test_skip_counts_every_bad_record_under_its_reason(tmp_path: Path) -> None:
     path = tmp_path / "chats.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b"\n".join([json.dumps(GOOD).encode()] + [line for _, line in BAD_RECORDS]))
-    records, stats = load_canonical([str(path)], on_error="skip")
+    records, stats = load_canonical(parse_sources([str(path)]), on_error="skip")
     source = stats.sources[str(path)]
     expected: dict[str, int] = {}
     for reason, _ in BAD_RECORDS:
@@ -82,58 +83,13 @@ def test_a_broken_json_array_stops_even_under_skip(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
     path.write_text('[\n {"instruction": "i", "output": "o"},\n {"instruction": \n]')
     with pytest.raises(DataFormatError, match=r"a.json:3: invalid JSON .* even under data.on_error=skip"):
-        load_canonical([str(path)], on_error="skip")
-
-
-def write_mixed_corpus(directory: Path) -> None:
-    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-    array = [
-        {"instruction": "Reverse.", "input": "a b", "output": "b a", "system": "Be terse.", "history": [["Hi", "Yo"]]},
-        {"prompt": "2+2?", "completion": "4", "id": 1},
-        {"instruction": "Say ok.", "output": "ok", "meta": {"lang": "en"}},
-    ]
-    (directory / "alpaca_and_pc.json").write_text(json.dumps(array, indent=1))
-    lines = [
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "score": 3},
-        {
-            "messages": [
-                {"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
-                {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "value": "two"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "joined"}]},
-            ]
-        },
-        {
-            "messages": [
-                {"role": "user", "content": "1+2?"},
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [{"function": {"name": "add", "arguments": "{}"}}],
-                },
-                {"role": "tool", "content": "3", "tool_call_id": "c1"},
-                {"role": "assistant", "content": "3"},
-            ],
-            "tools": tools,
-        },
-        {
-            "conversations": [
-                {"from": "human", "value": "Hi"},
-                {"from": "gpt", "value": "not trained", "loss": 0},
-                {"from": "human", "value": "1+2?"},
-                {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 1}})},
-                {"from": "observation", "value": "3"},
-                {"from": "gpt", "value": "trained"},
-            ],
-            "tools": json.dumps(tools),
-        },
-    ]
-    (directory / "chats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (directory / "more.jsonl.gz").write_bytes(gzip.compress((json.dumps(lines[0]) + "\n").encode()))
+        load_canonical(parse_sources([str(path)]), on_error="skip")
 
 
 def test_every_format_mixes_into_one_run(tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase) -> None:
     write_mixed_corpus(tmp_path)
-    train, validation, stats = build_datasets([str(tmp_path)], chatml_tokenizer, 256, 1, 0.0, seed=0)
+    data = data_config([str(tmp_path)], max_length=256, num_proc=1, validation_split_percentage=0.0)
+    train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
     assert validation is None and len(train) == stats.train_samples == 8
     assert [Path(name).name for name in stats.sources] == ["alpaca_and_pc.json", "chats.jsonl", "more.jsonl.gz"]
     for source in stats.sources.values():
@@ -156,5 +112,6 @@ def test_a_dialogue_with_no_trained_turn_is_dropped_and_counted(
     unflagged = {"messages": [USER, REPLY]}
     flagged = {"messages": [USER, {**REPLY, "train": False}]}
     path.write_text(json.dumps(unflagged) + "\n" + json.dumps(flagged) + "\n")
-    train, _, stats = build_datasets([str(path)], chatml_tokenizer, 64, 1, 0.0, seed=0, on_error="skip")
+    data = data_config([str(path)], max_length=64, num_proc=1, validation_split_percentage=0.0, on_error="skip")
+    train, _, stats = build_datasets(data, chatml_tokenizer, seed=0)
     assert len(train) == 1 and stats.sources[str(path)].dropped == {"no_trainable_tokens": 1}

@@ -1,9 +1,10 @@
 """Run under `torchrun --nproc_per_node 2`: which samples each rank's token-budget micro-batches hold, per epoch.
 
-Builds `DFTTrainer` on CPU ranks (gloo) with a `TokenBudgetBatchSampler`, takes its training loader as
-`Trainer.train` does (`get_train_dataloader`, then `set_epoch` on the loader and on the sampler inside accelerate's
-`BatchSamplerShard`), and writes `<out>/rank<N>.json`: per epoch, the list of micro-batches, each the sample ids
-read back from the packed row (every sample's first token is its id) and its token count.
+Builds the DFT Trainer with token-budget micro-batches (`tests.helpers.PackedTrainer`) on CPU ranks (gloo) with a
+`TokenBudgetBatchSampler`, takes its training loader as `Trainer.train` does (`get_train_dataloader`, then
+`set_epoch` on the loader and on the sampler inside accelerate's `BatchSamplerShard`), and writes
+`<out>/rank<N>.json`: per epoch, the list of micro-batches, each the sample ids read back from the packed row
+(every sample's first token is its id) and its token count.
 """
 
 from __future__ import annotations
@@ -12,35 +13,25 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from transformers import TrainingArguments
 
 from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler, sample_lengths
-from dft.trainer import DFTTrainer
-from tests.tiny_models import tiny_qwen2
-
-EPOCHS = 2
-
-
-def samples(count: int, max_length: int) -> list[dict[str, list[int]]]:
-    generator = torch.Generator().manual_seed(0)
-    out = []
-    for index in range(count):
-        length = int(torch.randint(4, max_length + 1, (), generator=generator))
-        input_ids = [index] + [1] * (length - 1)
-        out.append({"input_ids": input_ids, "labels": input_ids})
-    return out
+from tests.helpers import TOKEN_BUDGET_EPOCHS, PackedTrainer, tiny_qwen2, token_budget_samples, training_args
 
 
 def main(out_dir: Path, count: int, max_tokens: int, max_length: int) -> None:
-    args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to="none", seed=7)
-    dataset = samples(count, max_length)
-    trainer = DFTTrainer(model=tiny_qwen2(), args=args, train_dataset=dataset, data_collator=PaddingFreeCollator())
-    trainer.train_batch_sampler = TokenBudgetBatchSampler(sample_lengths(dataset), max_tokens, seed=args.seed)
+    args = training_args(out_dir, seed=7)
+    dataset = token_budget_samples(count, max_length)
+    trainer = PackedTrainer(
+        model=tiny_qwen2(),
+        args=args,
+        train_dataset=dataset,
+        data_collator=PaddingFreeCollator(),
+        train_batch_sampler=TokenBudgetBatchSampler(sample_lengths(dataset), max_tokens, seed=args.seed),
+    )
     loader = trainer.get_train_dataloader()
     epochs = []
-    for epoch in range(EPOCHS):
+    for epoch in range(TOKEN_BUDGET_EPOCHS):
         # As Trainer._inner_training_loop does before each epoch.
         loader.set_epoch(epoch)
         loader.batch_sampler.batch_sampler.set_epoch(epoch)

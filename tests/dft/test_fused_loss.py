@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dft.loss import IGNORE_INDEX, dft_loss, fused_dft_loss
-
-HIDDEN, VOCAB = 16, 37
+from core.keys import IGNORE_INDEX
+from dft.loss import dft_loss, fused_dft_loss
+from tests.helpers import leaves, num_valid, random_inputs
 
 
 def float64_dft(
@@ -39,24 +39,6 @@ def float64_dft(
     log_p = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[valid]
     weights = alpha * log_p.detach().exp() + (1 - alpha)
     return -(weights * log_p).sum() / (denominator if denominator is not None else max(int(valid.sum()), 1))
-
-
-def random_inputs(seed: int, batch: int = 3, seq: int = 9, ignore_share: float = 0.3, scale: float = 0.6):
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, seq, HIDDEN, generator=generator)
-    weight = torch.randn(VOCAB, HIDDEN, generator=generator) * scale
-    bias = torch.randn(VOCAB, generator=generator)
-    labels = torch.randint(0, VOCAB, (batch, seq), generator=generator)
-    labels[torch.rand(batch, seq, generator=generator) < ignore_share] = IGNORE_INDEX
-    return hidden, weight, bias, labels
-
-
-def leaves(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
-
-
-def num_valid(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from dft.loss import IGNORE_INDEX, dft_loss
+from core.keys import IGNORE_INDEX
+from dft.loss import dft_loss
 
 
 def reference_dft(logits: torch.Tensor, labels: torch.Tensor, alpha: float, denominator: float | None = None):

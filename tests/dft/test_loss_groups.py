@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dft.loss import GROUP_SUM_COLUMNS, IGNORE_INDEX, dft_loss, fused_dft_loss
-from tests.dft.test_fused_loss import leaves, num_valid, random_inputs
+from core.keys import IGNORE_INDEX
+from core.metric_sums import GROUP_SUM_COLUMNS
+from dft.loss import dft_loss, fused_dft_loss
+from tests.helpers import leaves, num_valid, random_inputs
 
 NUM_GROUPS = 4  # group 3 is never used: its row must be zeros
 

@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
-from dft.loss import IGNORE_INDEX
-from dft.trainer import DFTTrainer
-from tests.tiny_models import VOCAB, tiny_gemma2, tiny_qwen2
-
-
-def make_trainer(model: torch.nn.Module, tmp_path: Path, **loss_kwargs) -> DFTTrainer:
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no")
-    trainer = DFTTrainer(model=model, args=args, **loss_kwargs)
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
-    return trainer
+from core.keys import IGNORE_INDEX
+from tests.helpers import VOCAB, loss_and_grads, make_trainer, tiny_gemma2, tiny_qwen2
 
 
 def batch(seed: int = 1, rows: int = 2, seq: int = 12, prompt: int = 4) -> dict[str, torch.Tensor]:
@@ -33,16 +24,6 @@ def batch(seed: int = 1, rows: int = 2, seq: int = 12, prompt: int = 4) -> dict[
     labels[:, :prompt] = IGNORE_INDEX
     labels[attention_mask == 0] = IGNORE_INDEX
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def loss_and_grads(
-    trainer: DFTTrainer, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    model.train()
-    model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
-    loss.backward()
-    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
@@ -109,12 +90,3 @@ def test_warm_up_alpha_is_the_one_used_and_logged(tmp_path: Path) -> None:
     logs = {"loss": warm_loss.item()}
     trainer.log(logs)
     assert logs["dft_alpha"] == 0.5
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [({"implementation": "chunked"}, "implementation='chunked'"), ({"alpha_warmup_steps": -1}, "alpha_warmup_steps")],
-)
-def test_bad_loss_arguments_are_rejected(tmp_path: Path, kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        make_trainer(tiny_qwen2(), tmp_path, **kwargs)

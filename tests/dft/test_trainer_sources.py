@@ -2,7 +2,8 @@
 
 The dataset columns survive `remove_unused_columns`, the model never sees `source_ids` or `origins`, each
 source's sums equal the model run on that source's rows alone, the logged per-source values combine
-(token-weighted) into the global ones, and `step_origins` follows the optimizer steps.
+(token-weighted) into the global ones (and reach the rank's `logs/rank0_metrics.jsonl`, through
+`RankMetricsMixin`), and `step_origins` follows the optimizer steps.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from config.schema import LossConfig
+from core.keys import IGNORE_INDEX, SAMPLE_BATCH_KEYS
+from core.metric_sums import EVAL, GROUP_SUM_COLUMNS, TRAIN
 from data_pipeline.collate import SampleIdCollator
-from dft.loss import GROUP_SUM_COLUMNS, IGNORE_INDEX, dft_loss
-from dft.trainer import EVAL, SAMPLE_BATCH_KEYS, TRAIN, DFTTrainer, source_metric_names
-from tests.tiny_models import VOCAB, tiny_qwen2
+from data_pipeline.stats import source_metric_names
+from dft.loss import dft_loss
+from tests.helpers import VOCAB, RankMetricsTrainer, tiny_qwen2, training_args
 
 SOURCE_NAMES = ["data/chat.jsonl", "data/more/alpaca.json.gz", "data/unused.jsonl"]
 SOURCE_OF_ROW = [0, 1, 1, 0, 1, 0]
@@ -40,25 +44,22 @@ def rows() -> dict[str, list]:
     return columns
 
 
-def make_trainer(tmp_path: Path, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> DFTTrainer:
-    args = TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", per_device_train_batch_size=3
-    )
-    trainer = DFTTrainer(
+def make_trainer(tmp_path: Path, tokenizer: PreTrainedTokenizerBase, **loss: Any) -> RankMetricsTrainer:
+    trainer = RankMetricsTrainer(
         model=tiny_qwen2(),
-        args=args,
+        args=training_args(tmp_path, per_device_train_batch_size=3),
         train_dataset=Dataset.from_dict(rows()),
         data_collator=SampleIdCollator(
             DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         ),
-        source_names=SOURCE_NAMES,
-        **kwargs,
+        loss=LossConfig(**loss),
+        source_keys=source_metric_names(SOURCE_NAMES),
     )
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
     return trainer
 
 
-def collate(trainer: DFTTrainer, indices: list[int]) -> dict[str, Any]:
+def collate(trainer: RankMetricsTrainer, indices: list[int]) -> dict[str, Any]:
     data = Dataset.from_dict(rows()).select(indices).remove_columns("source")
     return trainer.data_collator([data[i] for i in range(len(data))])
 
@@ -76,7 +77,7 @@ def test_sample_columns_survive_remove_unused_columns(tmp_path: Path, chatml_tok
 def test_per_source_sums_equal_each_source_run_alone(
     tmp_path: Path, chatml_tokenizer, loss_type: str, implementation: str
 ) -> None:
-    trainer = make_trainer(tmp_path, chatml_tokenizer, loss_type=loss_type, implementation=implementation)
+    trainer = make_trainer(tmp_path, chatml_tokenizer, type=loss_type, implementation=implementation)
     model = trainer.model
     seen_keys: set[str] = set()
     model.register_forward_pre_hook(lambda m, a, kw: seen_keys.update(kw), with_kwargs=True)
@@ -86,7 +87,7 @@ def test_per_source_sums_equal_each_source_run_alone(
         trainer.compute_loss(model, batch)
     assert seen_keys and not seen_keys & set(SAMPLE_BATCH_KEYS)
     assert set(SAMPLE_BATCH_KEYS) <= set(batch)  # popped from a copy, not from the caller's batch
-    sums = trainer._source_sums[EVAL]
+    sums = trainer._interval_sums[EVAL].sources
     assert sums.shape == (len(SOURCE_NAMES), len(GROUP_SUM_COLUMNS))
     alpha = 0.0 if loss_type == "ce" else 1.0
     for source in range(2):
@@ -122,7 +123,7 @@ def test_log_gives_per_source_means_that_combine_into_the_global_ones(tmp_path: 
     assert set(record["sources"]) == {"chat", "alpaca"}
     assert sum(s["num_tokens"] for s in record["sources"].values()) == record["num_tokens"] == sum(tokens.values())
     # The sums were cleared with the interval.
-    assert trainer._source_sums[TRAIN].abs().sum() == 0
+    assert trainer._interval_sums[TRAIN].sources.abs().sum() == 0
 
 
 def test_step_origins_hold_the_current_optimizer_steps_samples(tmp_path: Path, chatml_tokenizer) -> None:
@@ -144,18 +145,9 @@ def test_step_origins_hold_the_current_optimizer_steps_samples(tmp_path: Path, c
     assert trainer.step_origins == origins[3:5]
 
 
-def test_source_ids_beyond_source_names_are_reported(tmp_path: Path, chatml_tokenizer) -> None:
+def test_source_ids_beyond_source_keys_are_reported(tmp_path: Path, chatml_tokenizer) -> None:
     trainer = make_trainer(tmp_path, chatml_tokenizer)
     batch = collate(trainer, [0, 1])
     batch["source_ids"] = batch["source_ids"] + 3
-    with pytest.raises(ValueError, match=r"source ids span 3\.\.4 but source_names lists 3 sources"):
+    with pytest.raises(ValueError, match=r"source ids span 3\.\.4 but source_keys lists 3 sources"):
         trainer.compute_loss(trainer.model, batch)
-
-
-def test_source_metric_names_are_short_and_unique() -> None:
-    assert source_metric_names(["/d/a/train.jsonl", "/d/b/train.jsonl.gz", "/d/chat.json"]) == [
-        "a_train",
-        "b_train",
-        "chat",
-    ]
-    assert source_metric_names(["a/x.jsonl", "a/x.json"]) == ["a_x_0", "a_x_1"]

@@ -1,6 +1,6 @@
 """launch/multi_node.sh with one node: torchrun --nproc_per_node=2 over gloo on CPU, plain DDP and ZeRO-3.
 
-Both runs use the config of `zero3_deepspeed_run` (tests/launch/conftest.py) and must export the
+Both runs use the config of `zero3_deepspeed_run` (tests/conftest.py) and must export the
 same model it does. ZeRO-3 and DDP may legitimately differ in rounding, not in the maths: with fp32
 (no bf16 on CPU) both run AdamW on fp32 master weights over the same global batch, ZeRO-3 on each
 rank's partition of them, so the weights agree to ~3e-7 here; the bound is 1e-5.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import (
+from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
     LAUNCH_DIR,

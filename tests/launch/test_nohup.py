@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import LAUNCH_DIR, NO_HELDOUT, run_script, tail
+from tests.helpers import LAUNCH_DIR, NO_HELDOUT, run_script, tail
 
 pytestmark = pytest.mark.distributed
 

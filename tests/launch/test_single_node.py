@@ -1,6 +1,6 @@
 """launch/single_node.sh: two CPU ranks under the DeepSpeed launcher with ZeRO-3, saved weights gathered.
 
-The tests share one run, `zero3_deepspeed_run` (tests/launch/conftest.py): its saved model,
+The tests share one run, `zero3_deepspeed_run` (tests/conftest.py): its saved model,
 its console, and its checkpoint-4 for a resume.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import (
+from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
     LAST_STEP,
@@ -27,7 +27,7 @@ from tests.launch.conftest import (
 
 pytestmark = pytest.mark.distributed
 
-# A line of our log format (launcher/distributed.py), with the "[rank N] " prefix ranks other than 0 add.
+# A line of our log format (observability/rank_logging.py), with the "[rank N] " prefix ranks other than 0 add.
 LOG_LINE = re.compile(r"^(?P<prefix>\[rank \d+\] )?\d{4}-\d\d-\d\d [\d:,]+ (?P<level>[A-Z]+) (?P<message>.*)$")
 
 

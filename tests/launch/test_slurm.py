@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.artifacts import METRICS_FILE
-from cluster.checkpoints import TRAINER_STATE_FILE
-from tests.launch.conftest import (
+from cluster.manifest import TRAINER_STATE_FILE
+from observability.artifacts import METRICS_FILE
+from tests.helpers import (
     LAUNCH_DIR,
     NO_HELDOUT,
     REPO_ROOT,
@@ -332,7 +332,7 @@ def preempted_step(run_log: str) -> int:
     """The step both ranks stopped at, checked against the marker rank 0 left for slurm.sbatch."""
     # Rank 0 logs to the console at INFO, rank 1 its warnings with a "[rank 1] " prefix.
     stops = re.findall(
-        r"^(\[rank 1\] )?\S+ \S+ WARNING launcher.resilience: Preempted: stopped at step (\d+)", run_log, re.MULTILINE
+        r"^(\[rank 1\] )?\S+ \S+ WARNING cluster.resilience: Preempted: stopped at step (\d+)", run_log, re.MULTILINE
     )
     assert sorted(rank for rank, _ in stops) == ["", "[rank 1] "], (
         f"not both ranks stopped for the signal:\n{tail(run_log)}"

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from launcher.export import ExportError, verify_export
+from cluster.export import ExportError, verify_export
 
 
 @pytest.fixture

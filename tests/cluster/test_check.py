@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.check import EXIT_PROBLEMS, main
-from tests.launch.conftest import LAUNCH_DIR, REPO_ROOT
-from tests.launch.test_checkpoints import make_checkpoint
+from tests.helpers import LAUNCH_DIR, REPO_ROOT, make_checkpoint
 
 FAIL_FAST_S = 120  # imports of torch and transformers only (tens of seconds on a loaded 2-core machine)
 

@@ -13,12 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from launcher.config import ModelConfig, register_configs
-from launcher.model import load_model
-from tests.launch.conftest import REPO_ROOT
-from tests.tiny_models import tiny_qwen2
+from config.schema import ModelConfig, register_configs
+from modeling.loading import load_model
+from tests.helpers import CONF_DIR, tiny_qwen2
 
-CONF_DIR = REPO_ROOT / "conf"
 CUSTOM_CONFIG = """from transformers import Qwen2Config
 
 

@@ -1,7 +1,9 @@
 """Checkpoints: atomic saves with a manifest, `auto` resume that skips broken ones, the world-size check.
 
-The resolution tests lay out fake checkpoint directories; the save tests run a real (tiny, CPU) Trainer
-with `AtomicCheckpointMixin` and look at what it leaves on disk.
+`cluster.manifest` (what a complete checkpoint holds, publishing one), `cluster.resume` (which checkpoint a run
+resumes from, and whether it can) and `cluster.atomic_save` (the Trainer mixin). The resolution tests lay out fake
+checkpoint directories (`make_checkpoint`); the save tests run a real (tiny, CPU) Trainer with
+`AtomicCheckpointMixin` and look at what it leaves on disk.
 """
 
 from __future__ import annotations
@@ -13,54 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from cluster.checkpoints import (
+from cluster.atomic_save import AtomicCheckpointMixin
+from cluster.manifest import (
     LATEST_MARKER,
     MANIFEST_FILE,
     STAGING_DIR,
-    AtomicCheckpointMixin,
     build_manifest,
-    check_resume_compatible,
     checkpoint_problem,
-    find_checkpoints,
     publish_checkpoint,
-    resolve_resume_checkpoint,
 )
-from tests.launch.conftest import REPO_ROOT
-from tests.tiny_models import VOCAB, tiny_qwen2
+from cluster.resume import check_resume_compatible, find_checkpoints, resolve_resume_checkpoint
+from tests.helpers import REPO_ROOT, VOCAB, make_checkpoint, tiny_qwen2, training_args
 
 ZERO3_JSON = str(REPO_ROOT / "ds_config" / "zero3.json")
 ZERO2_JSON = str(REPO_ROOT / "ds_config" / "zero2.json")
-
-
-def make_checkpoint(
-    output_dir: Path,
-    step: int,
-    state: bool = True,
-    weights: str | None = "model.safetensors",
-    manifest: bool = True,
-    world_size: int = 1,
-    zero_stage: int | None = None,
-) -> Path:
-    """A fake `checkpoint-<step>`: `weights` is a file name, `global_step` for ZeRO shards (one per rank), or None.
-
-    With `manifest`, the manifest of what was written, as a save would leave it.
-    """
-    checkpoint = output_dir / f"checkpoint-{step}"
-    checkpoint.mkdir(parents=True)
-    if state:
-        (checkpoint / "trainer_state.json").write_text("{}")
-    if weights == "global_step":
-        (checkpoint / f"global_step{step}").mkdir()
-        for rank in range(world_size):
-            shard = f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-            (checkpoint / f"global_step{step}" / shard).write_bytes(b"shard")
-    elif weights is not None:
-        (checkpoint / weights).write_bytes(b"weights")
-    if manifest:
-        (checkpoint / MANIFEST_FILE).write_text(json.dumps(build_manifest(checkpoint, step, world_size, zero_stage)))
-    return checkpoint
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -89,7 +59,7 @@ def test_legacy_checkpoint_without_manifest_is_accepted_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, weights: str
 ) -> None:
     make_checkpoint(tmp_path, 3, weights=weights, manifest=False)
-    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.resume"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-3")
     assert any(f"has no {MANIFEST_FILE}" in w for w in warnings_of(caplog)), caplog.text
 
@@ -98,7 +68,7 @@ def test_checkpoint_with_a_matching_manifest_is_accepted_silently(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_checkpoint(tmp_path, 3, weights="global_step", world_size=2, zero_stage=3)
-    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.resume"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-3")
     assert not warnings_of(caplog)
 
@@ -109,7 +79,7 @@ def test_auto_skips_legacy_checkpoints_missing_state_or_weights(
     make_checkpoint(tmp_path, 4)
     no_state = make_checkpoint(tmp_path, 8, state=False, manifest=False)
     no_weights = make_checkpoint(tmp_path, 12, weights=None, manifest=False)
-    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.resume"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
     warnings = warnings_of(caplog)
     assert len(warnings) == 2, warnings
@@ -149,7 +119,7 @@ def test_auto_skips_a_checkpoint_that_does_not_match_its_manifest(
     make_checkpoint(tmp_path, 4, weights=weights, world_size=2)
     damaged = make_checkpoint(tmp_path, 8, weights=weights, world_size=2)
     damage(damaged)
-    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.resume"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
     warnings = warnings_of(caplog)
     assert len(warnings) == 1 and f"Skipping incomplete checkpoint {damaged}" in warnings[0], warnings
@@ -159,7 +129,7 @@ def test_auto_skips_a_checkpoint_that_does_not_match_its_manifest(
 def test_auto_ignores_a_save_in_staging_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_checkpoint(tmp_path, 4)
     partial = make_checkpoint(tmp_path / STAGING_DIR, 8, manifest=False)  # every file there but the manifest
-    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.resume"):
         assert resolve_resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-4")
     assert any(f"Ignoring {partial}: a checkpoint save that did not finish" in w for w in warnings_of(caplog))
 
@@ -173,7 +143,7 @@ def test_auto_without_a_complete_checkpoint_starts_fresh(
         output_dir.mkdir()
     if layout == "only incomplete":
         make_checkpoint(output_dir, 5, state=False, manifest=False)
-    with caplog.at_level(logging.INFO, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="cluster.resume"):
         assert resolve_resume_checkpoint("auto", output_dir) is None
     assert "starting fresh" in caplog.text
 
@@ -198,7 +168,7 @@ def test_explicit_file_path_fails(tmp_path: Path) -> None:
 
 def test_explicit_incomplete_path_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     checkpoint = make_checkpoint(tmp_path, 2, weights=None, manifest=False)
-    with caplog.at_level(logging.WARNING, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="cluster.resume"):
         assert resolve_resume_checkpoint(str(checkpoint), tmp_path) == str(checkpoint)
     assert "looks incomplete" in caplog.text and "model weights" in caplog.text
 
@@ -264,13 +234,13 @@ def test_plain_checkpoint_resumes_on_another_world_size_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     checkpoint = make_checkpoint(tmp_path, 4, world_size=1)
-    with caplog.at_level(logging.WARNING, logger="cluster.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="cluster.resume"):
         check_resume_compatible(str(checkpoint), 2, None)
     assert "saved by 1 rank(s), this run has 2" in caplog.text and "gradient_accumulation_steps x ranks" in caplog.text
 
 
 class AtomicTrainer(AtomicCheckpointMixin, Trainer):
-    """The stock Trainer with atomic checkpoints, as DFTTrainer mixes them in."""
+    """The stock Trainer with atomic checkpoints, as train.py's Trainer mixes them in."""
 
 
 def token_dataset(rows: int = 8, length: int = 12) -> Dataset:
@@ -280,10 +250,8 @@ def token_dataset(rows: int = 8, length: int = 12) -> Dataset:
 
 
 def test_trainer_saves_whole_checkpoints_rotates_them_and_tracks_the_best(tmp_path: Path) -> None:
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        report_to="none",
+    args = training_args(
+        tmp_path,
         per_device_train_batch_size=2,
         max_steps=4,
         save_strategy="steps",

@@ -1,4 +1,4 @@
-"""check_deepspeed_config: every shipped DeepSpeed config passes; a broken one fails naming the fix."""
+"""check_deepspeed_config: every shipped DeepSpeed config passes; a broken one fails naming the fix. zero_stage."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.preflight import ZERO3_GATHER_ON_SAVE_KEY, check_deepspeed_config
-from tests.launch.conftest import REPO_ROOT
+from config.deepspeed import ZERO3_GATHER_ON_SAVE_KEY, check_deepspeed_config, zero_stage
+from tests.helpers import CONF_DIR, REPO_ROOT
 
 ZERO3 = {"zero_optimization": {"stage": 3, ZERO3_GATHER_ON_SAVE_KEY: True}, "train_batch_size": "auto"}
 
@@ -19,14 +19,15 @@ def write_json(path: Path, config: object) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "conf" / "deepspeed").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONF_DIR / "deepspeed").glob("*.yaml")))
 def test_every_deepspeed_choice_names_a_config_that_passes(name: str) -> None:
-    path = OmegaConf.load(REPO_ROOT / "conf" / "deepspeed" / name).config
+    path = OmegaConf.load(CONF_DIR / "deepspeed" / name).config
     check_deepspeed_config(None if path is None else REPO_ROOT / path)
 
 
 def test_no_deepspeed_passes() -> None:
-    check_deepspeed_config(None)
+    assert check_deepspeed_config(None) is None
+    assert zero_stage(None) is None
 
 
 @pytest.mark.parametrize("value", [False, "true", None])
@@ -42,7 +43,9 @@ def test_zero3_without_gathering_on_save_is_refused(tmp_path: Path, value: objec
 
 
 def test_zero2_needs_no_gathering(tmp_path: Path) -> None:
-    check_deepspeed_config(write_json(tmp_path / "zero2.json", {"zero_optimization": {"stage": 2}}))
+    path = write_json(tmp_path / "zero2.json", {"zero_optimization": {"stage": 2}})
+    assert check_deepspeed_config(path) == {"zero_optimization": {"stage": 2}}
+    assert zero_stage(path) == zero_stage(check_deepspeed_config(path)) == 2
 
 
 def test_missing_file_is_refused(tmp_path: Path) -> None:

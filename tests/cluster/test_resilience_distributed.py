@@ -16,9 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from launcher.artifacts import read_metrics
-from tests.launch.conftest import LAUNCH_DIR, NO_HELDOUT, REPO_ROOT, describe_run, run_script
-from tests.test_resilience import EVERY_STEP, assert_real_origins, assert_same_checkpoint, read_nonfinite_log
+from observability.artifacts import read_metrics
+from tests.helpers import (
+    EVERY_STEP,
+    LAUNCH_DIR,
+    NO_HELDOUT,
+    REPO_ROOT,
+    assert_real_origins,
+    assert_same_checkpoint,
+    describe_run,
+    read_nonfinite_log,
+    run_script,
+)
 
 TIMEOUT_S = 240
 DEAD_RANK_DEADLINE_S = 120

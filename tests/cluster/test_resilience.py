@@ -3,12 +3,11 @@ ends the run with a checkpoint and status 75, and the resumed run matches an uni
 
 The non-finite loss comes from `resilience.inject_nonfinite_at_steps` (a testing aid that makes the
 model's output NaN at those optimizer steps). The 2-rank variants are in
-tests/launch/test_resilience_distributed.py.
+tests/cluster/test_resilience_distributed.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,30 +16,24 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from launcher.artifacts import read_metrics
-from launcher.resilience import NONFINITE_LOG, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
-from tests.launch.conftest import (
+from cluster.resilience import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER
+from observability.artifacts import read_metrics
+from tests.helpers import (
     COMPARABLE_RUN,
+    EVERY_STEP,
     LAST_STEP,
     NO_HELDOUT,
     REPO_ROOT,
+    assert_real_origins,
+    assert_same_checkpoint,
     assert_same_training,
     describe_run,
+    read_nonfinite_log,
     run_script,
 )
 
 TIMEOUT_S = 180
-# A checkpoint after every step, so the weights before and after the skipped one can be compared.
-EVERY_STEP = (
-    "debug=quick",
-    "training.save_strategy=steps",
-    "training.save_steps=1",
-    "training.logging_steps=1",
-    "training.eval_strategy=no",
-)
 
 
 def train_command(output_dir: Path, *overrides: str) -> list[str]:
@@ -57,32 +50,6 @@ def run_to_exit(command: list[str], output_dir: Path) -> tuple[int, str]:
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{command} did not finish in {TIMEOUT_S} s\n{describe_run(str(e.output), [output_dir / 'logs'])}")
     return process.returncode, process.stdout + process.stderr
-
-
-def assert_same_checkpoint(checkpoint: Path, reference: Path) -> None:
-    """Weights and optimizer state of two checkpoints are bitwise equal."""
-    weights, reference_weights = load_file(checkpoint / "model.safetensors"), load_file(reference / "model.safetensors")
-    for name, tensor in reference_weights.items():
-        assert torch.equal(weights[name], tensor), f"{name} differs between {checkpoint.name} and {reference.name}"
-    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
-    reference_state = torch.load(reference / "optimizer.pt", weights_only=True)["state"]
-    for index, entry in reference_state.items():
-        for key, value in entry.items():
-            assert torch.equal(state[index][key], value), f"optimizer state {index}.{key} changed in {checkpoint.name}"
-
-
-def read_nonfinite_log(output_dir: Path) -> list[dict]:
-    path = output_dir / "logs" / NONFINITE_LOG
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def assert_real_origins(origins: list[str]) -> None:
-    """Each origin is `file:line` of a record that exists: a user can open the sample that broke the step."""
-    assert origins, "the skipped step names no sample"
-    for origin in origins:
-        path, line = origin.rsplit(":", 1)
-        with open(path, "rb") as handle:
-            assert 1 <= int(line) <= sum(1 for _ in handle), origin
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """One SGD step of DFTTrainer under DeepSpeed ZeRO-3, fused and reference loss, against a one-process reference.
 
-Run by tests/launch/test_zero3_fused_loss.py under the DeepSpeed launcher (2 CPU ranks):
+Run by tests/dft/test_zero3_fused_loss.py under the DeepSpeed launcher (2 CPU ranks):
 
-    python -m deepspeed.launcher.runner --num_gpus 2 tests/launch/zero3_fused_loss_check.py --out result.json
+    python -m deepspeed.launcher.runner --num_gpus 2 tests/dft/zero3_fused_loss_check.py --out result.json
 
 Four samples make one optimizer step (2 ranks x gradient accumulation 2 x batch 1); one of them has no trainable
 token, so some rank runs a micro-batch with nothing to train on. With plain SGD (lr 1, no clipping) the update of
@@ -20,11 +20,12 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import TrainingArguments
 
-from dft.loss import IGNORE_INDEX, dft_loss
+from config.schema import LossConfig
+from core.keys import IGNORE_INDEX
+from dft.loss import dft_loss
 from dft.trainer import DFTTrainer
-from tests.tiny_models import VOCAB, tiny_qwen2
+from tests.helpers import VOCAB, tiny_qwen2, training_args
 
 ALPHA, SEED = 0.7, 0
 ZERO3 = {
@@ -71,9 +72,8 @@ def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], outpu
     """Parameters' change after one ZeRO-3 optimizer step of DFTTrainer, and the step's logged loss."""
     model = tiny_qwen2(SEED)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(output_dir / implementation),
-        use_cpu=True,
+    args = training_args(
+        output_dir / implementation,
         deepspeed=ZERO3,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=2,
@@ -84,14 +84,10 @@ def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], outpu
         max_grad_norm=0.0,
         weight_decay=0.0,
         logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         seed=SEED,
     )
-    trainer = DFTTrainer(
-        model=model, args=args, train_dataset=data, data_collator=collate, alpha=ALPHA, implementation=implementation
-    )
+    loss = LossConfig(alpha=ALPHA, implementation=implementation)
+    trainer = DFTTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss=loss)
     result = trainer.train()
     params = list(model.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params]):

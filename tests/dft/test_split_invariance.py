@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch.conftest import LAUNCH_DIR, REPO_ROOT, assert_same_weights, run_script, step_losses
+from tests.helpers import LAUNCH_DIR, REPO_ROOT, assert_same_weights, run_script, step_losses
 
 pytestmark = pytest.mark.distributed
 

@@ -5,13 +5,14 @@ the same loss at every step and save the same weights as the run that never stop
 Trainer restores the optimizer, scheduler and RNG states and skips the batches already trained on, so the
 data order and the LR schedule continue where they were. Two ways to be cut off:
 
-- killed with SIGKILL in the middle of saving checkpoint-8 (a testing aid, `STALL_SAVE_ENV`, holds the
-  save after every file is written and before the manifest and the rename): the files are all in
-  `.partial/checkpoint-8`, which `auto` ignores, and the resumed run republishes checkpoint-8 whole;
+- killed with SIGKILL in the middle of saving checkpoint-8 (the test runs train.py through
+  `tests.helpers.stalled_save_command`, which holds the save after every file is written and before the
+  manifest and the rename): the files are all in `.partial/checkpoint-8`, which `auto` ignores, and the
+  resumed run republishes checkpoint-8 whole;
 - a checkpoint-8 whose files do not match its manifest (its trainer_state.json missing), as a disk
   problem or a copy cut short leaves it: `auto` skips it.
 
-The 2-rank ZeRO-3 variant is in tests/launch/test_single_node.py (it reuses that file's ZeRO-3 run);
+The 2-rank ZeRO-3 variant is in tests/launch/test_single_node.py (it reuses the session's ZeRO-3 run);
 `auto` with no checkpoint yet is what the Slurm test's fresh job runs.
 """
 
@@ -26,25 +27,31 @@ from pathlib import Path
 
 import pytest
 
-from cluster.checkpoints import LATEST_MARKER, STAGING_DIR, STALL_MESSAGE, STALL_SAVE_ENV, checkpoint_problem
-from tests.launch.conftest import (
+from cluster.manifest import LATEST_MARKER, STAGING_DIR, checkpoint_problem
+from tests.helpers import (
     COMPARABLE_RUN,
     LAST_STEP,
     NO_HELDOUT,
     REPO_ROOT,
     RESUME_STEP,
+    STALL_MESSAGE,
     assert_same_training,
     describe_run,
     make_interrupted_copy,
     run_script,
+    stalled_save_command,
 )
 
 TIMEOUT_S = 240
 pytestmark = pytest.mark.slow
 
 
+def train_overrides(output_dir: Path, *overrides: str) -> list[str]:
+    return [*COMPARABLE_RUN, NO_HELDOUT, f"output_dir={output_dir}", *overrides]
+
+
 def train_command(output_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "train.py", *COMPARABLE_RUN, NO_HELDOUT, f"output_dir={output_dir}", *overrides]
+    return [sys.executable, "train.py", *train_overrides(output_dir, *overrides)]
 
 
 def train(output_dir: Path, *overrides: str) -> str:
@@ -64,9 +71,9 @@ def kill_while_saving(output_dir: Path, step: int, log_path: Path) -> str:
     """Run `COMPARABLE_RUN`, SIGKILL it once the save of `step` has written every file; return its output."""
     with open(log_path, "w+", encoding="utf-8") as log:
         process = subprocess.Popen(
-            train_command(output_dir),
+            stalled_save_command(step, *train_overrides(output_dir)),
             cwd=REPO_ROOT,
-            env={**os.environ, STALL_SAVE_ENV: str(step)},
+            env=dict(os.environ),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

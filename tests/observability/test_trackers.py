@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import run_ok
+from tests.helpers import run_ok
 
 FAKE_SECRETS = {
     "SWANLAB_API_KEY": "fake-swanlab-key-8c1d2e",

@@ -1,10 +1,14 @@
-"""The `loss:` config keys of the fused trainer: defaults and the values `LossConfig.__post_init__` refuses."""
+"""The `loss:` config keys of the fused trainer: defaults and the values `LossConfig.__post_init__` refuses.
+
+The DFT Trainer takes its loss settings as a `LossConfig`, so a bad value is refused here, before any Trainer or
+model is built.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from launcher.config import LossConfig
+from config.schema import LossConfig
 
 
 def test_defaults_are_the_fused_loss_with_a_constant_alpha() -> None:
@@ -21,5 +25,14 @@ def test_defaults_are_the_fused_loss_with_a_constant_alpha() -> None:
     ],
 )
 def test_bad_values_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"implementation": "chunked"}, "implementation='chunked'"), ({"alpha_warmup_steps": -1}, "alpha_warmup_steps")],
+)
+def test_bad_loss_arguments_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         LossConfig(**kwargs)

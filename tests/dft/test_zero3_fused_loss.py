@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import REPO_ROOT, run_script
+from tests.helpers import REPO_ROOT, run_script
 
 pytestmark = pytest.mark.distributed
 

@@ -1,4 +1,8 @@
-"""A 2-rank run logs each metric once per interval, as token-weighted means over both ranks' data."""
+"""A 2-rank run logs each metric once per interval, as token-weighted means over both ranks' data.
+
+Through launch/multi_node.sh: `logs/rank<N>_metrics.jsonl` (`RankMetricsMixin`) holds each rank's own sums, and
+`metrics.jsonl` the all-rank means, throughput and memory (`ThroughputMetricsMixin`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.artifacts import read_metrics
-from tests.launch.conftest import LAUNCH_DIR, run_script
+from observability.artifacts import read_metrics
+from tests.helpers import LAUNCH_DIR, run_script
 
 pytestmark = pytest.mark.distributed
 

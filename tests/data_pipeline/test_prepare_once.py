@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import DISTRIBUTED_TIMEOUT_S, LAUNCH_DIR, run_script
+from tests.helpers import DISTRIBUTED_TIMEOUT_S, LAUNCH_DIR, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +26,7 @@ SHORT_RUN = (
     "heldout.file=null",
     "data.validation_split_percentage=0",
 )
-# data_pipeline/prepare.py's line, after our log format's time stamp (launcher/distributed.py).
+# data_pipeline/prepare.py's line, after our log format's time stamp (observability/rank_logging.py).
 PREPARED_LINE = re.compile(
     r"^(?P<time>\d{4}-\d\d-\d\d [\d:]+,\d+) INFO data_pipeline\.prepare: "
     r"(?P<action>Wrote|Reusing) the prepared dataset (?P<directory>\S+)$",

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.checkpoints import LATEST_MARKER, MANIFEST_FILE, STAGING_DIR, ZERO_SHARD_PATTERN, checkpoint_problem
-from tests.launch.conftest import (
+from cluster.manifest import LATEST_MARKER, MANIFEST_FILE, STAGING_DIR, checkpoint_problem
+from cluster.resume import ZERO_SHARD_PATTERN
+from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
     LAST_STEP,
@@ -122,5 +123,5 @@ def test_plain_checkpoint_of_one_rank_resumes_on_two_ranks_as_if_uninterrupted(
     )  # fmt: skip
     assert f"resuming from {resumed / f'checkpoint-{RESUME_STEP}'}" in output, output[-3000:]
     assert "was saved by 1 rank(s), this run has 2" in output, output[-3000:]
-    # Two ranks reduce in another order than one: equal up to float rounding (tests/launch/test_split_invariance.py).
+    # Two ranks reduce in another order than one: equal up to float rounding (tests/dft/test_split_invariance.py).
     assert_same_training(resumed, one_rank, atol=1e-5)

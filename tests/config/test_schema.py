@@ -10,10 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import TrainingArguments
 
-from launcher.config import RunConfig, TrainingConfig, register_configs, to_run_config
-from tests.conftest import REPO_ROOT
+from config.schema import DataConfig, RunConfig, TrainingConfig, register_configs, to_run_config
+from tests.helpers import CONF_DIR, SAMPLE_SOURCES
 
-CONF_DIR = REPO_ROOT / "conf"
 register_configs()
 
 
@@ -105,3 +104,11 @@ def test_missing_data_sources_in_experiment_is_reported() -> None:
 def test_conf_yaml_files_open_with_a_comment() -> None:
     for path in Path(CONF_DIR).rglob("*.yaml"):
         assert path.read_text().lstrip().startswith("#"), f"{path} should open with its purpose"
+
+
+def test_config_refuses_a_budget_below_max_length_and_a_budget_without_packing() -> None:
+    with pytest.raises(ValueError, match="data.packing_max_tokens=256 is below data.max_length=512"):
+        DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=256)
+    with pytest.raises(ValueError, match="data.packing=false"):
+        DataConfig(sources=SAMPLE_SOURCES, packing_max_tokens=1024)
+    assert DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=512)

@@ -1,0 +1,488 @@
+"""What several tests share, in one module: paths and run configs, tiny models, training arguments, the trainers
+the tests compose, loss inputs, data files, and the runners of `train.py` and the launch scripts with the checks
+of what they leave behind.
+
+Test modules import from here only (never from another test module, nor from a conftest, which holds fixtures);
+the scripts the tests start in subprocesses (`tests/data_pipeline/token_budget_ranks.py`,
+`tests/dft/zero3_fused_loss_check.py`) do too.
+
+Every launch test runs a script of `launch/` as a user would, from the repo root, with the interpreter running
+pytest (`PYTHON`) and a free rendezvous port (`launch_environment`). On a failure or a timeout the message carries
+the tail of the launcher's output and of every rank's log (`describe_run`), so the CI log says which rank failed
+and why. Runs that are compared with each other use one configuration, `COMPARABLE_RUN`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainingArguments,
+)
+
+import cluster.atomic_save
+from cluster.manifest import MANIFEST_FILE, TRAINER_STATE_FILE, build_manifest
+from cluster.resilience import NONFINITE_LOG
+from config.schema import DataConfig, LossConfig
+from core.keys import IGNORE_INDEX
+from data_pipeline.loader import TokenBudgetLoaderMixin
+from dft.trainer import DFTTrainer
+from embedded.paths import REPO_ROOT, SAMPLE_DIR
+from embedded.paths import TOKENIZER_DIR as TOKENIZER_DIR
+from observability.artifacts import METRICS_FILE, read_metrics
+from observability.training_metrics import RankMetricsMixin
+
+# --- Paths and run configurations -------------------------------------------------------------------------------
+
+CONF_DIR = REPO_ROOT / "conf"
+LAUNCH_DIR = REPO_ROOT / "launch"
+# conf/data/sample.yaml's two files.
+SAMPLE_SOURCES = [str(SAMPLE_DIR / "chat_letters.jsonl"), str(SAMPLE_DIR / "reverse_alpaca.json")]
+TAIL_LINES = 40
+DISTRIBUTED_TIMEOUT_S = 240
+
+# 8 steps, a checkpoint every 4 and a loss logged at each: small enough for CPU ranks, long enough to resume.
+COMPARABLE_RUN = (
+    "debug=quick",
+    "training.max_steps=8",
+    "training.save_strategy=steps",
+    "training.save_steps=4",
+    "training.logging_steps=1",
+    "training.eval_strategy=no",
+)
+NO_HELDOUT = "heldout.file=null"  # rank 0's generations before and after: no effect on training, seconds of time
+RESUME_STEP, LAST_STEP = 4, 8
+# A checkpoint after every step, so the weights before and after a skipped one can be compared.
+EVERY_STEP = (
+    "debug=quick",
+    "training.save_strategy=steps",
+    "training.save_steps=1",
+    "training.logging_steps=1",
+    "training.eval_strategy=no",
+)
+
+
+def data_config(sources: list[Any], **overrides: Any) -> DataConfig:
+    """`data.*` as the schema checks it, prepared in memory unless `cache_dir` is given."""
+    return DataConfig(sources=sources, **{"cache_dir": None, **overrides})
+
+
+# --- Tiny models and trainers -----------------------------------------------------------------------------------
+
+VOCAB = 300
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """A randomly initialised 2-layer Qwen2 with tied embeddings (the lm_head weight is the embedding)."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config).float()
+
+
+def tiny_gemma2(seed: int = 0) -> Gemma2ForCausalLM:
+    """A randomly initialised 2-layer Gemma2 with a final logit soft-cap."""
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=2.0,  # small, so the cap changes the loss visibly
+        attn_implementation="eager",
+    )
+    return Gemma2ForCausalLM(config).float()
+
+
+def training_args(output_dir: str | Path, **overrides: Any) -> TrainingArguments:
+    """`TrainingArguments` for a test: on CPU, nothing saved, reported or drawn as a progress bar, unless overridden."""
+    defaults = {"use_cpu": True, "report_to": "none", "save_strategy": "no", "disable_tqdm": True}
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **overrides})
+
+
+class PackedTrainer(TokenBudgetLoaderMixin, DFTTrainer):
+    """The DFT Trainer with token-budget micro-batches (`train_batch_sampler=`), as train.py's Trainer has them."""
+
+
+class RankMetricsTrainer(RankMetricsMixin, DFTTrainer):
+    """The DFT Trainer that also writes each rank's interval sums to `logs/rank<N>_metrics.jsonl`."""
+
+
+def make_trainer(model: torch.nn.Module, output_dir: Path, **loss: Any) -> DFTTrainer:
+    """A `DFTTrainer` for calling `compute_loss` directly; `loss` holds `LossConfig` fields."""
+    trainer = DFTTrainer(model=model, args=training_args(output_dir), loss=LossConfig(**loss))
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests do not run
+    return trainer
+
+
+def loss_and_grads(
+    trainer: DFTTrainer, model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_items: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """One training-mode `compute_loss` and its backward: the loss and every parameter's gradient."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+# The samples of tests/data_pipeline/token_budget_ranks.py, which the test reads back.
+TOKEN_BUDGET_EPOCHS = 2
+
+
+def token_budget_samples(count: int, max_length: int) -> list[dict[str, list[int]]]:
+    """Samples of random lengths whose first token is their index, so a packed row says which samples it holds."""
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for index in range(count):
+        length = int(torch.randint(4, max_length + 1, (), generator=generator))
+        input_ids = [index] + [1] * (length - 1)
+        out.append({"input_ids": input_ids, "labels": input_ids})
+    return out
+
+
+# --- Loss inputs ------------------------------------------------------------------------------------------------
+
+# The LM head of the loss-function tests: small, with a vocabulary no chunk size divides.
+LOSS_HIDDEN, LOSS_VOCAB = 16, 37
+
+
+def random_inputs(seed: int, batch: int = 3, seq: int = 9, ignore_share: float = 0.3, scale: float = 0.6):
+    """Hidden states, an LM-head weight and bias, and labels with a share of ignored positions."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, LOSS_HIDDEN, generator=generator)
+    weight = torch.randn(LOSS_VOCAB, LOSS_HIDDEN, generator=generator) * scale
+    bias = torch.randn(LOSS_VOCAB, generator=generator)
+    labels = torch.randint(0, LOSS_VOCAB, (batch, seq), generator=generator)
+    labels[torch.rand(batch, seq, generator=generator) < ignore_share] = IGNORE_INDEX
+    return hidden, weight, bias, labels
+
+
+def leaves(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def num_valid(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# --- Data files -------------------------------------------------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def write_chats(path: Path, count: int) -> Path:
+    """A JSONL file of `count` copies of one short ChatML dialogue."""
+    path.write_text("".join(json.dumps(CHAT) + "\n" for _ in range(count)))
+    return path
+
+
+def write_mixed_corpus(directory: Path) -> None:
+    """Every supported format in one directory: Alpaca and prompt/completion in a JSON array, ChatML with tools,
+    text parts and extra columns, ShareGPT with untrained turns and function calls, and a gzipped JSONL."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    array = [
+        {"instruction": "Reverse.", "input": "a b", "output": "b a", "system": "Be terse.", "history": [["Hi", "Yo"]]},
+        {"prompt": "2+2?", "completion": "4", "id": 1},
+        {"instruction": "Say ok.", "output": "ok", "meta": {"lang": "en"}},
+    ]
+    (directory / "alpaca_and_pc.json").write_text(json.dumps(array, indent=1))
+    lines = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "score": 3},
+        {
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Be terse."}]},
+                {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "value": "two"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "joined"}]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "1+2?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "add", "arguments": "{}"}}],
+                },
+                {"role": "tool", "content": "3", "tool_call_id": "c1"},
+                {"role": "assistant", "content": "3"},
+            ],
+            "tools": tools,
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "not trained", "loss": 0},
+                {"from": "human", "value": "1+2?"},
+                {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 1}})},
+                {"from": "observation", "value": "3"},
+                {"from": "gpt", "value": "trained"},
+            ],
+            "tools": json.dumps(tools),
+        },
+    ]
+    (directory / "chats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (directory / "more.jsonl.gz").write_bytes(gzip.compress((json.dumps(lines[0]) + "\n").encode()))
+
+
+# --- Checkpoints ------------------------------------------------------------------------------------------------
+
+
+def make_checkpoint(
+    output_dir: Path,
+    step: int,
+    state: bool = True,
+    weights: str | None = "model.safetensors",
+    manifest: bool = True,
+    world_size: int = 1,
+    zero_stage: int | None = None,
+) -> Path:
+    """A fake `checkpoint-<step>`: `weights` is a file name, `global_step` for ZeRO shards (one per rank), or None.
+
+    With `manifest`, the manifest of what was written, as a save would leave it.
+    """
+    checkpoint = output_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    if state:
+        (checkpoint / TRAINER_STATE_FILE).write_text("{}")
+    if weights == "global_step":
+        (checkpoint / f"global_step{step}").mkdir()
+        for rank in range(world_size):
+            shard = f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+            (checkpoint / f"global_step{step}" / shard).write_bytes(b"shard")
+    elif weights is not None:
+        (checkpoint / weights).write_bytes(b"weights")
+    if manifest:
+        (checkpoint / MANIFEST_FILE).write_text(json.dumps(build_manifest(checkpoint, step, world_size, zero_stage)))
+    return checkpoint
+
+
+def assert_same_checkpoint(checkpoint: Path, reference: Path) -> None:
+    """Weights and optimizer state of two checkpoints are bitwise equal."""
+    weights, reference_weights = load_file(checkpoint / "model.safetensors"), load_file(reference / "model.safetensors")
+    for name, tensor in reference_weights.items():
+        assert torch.equal(weights[name], tensor), f"{name} differs between {checkpoint.name} and {reference.name}"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    reference_state = torch.load(reference / "optimizer.pt", weights_only=True)["state"]
+    for index, entry in reference_state.items():
+        for key, value in entry.items():
+            assert torch.equal(state[index][key], value), f"optimizer state {index}.{key} changed in {checkpoint.name}"
+
+
+def read_nonfinite_log(output_dir: Path) -> list[dict]:
+    path = output_dir / "logs" / NONFINITE_LOG
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_real_origins(origins: list[str]) -> None:
+    """Each origin is `file:line` of a record that exists: a user can open the sample that broke the step."""
+    assert origins, "the skipped step names no sample"
+    for origin in origins:
+        path, line = origin.rsplit(":", 1)
+        with open(path, "rb") as handle:
+            assert 1 <= int(line) <= sum(1 for _ in handle), origin
+
+
+# --- Running train.py and the launch scripts --------------------------------------------------------------------
+
+
+def run_train(output_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py output_dir=... <overrides>` from the repo root, to its end whatever its status."""
+    command = [sys.executable, "train.py", f"output_dir={output_dir}", *overrides]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`run_train` that must succeed."""
+    result = run_train(output_dir, *overrides)
+    assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def describe_run(output: str, log_dirs: list[Path]) -> str:
+    """The tail of the launcher's output and of every `*.log` and `*.out` file in `log_dirs`."""
+    parts = [f"--- launcher output (last {TAIL_LINES} lines) ---", tail(output)]
+    for log_dir in log_dirs:
+        for log in sorted([*log_dir.glob("*.log"), *log_dir.glob("*.out")]):
+            parts += [
+                f"--- {log} (last {TAIL_LINES} lines) ---",
+                tail(log.read_text(encoding="utf-8", errors="replace")),
+            ]
+    return "\n".join(parts)
+
+
+def run_script(
+    command: list[str], env: dict[str, str], timeout: float, log_dirs: list[Path], cwd: Path = REPO_ROOT
+) -> str:
+    """Run `command` to completion and return its output; fail the test on a non-zero exit or the deadline.
+
+    It gets a session of its own, so a timeout kills every rank it started, not only the launcher.
+    The failure message ends with the tail of the logs in `log_dirs` (each rank's, the job's).
+    """
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout:.0f} s\n{describe_run(output, log_dirs)}")
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited with {process.returncode}\n{describe_run(output, log_dirs)}")
+    return output
+
+
+def launch_environment() -> dict[str, str]:
+    """The caller's environment, with this interpreter and a rendezvous port no other test is using."""
+    return {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}
+
+
+@dataclass
+class LaunchedRun:
+    output_dir: Path
+    console: str
+    """The launcher's stdout and stderr together, as a user's terminal (or nohup log) shows them."""
+
+
+def check_saved_run(output_dir: Path, base_model_dir: Path, ranks: int) -> None:
+    """What a user checks after a run: every rank logged, metrics were written, the model reloads and trained."""
+    for rank in range(ranks):
+        assert (output_dir / "logs" / f"rank{rank}.log").is_file(), f"rank {rank} wrote no log under {output_dir}/logs"
+    metrics = output_dir / METRICS_FILE
+    assert metrics.is_file() and metrics.stat().st_size > 0, f"no {METRICS_FILE} in {output_dir}"
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    assert saved.keys() == base.keys()
+    for name, tensor in saved.items():
+        # ZeRO-3 without gathering on save writes empty placeholders: numel 0 and the wrong shape.
+        assert tensor.shape == base[name].shape and tensor.numel() > 0, f"{name}: saved {tuple(tensor.shape)}"
+    assert any(not torch.equal(saved[name], base[name]) for name in base), "the saved weights are the base model's"
+    # train.py compared every saved tensor with the gathered trained parameter (cluster/export.py).
+    assert "Verified export" in (output_dir / "logs" / "rank0.log").read_text()
+
+
+def make_interrupted_copy(finished: Path, interrupted: Path) -> None:
+    """What a `COMPARABLE_RUN` killed while saving its last checkpoint leaves in `interrupted`.
+
+    That run is the finished one up to the kill: the same seed and config give the same
+    checkpoint-4, and every step was logged to metrics.jsonl. The checkpoint being written
+    lacks trainer_state.json (the Trainer writes it last); there is no final model.
+    `resume_from_checkpoint=auto` must skip that checkpoint, resume from checkpoint-4, and
+    replace the metrics logged after step 4 rather than append a second copy.
+    """
+    interrupted.mkdir(parents=True)
+    shutil.copytree(finished / f"checkpoint-{RESUME_STEP}", interrupted / f"checkpoint-{RESUME_STEP}")
+    shutil.copytree(
+        finished / f"checkpoint-{LAST_STEP}",
+        interrupted / f"checkpoint-{LAST_STEP}",
+        ignore=shutil.ignore_patterns(TRAINER_STATE_FILE),
+    )
+    logged_steps = [r for r in read_metrics(finished) if "loss" in r]
+    (interrupted / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in logged_steps))
+
+
+def step_losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(output_dir) if "loss" in r]
+
+
+def assert_same_weights(output_dir: Path, reference_dir: Path, atol: float) -> None:
+    """Both saved models reload with `from_pretrained` and every tensor agrees within `atol`."""
+    model = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir).state_dict()
+    assert model.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(model[name], tensor, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def assert_same_training(output_dir: Path, reference_dir: Path, atol: float) -> None:
+    """The loss at every step, and the final weights, agree within `atol`; each step was logged once."""
+    losses, reference = step_losses(output_dir), step_losses(reference_dir)
+    assert [step for step, _ in losses] == list(range(1, LAST_STEP + 1)), f"steps logged in {output_dir}: {losses}"
+    assert [step for step, _ in reference] == list(range(1, LAST_STEP + 1)), reference
+    torch.testing.assert_close(
+        torch.tensor([loss for _, loss in losses], dtype=torch.float64),
+        torch.tensor([loss for _, loss in reference], dtype=torch.float64),
+        rtol=0,
+        atol=atol,
+        msg=lambda m: f"per-step losses differ:\n{losses}\n{reference}\n{m}",
+    )
+    assert_same_weights(output_dir, reference_dir, atol)
+
+
+# --- A save that stalls, to be killed in the middle --------------------------------------------------------------
+
+STALL_MESSAGE = "Test stall: holding the save of"
+
+
+def stalled_save_command(step: int, *overrides: str) -> list[str]:
+    """`python train.py <overrides>`, except that the save of optimizer step `step` stalls (`train_stalling_save`)
+    after every rank has written its files, before the manifest and the rename. Run it from the repo root."""
+    code = f"from tests.helpers import train_stalling_save; train_stalling_save({step})"
+    return [sys.executable, "-c", code, *overrides]
+
+
+def train_stalling_save(step: int) -> None:
+    """Run train.py with `sys.argv[1:]` as its overrides; rank 0 logs `STALL_MESSAGE` and sleeps in the save of `step`.
+
+    `cluster.atomic_save` calls `build_manifest` on rank 0 once every rank has written its files into
+    `.partial/checkpoint-<step>` and before the manifest is written and the directory renamed: the moment a kill
+    hurts most. The test kills the run there.
+    """
+    build = cluster.atomic_save.build_manifest
+
+    def stalling_build_manifest(checkpoint: Path, save_step: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if save_step == step:
+            logging.getLogger(__name__).warning("%s %s", STALL_MESSAGE, checkpoint)
+            time.sleep(3600)
+        return build(checkpoint, save_step, *args, **kwargs)
+
+    cluster.atomic_save.build_manifest = stalling_build_manifest
+    train_py = REPO_ROOT / "train.py"
+    sys.argv = [str(train_py), *sys.argv[1:]]
+    runpy.run_path(str(train_py), run_name="__main__")
