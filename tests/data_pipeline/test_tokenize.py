@@ -130,15 +130,6 @@ def test_truncation_keeps_the_start_and_counts_trainable_tokens(chatml_tokenizer
     assert cut["num_trainable_tokens"] == 2 and full["num_trainable_tokens"] == 4
 
 
-def test_template_without_generation_markers_is_refused(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
-    tokenizer = copy.deepcopy(chatml_tokenizer)
-    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace(
-        "{%- endgeneration %}", ""
-    )
-    with pytest.raises(ValueError, match="empty assistant mask"):
-        check_assistant_mask(tokenizer)
-
-
 def test_build_datasets_on_the_sample_files(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
     data = data_config(SAMPLE_SOURCES, max_length=128, num_proc=2, validation_split_percentage=5.0)
     train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
