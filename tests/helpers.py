@@ -15,6 +15,7 @@ and why. Runs that are compared with each other use one configuration, `COMPARAB
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -315,6 +316,16 @@ def assert_real_origins(origins: list[str]) -> None:
         path, line = origin.rsplit(":", 1)
         with open(path, "rb") as handle:
             assert 1 <= int(line) <= sum(1 for _ in handle), origin
+
+
+def trained_runs(row: dict[str, list[int]], tokenizer: Any) -> list[str]:
+    """Each contiguous run of trained tokens of a tokenised row, decoded with its special tokens."""
+    pairs = zip(row["input_ids"], row["labels"], strict=True)
+    return [
+        tokenizer.decode([token for token, _ in run])
+        for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
+        if trained
+    ]
 
 
 # --- Running train.py and the launch scripts --------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,8 @@ from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.prepare import build_datasets
 from data_pipeline.schema import MESSAGES_KEY, REASONING_KEY, to_canonical
 from data_pipeline.tokenize import REASONING_TURNS_KEY, tokenize_dialogue, tokenize_dialogues
-from embedded.paths import REPO_ROOT, TOKENIZER_DIR
+from embedded.paths import TOKENIZER_DIR
+from tests.helpers import NO_HELDOUT, run_ok
 
 QUESTION = "Reverse the word.\nabc"
 REASONING = "The letters are a, b, c; backwards they read c, b, a."
@@ -122,18 +121,14 @@ def test_reasoning_turns_are_counted_per_source(chatml_tokenizer: PreTrainedToke
 def test_a_run_trains_on_the_three_kinds_of_reasoning(tmp_path: Path) -> None:
     path = tmp_path / "reasoning.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [LLAMA_FACTORY_PARTS, REASONING_FIELD, INLINE_THINK] * 8))
-    command = [
-        sys.executable,
-        "train.py",
+    run_ok(
+        tmp_path / "run",
         "debug=quick",
-        "heldout.file=null",
+        NO_HELDOUT,
         "data.validation_split_percentage=0",
         "training.eval_strategy=no",
         f"data.sources=[{path}]",
         f"data.cache_dir={tmp_path / 'cache'}",
-        f"output_dir={tmp_path / 'run'}",
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    )
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("nll", 0) > 0 for r in records)  # trained tokens were there, reasoning among them

@@ -9,7 +9,6 @@ its role headers and end-of-turn tokens are single special tokens as in the real
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cluster.check import config_problems
 from config.schema import load_run_config
-from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY
+from core.keys import INPUT_IDS_KEY, ORIGIN_KEY
 from data_pipeline.prepare import prepare_run
 from data_pipeline.stats import DatasetStats
 from data_pipeline.tokenize import (
@@ -34,6 +33,7 @@ from data_pipeline.tokenize import (
     tokenize_dialogues,
 )
 from embedded.paths import REPO_ROOT, SAMPLE_DIR, TOKENIZER_DIR
+from tests.helpers import NO_HELDOUT, run_ok, trained_runs
 
 AXOLOTL_WHEEL = "axolotl==0.19.0"
 TEMPLATES_IN_WHEEL = "axolotl/utils/chat_templates/templates/"
@@ -127,16 +127,6 @@ def family(request: pytest.FixtureRequest, released_templates: dict[str, str]) -
 
 # Gemma refuses a system message and Mistral moves it into the last prompt: both are tested on their own below.
 TAKES_A_SYSTEM_MESSAGE = sorted(set(FAMILIES) - {"gemma", "mistral_v2v3"})
-
-
-def trained_runs(row: dict, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Each contiguous run of trained tokens, decoded with its special tokens."""
-    pairs = zip(row[INPUT_IDS_KEY], row[LABELS_KEY], strict=True)
-    return [
-        tokenizer.decode([token for token, _ in run])
-        for trained, run in itertools.groupby(pairs, key=lambda pair: pair[1] != IGNORE_INDEX)
-        if trained
-    ]
 
 
 def batch_row(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list | None = None) -> dict:
@@ -299,16 +289,6 @@ def test_the_template_a_run_trained_with_is_saved_with_its_model(
     template = tmp_path / "qwen25.jinja"
     template.write_text(released_templates["qwen_25"], encoding="utf-8")
     output_dir = tmp_path / "run"
-    command = [
-        sys.executable,
-        "train.py",
-        "debug=quick",
-        "heldout.file=null",
-        f"data.chat_template={template}",
-        f"output_dir={output_dir}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_ok(output_dir, "debug=quick", NO_HELDOUT, f"data.chat_template={template}", f"data.cache_dir={tmp_path / 'c'}")
     saved = AutoTokenizer.from_pretrained(output_dir)
     assert saved.chat_template == released_templates["qwen_25"]
