@@ -180,6 +180,10 @@ def _prefix_token_mask(
         end = len(with_turn)
         while start is not None and end > start and not tokenizer.decode(with_turn[end - 1 : end]).strip():
             end -= 1
+        if end and with_turn[end - 1] == tokenizer.eos_token_id and input_ids[:end] != with_turn[:end]:
+            end -= 1  # the EOS a template writes after the whole rendering (Phi-3.5), not after this turn
+            while start is not None and end > start and not tokenizer.decode(with_turn[end - 1 : end]).strip():
+                end -= 1
         if start is None or end <= start or input_ids[:end] != with_turn[:end]:
             unlocated += 1
         elif message.get(TRAIN_KEY) is not False:
@@ -285,6 +289,10 @@ def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokeni
                 start = len(os.path.commonprefix([prompt, upto]))
                 if not upto.startswith(history) or start < len(history):
                     start = end
+            eos = tokenizer.eos_token
+            if eos and upto[:end].endswith(eos) and not text.startswith(upto[:end]):
+                # The template closes the whole rendering with the EOS (Phi-3.5): not part of a turn that others follow.
+                end = len(upto[: end - len(eos)].rstrip())
             if end <= start or not text.startswith(upto[:end]):
                 rendered.untrained_turns[i] += 1
             elif conversations[j][k].get(TRAIN_KEY) is not False:

@@ -1,10 +1,10 @@
 """Released chat templates, as their models ship them (no `{% generation %}` markers): the derived masks.
 
-The templates are the ones axolotl 0.19.0 distributes on PyPI (`axolotl/utils/chat_templates/templates/`,
-copies of what Qwen2.5-Instruct, Qwen3, Llama 3, Mistral v0.3, Gemma and DeepSeek V3 ship in their
-tokenizer_config.json); the session fixture downloads that wheel once with pip (no dependencies) into
-`.cache/`. Each template goes on the embedded byte-level tokenizer with its family's special tokens added, so
-its role headers and end-of-turn tokens are single special tokens as in the real vocabularies.
+The templates are the models' own, from their tokenizer_config.json files, as llama.cpp keeps them for its tests
+(`models/templates/`), vendored in the llama-cpp-python sdist on PyPI: the session fixture downloads that sdist once
+with pip (no build, no dependencies) and keeps the templates used here under `.cache/released_templates/`. Each
+template goes on the embedded byte-level tokenizer with its family's special tokens added, so its role headers and
+end-of-turn tokens are single special tokens as in the real vocabularies.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import zipfile
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,35 +35,63 @@ from data_pipeline.tokenize import (
 from embedded.paths import REPO_ROOT, SAMPLE_DIR, TOKENIZER_DIR
 from tests.helpers import NO_HELDOUT, run_ok, trained_runs
 
-AXOLOTL_WHEEL = "axolotl==0.19.0"
-TEMPLATES_IN_WHEEL = "axolotl/utils/chat_templates/templates/"
+SDIST = "llama-cpp-python==0.3.36"
+TEMPLATES_IN_SDIST = "/vendor/llama.cpp/models/templates/"
 CACHE = REPO_ROOT / ".cache" / "released_templates"
+QWEN25, QWEN3 = "Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B"
+LLAMA31, MISTRAL = "meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407"
+GEMMA2, R1_DISTILL = "google-gemma-2-2b-it", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"
+PHI35, QWEN35 = "microsoft-Phi-3.5-mini-instruct", "Qwen3.5-4B"
 
-# Per template: the special tokens of the family's vocabulary and the end-of-turn token a trained turn ends with.
+CHATML = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+# Per template: the special tokens of the family's vocabulary (and plain added tokens), the end-of-turn token a
+# trained turn ends with, and what the last turn ends with when the template closes the whole rendering itself.
 FAMILIES = {
-    "qwen_25": ({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, "<|im_end|>"),
-    "llama3": (
+    QWEN25: (CHATML, [], "<|im_end|>", "<|im_end|>"),
+    QWEN3: (CHATML, ["<think>", "</think>"], "<|im_end|>", "<|im_end|>"),
+    # Qwen3.5's generation prompt opens the thinking block itself ("<|im_start|>assistant\n<think>\n").
+    QWEN35: (CHATML, ["<think>", "</think>"], "<|im_end|>", "<|im_end|>"),
+    LLAMA31: (
         {
             "bos_token": "<|begin_of_text|>",
-            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"],
         },
+        [],
+        "<|eot_id|>",
         "<|eot_id|>",
     ),
-    "mistral_v2v3": (
-        {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]},
+    MISTRAL: (
+        {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]", "[TOOL_CALLS]"]},
+        [],
+        "</s>",
         "</s>",
     ),
-    "gemma": (
+    GEMMA2: (
         {"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+        [],
+        "<end_of_turn>",
         "<end_of_turn>",
     ),
-    "deepseek_v3": (
+    R1_DISTILL: (
         {
             "bos_token": "<｜begin▁of▁sentence｜>",
             "eos_token": "<｜end▁of▁sentence｜>",
             "additional_special_tokens": ["<｜User｜>", "<｜Assistant｜>"],
         },
+        ["<think>", "</think>"],
         "<｜end▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+    ),
+    # Phi-3.5 writes its EOS after the whole rendering: the last turn is trained to end with it too.
+    PHI35: (
+        {
+            "bos_token": "<s>",
+            "eos_token": "<|endoftext|>",
+            "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"],
+        },
+        [],
+        "<|end|>",
+        "<|end|>\n<|endoftext|>",
     ),
 }
 SYSTEM = {"role": "system", "content": "You answer in one short line."}
@@ -96,26 +124,27 @@ TOOL_DIALOGUE = [
 
 @pytest.fixture(scope="session")
 def released_templates() -> dict[str, str]:
-    """Template name -> Jinja text, from the axolotl wheel (downloaded once, without its dependencies)."""
-    wheels = sorted(CACHE.glob("axolotl-*.whl"))
-    if not wheels:
+    """Template name -> Jinja text, the models' own (see the module doc), fetched once into `.cache/`."""
+    if not all((CACHE / f"{name}.jinja").is_file() for name in FAMILIES):
         CACHE.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", AXOLOTL_WHEEL, "--no-deps", "--quiet", "-d", str(CACHE)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"could not download {AXOLOTL_WHEEL} from the package index:\n{result.stderr}"
-        wheels = sorted(CACHE.glob("axolotl-*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        return {
-            Path(name).stem: wheel.read(name).decode("utf-8")
-            for name in wheel.namelist()
-            if name.startswith(TEMPLATES_IN_WHEEL) and name.endswith(".jinja")
-        }
+        command = [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "--quiet"]
+        result = subprocess.run([*command, "-d", str(CACHE)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"could not download the {SDIST} sdist from the package index:\n{result.stderr}"
+        (sdist,) = CACHE.glob("llama_cpp_python-*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            for member in archive:
+                name = Path(member.name).stem
+                if TEMPLATES_IN_SDIST in member.name and name in FAMILIES:
+                    (CACHE / f"{name}.jinja").write_bytes(archive.extractfile(member).read())
+        sdist.unlink()
+    return {name: (CACHE / f"{name}.jinja").read_text(encoding="utf-8") for name in FAMILIES}
 
 
 def family_tokenizer(name: str, template: str) -> PreTrainedTokenizerBase:
-    special_tokens, _ = FAMILIES.get(name, FAMILIES["qwen_25"])
+    special_tokens, plain_tokens, _, _ = FAMILIES[name]
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     tokenizer.add_special_tokens(special_tokens)
+    tokenizer.add_tokens(plain_tokens)
     tokenizer.chat_template = template
     return tokenizer
 
@@ -126,7 +155,9 @@ def family(request: pytest.FixtureRequest, released_templates: dict[str, str]) -
 
 
 # Gemma refuses a system message and Mistral moves it into the last prompt: both are tested on their own below.
-TAKES_A_SYSTEM_MESSAGE = sorted(set(FAMILIES) - {"gemma", "mistral_v2v3"})
+# Qwen3 rewrites earlier turns once a later one follows: tested on its own too.
+EVERY_TURN_LOCATED = sorted(set(FAMILIES) - {QWEN3, QWEN35})
+TAKES_A_SYSTEM_MESSAGE = sorted(set(EVERY_TURN_LOCATED) - {GEMMA2, MISTRAL})
 
 
 def batch_row(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list | None = None) -> dict:
@@ -135,9 +166,10 @@ def batch_row(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: l
 
 
 def test_the_fixture_templates_are_the_released_ones_without_markers(released_templates: dict[str, str]) -> None:
-    for name in [*FAMILIES, "qwen3"]:
-        assert "generation %}" not in released_templates[name].replace("add_generation", "")
-    assert "<tool_response>" in released_templates["qwen_25"]  # Qwen2.5's tool results as user turns
+    for name in FAMILIES:
+        assert "generation %}" not in released_templates[name].replace("add_generation", ""), name
+    assert "<tool_response>" in released_templates[QWEN25]  # Qwen2.5's tool results as user turns
+    assert "raise_exception('System role not supported')" in released_templates[GEMMA2]
 
 
 def test_released_template_passes_the_start_up_probe(family: tuple[str, PreTrainedTokenizerBase]) -> None:
@@ -146,7 +178,7 @@ def test_released_template_passes_the_start_up_probe(family: tuple[str, PreTrain
 
 @pytest.mark.parametrize(
     ("name", "with_system"),
-    [*((name, False) for name in sorted(FAMILIES)), *((name, True) for name in TAKES_A_SYSTEM_MESSAGE)],
+    [*((name, False) for name in EVERY_TURN_LOCATED), *((name, True) for name in TAKES_A_SYSTEM_MESSAGE)],
 )
 def test_every_assistant_turn_is_trained_with_its_end_of_turn_token_and_nothing_else(
     released_templates: dict[str, str], name: str, with_system: bool
@@ -156,18 +188,19 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_token_and_nothing_
     row = batch_row(messages, tokenizer)
     assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)  # batch path = apply_chat_template path
     assert row[UNTRAINED_TURNS_KEY] == 0
-    end_of_turn = FAMILIES[name][1]
-    replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    assert [run.strip() for run in trained_runs(row, tokenizer)] == [reply + end_of_turn for reply in replies]
+    _, _, end_of_turn, end_of_last_turn = FAMILIES[name]
+    first, last = [m["content"] for m in messages if m["role"] == "assistant"]
+    runs = [run.strip() for run in trained_runs(row, tokenizer)]
+    assert runs == [first + end_of_turn, last + end_of_last_turn]
     full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)[INPUT_IDS_KEY]
     assert row[INPUT_IDS_KEY] == list(full_ids)
-    if tokenizer.bos_token is not None and tokenizer.bos_token in FAMILIES[name][0].values():
+    if tokenizer.bos_token is not None and tokenizer.bos_token in FAMILIES[name][0].values() and name != PHI35:
         # The template writes the BOS itself: encoding with add_special_tokens=False must not add a second one.
         assert row[INPUT_IDS_KEY].count(tokenizer.bos_token_id) == 1 and row[INPUT_IDS_KEY][0] == tokenizer.bos_token_id
 
 
 def test_qwen25_tool_calls_and_tool_results(released_templates: dict[str, str]) -> None:
-    tokenizer = family_tokenizer("qwen_25", released_templates["qwen_25"])
+    tokenizer = family_tokenizer(QWEN25, released_templates[QWEN25])
     row = batch_row(TOOL_DIALOGUE, tokenizer, TOOLS)
     assert row == tokenize_dialogue(TOOL_DIALOGUE, tokenizer, max_length=10**6, tools=TOOLS)
     call, answer = trained_runs(row, tokenizer)
@@ -181,8 +214,20 @@ def test_qwen25_tool_calls_and_tool_results(released_templates: dict[str, str]) 
     assert "get_weather" in tokenizer.decode(row[INPUT_IDS_KEY])  # the tool schema is in the (untrained) prompt
 
 
+def test_llama31_tool_calls_and_tool_results(released_templates: dict[str, str]) -> None:
+    tokenizer = family_tokenizer(LLAMA31, released_templates[LLAMA31])
+    row = batch_row(TOOL_DIALOGUE, tokenizer, TOOLS)
+    assert row == tokenize_dialogue(TOOL_DIALOGUE, tokenizer, max_length=10**6, tools=TOOLS)
+    call, answer = (run.strip() for run in trained_runs(row, tokenizer))
+    # Llama 3.1 writes a call as a JSON object with "parameters"; the result is an untrained "ipython" turn.
+    assert json.loads(call.removesuffix("<|eot_id|>")) == {"name": "get_weather", "parameters": {"city": "Lyon"}}
+    assert answer == "No, the sky is clear in Lyon.<|eot_id|>"
+    text = tokenizer.decode(row[INPUT_IDS_KEY])
+    assert "<|start_header_id|>ipython<|end_header_id|>" in text and text.count("<|begin_of_text|>") == 1
+
+
 def test_gemma_refuses_a_system_message_naming_the_record(released_templates: dict[str, str]) -> None:
-    tokenizer = family_tokenizer("gemma", released_templates["gemma"])
+    tokenizer = family_tokenizer(GEMMA2, released_templates[GEMMA2])
     conversations = [{"messages": MULTI_TURN}, {"messages": [SYSTEM, *MULTI_TURN]}]
     batch = pa.table(
         {
@@ -195,28 +240,33 @@ def test_gemma_refuses_a_system_message_naming_the_record(released_templates: di
 
 
 def test_mistral_system_message_leaves_the_turns_untrained_and_counted(released_templates: dict[str, str]) -> None:
-    # Mistral v0.3 writes the system message into the last user turn only: the prompt of each turn differs from
-    # the rendering that follows, so no turn can be located and none is trained, rather than a wrong one.
-    tokenizer = family_tokenizer("mistral_v2v3", released_templates["mistral_v2v3"])
+    # Mistral writes the system message into the last user turn only: the prompt of each turn differs from the
+    # rendering that follows, so no turn can be located and none is trained, rather than a wrong one.
+    tokenizer = family_tokenizer(MISTRAL, released_templates[MISTRAL])
     row = batch_row([SYSTEM, *MULTI_TURN], tokenizer)
     assert row[UNTRAINED_TURNS_KEY] == 2
     assert trained_runs(row, tokenizer) == []
 
 
+@pytest.mark.parametrize(
+    ("name", "last_run"),
+    [
+        (QWEN3, "<think>\n\n</think>\n\nTwo, the only even prime.<|im_end|>"),
+        # The generation prompt opened the block ("<think>\n"): the model closes it (empty here) and replies.
+        (QWEN35, "</think>\n\nTwo, the only even prime.<|im_end|>"),
+    ],
+)
 def test_qwen3_earlier_turns_rewritten_by_the_template_are_counted_not_mistrained(
-    released_templates: dict[str, str],
+    released_templates: dict[str, str], name: str, last_run: str
 ) -> None:
-    # Qwen3 writes an (empty) thinking block into the last assistant turn only: the first turn, as rendered when it
-    # was the last one, is not a prefix of the whole dialogue.
-    tokenizer = family_tokenizer("qwen3", released_templates["qwen3"])
-    tokenizer.add_tokens(["<think>", "</think>"])
+    # Qwen3 writes a thinking block into the last assistant turn only: the first turn, as rendered when it was the
+    # last one, is not a prefix of the whole dialogue, so it is counted and left untrained.
+    tokenizer = family_tokenizer(name, released_templates[name])
     row = batch_row(MULTI_TURN, tokenizer)
     assert row == tokenize_dialogue(MULTI_TURN, tokenizer, max_length=10**6)
     assert row[UNTRAINED_TURNS_KEY] == 1
     (last,) = trained_runs(row, tokenizer)
-    # This template's generation prompt opens the thinking block ("<|im_start|>assistant\n<think>\n\n"): the model
-    # closes it (empty here) and replies, both trained; the role header is not.
-    assert last.strip() == "</think>\n\nTwo, the only even prime.<|im_end|>"
+    assert last.strip() == last_run  # the thinking block and the reply: the role header is not trained
     check_assistant_mask(tokenizer)
 
 
@@ -224,7 +274,7 @@ def test_flagship_recipe_prepares_the_bundled_data_with_the_released_qwen25_temp
     released_templates: dict[str, str], tmp_path: Path
 ) -> None:
     tokenizer_dir = tmp_path / "qwen2.5-tokenizer"
-    family_tokenizer("qwen_25", released_templates["qwen_25"]).save_pretrained(tokenizer_dir)
+    family_tokenizer(QWEN25, released_templates[QWEN25]).save_pretrained(tokenizer_dir)
     run = load_run_config(
         [
             "experiment=qwen2_5_7b_zero3",
@@ -272,10 +322,10 @@ def test_data_chat_template_replaces_the_tokenizers_and_a_missing_one_is_named(
     released_templates: dict[str, str], tmp_path: Path
 ) -> None:
     template = tmp_path / "qwen25.jinja"
-    template.write_text(released_templates["qwen_25"], encoding="utf-8")
+    template.write_text(released_templates[QWEN25], encoding="utf-8")
     overrides = ["data.num_proc=1", f"data.cache_dir={tmp_path / 'cache'}"]
     _, _, tokenizer = prepare_run(load_run_config([*overrides, f"data.chat_template={template}"]))
-    assert tokenizer.chat_template == released_templates["qwen_25"]
+    assert tokenizer.chat_template == released_templates[QWEN25]
     _, _, shipped = prepare_run(load_run_config([*overrides, "data.chat_template=chatml"]))
     assert shipped.chat_template == (TOKENIZER_DIR / "chat_template.jinja").read_text(encoding="utf-8")
     problems = config_problems(load_run_config([*overrides, "data.chat_template=missing.jinja"]))
@@ -287,8 +337,25 @@ def test_the_template_a_run_trained_with_is_saved_with_its_model(
     released_templates: dict[str, str], tmp_path: Path
 ) -> None:
     template = tmp_path / "qwen25.jinja"
-    template.write_text(released_templates["qwen_25"], encoding="utf-8")
+    template.write_text(released_templates[QWEN25], encoding="utf-8")
     output_dir = tmp_path / "run"
     run_ok(output_dir, "debug=quick", NO_HELDOUT, f"data.chat_template={template}", f"data.cache_dir={tmp_path / 'c'}")
     saved = AutoTokenizer.from_pretrained(output_dir)
-    assert saved.chat_template == released_templates["qwen_25"]
+    assert saved.chat_template == released_templates[QWEN25]
+
+
+@pytest.mark.parametrize(
+    ("name", "opening"),
+    [(QWEN3, "<think>\n"), (QWEN35, "")],  # Qwen3.5's generation prompt already opened the block
+)
+def test_qwen3_templates_train_the_reasoning_content_they_render(
+    released_templates: dict[str, str], name: str, opening: str
+) -> None:
+    tokenizer = family_tokenizer(name, released_templates[name])
+    reasoning = "Two is divisible only by 1 and 2."
+    answer = {"role": "assistant", "reasoning_content": reasoning, "content": MULTI_TURN[3]["content"]}
+    messages = [MULTI_TURN[2], answer]
+    row = batch_row(messages, tokenizer)
+    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)
+    (run,) = trained_runs(row, tokenizer)
+    assert run.strip() == f"{opening}{reasoning}\n</think>\n\nTwo, the only even prime.<|im_end|>"
