@@ -87,6 +87,7 @@ LOSS_TYPES = ("dft", "ce")
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
 LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
+SYSTEM_MESSAGES = ("keep", "merge")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -139,6 +140,10 @@ class DataConfig:
     """A Jinja file, or a template the project ships (`chatml`), to render dialogues with instead of the
     tokenizer's own; saved with the model. null: the tokenizer's template, as the model ships it (with or without
     `{% generation %}` markers: see data_pipeline/tokenize.py)."""
+    system_message: str = "keep"
+    """keep: a system message is rendered as the template renders it (a template without a system role, such as
+    Gemma's, then refuses the record with its file:line); merge: it is written at the start of the first user turn,
+    a blank line between them."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""
@@ -161,6 +166,7 @@ class DataConfig:
         self.specs: list[SourceSpec] = parse_sources(self.sources)
         _check_choice("data.on_error", self.on_error, ON_ERROR_CHOICES)
         _check_choice("data.truncation", self.truncation, TRUNCATIONS)
+        _check_choice("data.system_message", self.system_message, SYSTEM_MESSAGES)
         if self.max_length < 8:
             raise ValueError(f"data.max_length={self.max_length} is too small (at least 8 tokens)")
         if self.num_proc < 1:

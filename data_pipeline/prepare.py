@@ -49,6 +49,7 @@ from data_pipeline.templates import load_chat_tokenizer
 from data_pipeline.tokenize import (
     CONVERSATION_KEY,
     NUM_TRAINABLE_KEY,
+    REASONING_NOT_RENDERED_KEY,
     REASONING_TURNS_KEY,
     TRUNCATED_KEY,
     UNTRAINED_TURNS_KEY,
@@ -292,7 +293,13 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
     tokenized = _arrow_map(
         canonical,
-        partial(tokenize_batch, tokenizer=tokenizer, max_length=max_length, truncation=data.truncation),
+        partial(
+            tokenize_batch,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            truncation=data.truncation,
+            merge_system=data.system_message == "merge",
+        ),
         num_proc,
         "Tokenising",
     )
@@ -329,6 +336,7 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     options = {
         "max_length": data.max_length,
         "truncation": data.truncation,
+        "system_message": data.system_message,
         "validation_split_percentage": data.validation_split_percentage,
         "seed": seed,
         "on_error": data.on_error,
@@ -372,6 +380,7 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
     tokens = pc.list_value_length(columns[INPUT_IDS_KEY]).to_numpy()
     untrained_turns = columns[UNTRAINED_TURNS_KEY].to_numpy()
     reasoning_turns = columns[REASONING_TURNS_KEY].to_numpy()
+    reasoning_not_rendered = columns[REASONING_NOT_RENDERED_KEY].to_numpy()
     kept = trainable > 0
 
     def per_source(values: np.ndarray) -> list[int]:
@@ -387,18 +396,20 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
         per_source(~kept & ~truncated),
         per_source(untrained_turns),
         per_source(np.where(kept, reasoning_turns, 0)),
+        per_source(np.where(kept, reasoning_not_rendered, 0)),
         strict=True,
     )
-    for source, n_kept, n_truncated, n_tokens, n_trainable, empty_after_cut, empty, n_untrained, n_reasoning in sums:
-        source.untrained_turns += n_untrained
-        source.reasoning_turns += n_reasoning
+    for source, n_kept, n_truncated, n_tokens, n_trainable, cut_empty, empty, untrained, reasoning, unrendered in sums:
+        source.untrained_turns += untrained
+        source.reasoning_turns += reasoning
+        source.reasoning_not_rendered += unrendered
         source.kept += n_kept
         source.truncated += n_truncated
         source.tokens += n_tokens
         source.trainable_tokens += n_trainable
         too_long = "longer_than_max_length" if truncation == "drop" else "no_trainable_tokens_after_truncation"
         for reason, count in (
-            (too_long, empty_after_cut),
+            (too_long, cut_empty),
             ("no_trainable_tokens", empty),
         ):
             if count:

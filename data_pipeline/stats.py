@@ -36,6 +36,9 @@ class SourceStats:
     `data_pipeline.tokenize`."""
     reasoning_turns: int = 0
     """Assistant turns with reasoning (a reasoning part or field, or inline thinking), trained with their turn."""
+    reasoning_not_rendered: int = 0
+    """Of those, the turns whose reasoning the chat template leaves out of its rendering, so it is not trained
+    (DeepSeek-R1's template drops the thinking of every assistant turn)."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -75,7 +78,10 @@ class DatasetStats:
                 dropped = ", ".join(f"{column} ({n})" for column, n in sorted(s.dropped_columns.items()))
                 lines.append(f"columns ignored in {name}: {dropped}")
             if s.reasoning_turns:
-                lines.append(f"assistant turns with reasoning in {name}: {s.reasoning_turns} (trained)")
+                lines.append(
+                    f"assistant turns with reasoning in {name}: {s.reasoning_turns}, of which "
+                    f"{s.reasoning_not_rendered} left out by the chat template (not trained)"
+                )
             if s.untrained_turns:
                 lines.append(
                     f"assistant turns left untrained in {name}: {s.untrained_turns} (the chat template renders "

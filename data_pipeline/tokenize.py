@@ -55,8 +55,8 @@ from data_pipeline.schema import MESSAGES_KEY, REASONING_KEY, TOOLS_KEY, TRAIN_K
 NUM_TRAINABLE_KEY, TRUNCATED_KEY = "num_trainable_tokens", "truncated"
 # Assistant turns left untrained because the template renders them differently once later turns follow.
 UNTRAINED_TURNS_KEY = "untrained_turns"
-# Assistant turns with reasoning (trained with the turn).
-REASONING_TURNS_KEY = "reasoning_turns"
+# Assistant turns with reasoning (trained with the turn), and those whose reasoning the template does not render.
+REASONING_TURNS_KEY, REASONING_NOT_RENDERED_KEY = "reasoning_turns", "reasoning_not_rendered"
 # Reasoning written into the content for a template that does not read `reasoning_content` (DeepSeek-R1's markers).
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 CONVERSATION_KEY = "conversation"
@@ -68,6 +68,7 @@ TOKENIZED_KEYS = (
     TRUNCATED_KEY,
     UNTRAINED_TURNS_KEY,
     REASONING_TURNS_KEY,
+    REASONING_NOT_RENDERED_KEY,
 )
 # transformers' own test for a template's generation markers (chat_template_utils.render_jinja_template).
 GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
@@ -105,6 +106,7 @@ def tokenize_dialogue(
     max_length: int,
     tools: list[dict[str, Any]] | None = None,
     truncation: str = "keep_start",
+    merge_system: bool = False,
 ) -> dict[str, Any]:
     """The reference of `tokenize_dialogues`: one dialogue through `apply_chat_template`, labels as Python lists.
 
@@ -114,15 +116,18 @@ def tokenize_dialogue(
         max_length: tokens kept at most.
         tools: tool schemas, passed to templates that use them.
         truncation: `keep_start`, `keep_end` or `drop` (see the module doc).
+        merge_system: write a leading system message into the first user turn (`data.system_message=merge`).
 
     Returns:
-        `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, whether it was truncated, and the
-        number of assistant turns the template would not let us locate.
+        `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, whether it was truncated, the
+        number of assistant turns the template would not let us locate, the assistant turns with reasoning and
+        those whose reasoning the template does not render.
     """
     template_tools = _template_tools(tools, tokenizer)
-    reasoning_turns = _reasoning_turns(messages)
     untrained, num_assistant_turns = _untrained_turns(messages)
-    messages = template_messages(messages, tokenizer)
+    original, messages = messages, template_messages(messages, tokenizer, merge_system)
+    text = tokenizer.apply_chat_template(messages, tools=template_tools, tokenize=False)
+    reasoning_turns, reasoning_not_rendered = _reasoning_counts(original, text)
     if has_generation_markers(tokenizer):
         encoded = tokenizer.apply_chat_template(
             messages, tools=template_tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -147,6 +152,7 @@ def tokenize_dialogue(
         TRUNCATED_KEY: truncated,
         UNTRAINED_TURNS_KEY: unlocated,
         REASONING_TURNS_KEY: reasoning_turns,
+        REASONING_NOT_RENDERED_KEY: reasoning_not_rendered,
     }
 
 
@@ -227,7 +233,9 @@ class RenderedDialogues(NamedTuple):
     generation blocks, one per assistant turn (markers)."""
 
 
-def render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase) -> RenderedDialogues:
+def render_dialogues(
+    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, merge_system: bool = False
+) -> RenderedDialogues:
     """Render each dialogue with the tokenizer's chat template and find the character spans to train.
 
     The same rendering `apply_chat_template` does (its template choice, special tokens as template variables,
@@ -238,17 +246,19 @@ def render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokeniz
         ChatTemplateError: the template refused a dialogue, naming which.
     """
     try:
-        return _render_dialogues(dialogues, tokenizer)
+        return _render_dialogues(dialogues, tokenizer, merge_system)
     except (TemplateError, TypeError, KeyError, ValueError) as e:
         for index, dialogue in enumerate(dialogues):
             try:
-                _render_dialogues([dialogue], tokenizer)
+                _render_dialogues([dialogue], tokenizer, merge_system)
             except (TemplateError, TypeError, KeyError, ValueError) as single:
                 raise ChatTemplateError(index, f"the chat template refused the dialogue: {single}") from single
         raise ChatTemplateError(0, f"the chat template failed on the batch: {e}") from e
 
 
-def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase) -> RenderedDialogues:
+def _render_dialogues(
+    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, merge_system: bool
+) -> RenderedDialogues:
     derived = not has_generation_markers(tokenizer)
     count = len(dialogues)
     rendered = RenderedDialogues([""] * count, [[] for _ in range(count)], [0] * count, per_turn=derived)
@@ -264,7 +274,7 @@ def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokeni
             chat_template=tokenizer.get_chat_template(None, template_tools),
             **tokenizer.special_tokens_map,
         )
-        conversations = [template_messages(dialogues[i][0], tokenizer) for i in indices]
+        conversations = [template_messages(dialogues[i][0], tokenizer, merge_system) for i in indices]
         if not derived:
             texts, generation_spans = render(conversations=conversations, return_assistant_tokens_mask=True)
             for i, text, generation in zip(indices, texts, generation_spans, strict=True):
@@ -302,14 +312,20 @@ def _render_dialogues(dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokeni
     return rendered
 
 
-def template_messages(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+def template_messages(
+    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, merge_system: bool = False
+) -> list[dict[str, Any]]:
     """The messages as the chat template gets them, on both tokenisation paths.
 
     None values are dropped, as apply_chat_template does (templates test for a key's presence, not for None). An
     assistant turn's reasoning goes to a template that reads `reasoning_content` (Qwen3, DeepSeek) as that field;
-    any other template gets it written into the content, between thinking markers, before the reply.
+    any other template gets it written into the content, between thinking markers, before the reply. With
+    `merge_system` (`data.system_message=merge`) a leading system message opens the first user turn instead.
     """
     reads_reasoning = REASONING_KEY in (tokenizer.chat_template or "")
+    if merge_system and len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
+        first_user = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+        messages = [first_user, *messages[2:]]
     out = []
     for message in messages:
         message = {key: value for key, value in message.items() if value is not None}
@@ -320,17 +336,33 @@ def template_messages(messages: list[dict[str, Any]], tokenizer: PreTrainedToken
     return out
 
 
-def _reasoning_turns(messages: list[dict[str, Any]]) -> int:
-    """Assistant turns with reasoning: a `reasoning_content` field, or thinking written inline in the content."""
-    return sum(
-        1
-        for m in messages
-        if m["role"] == "assistant" and (m.get(REASONING_KEY) or THINK_CLOSE.strip() in (m.get("content") or ""))
-    )
+def _reasonings(messages: list[dict[str, Any]]) -> list[str]:
+    """The reasoning of each assistant turn that has some: a `reasoning_content` field, or inline thinking."""
+    found = []
+    for m in messages:
+        content = m.get("content") or ""
+        if m["role"] != "assistant":
+            continue
+        if m.get(REASONING_KEY):
+            found.append(m[REASONING_KEY])
+        elif THINK_CLOSE.strip() in content:
+            found.append(content.split(THINK_CLOSE.strip())[0].removeprefix(THINK_OPEN.strip()).strip())
+    return found
+
+
+def _reasoning_counts(messages: list[dict[str, Any]], text: str) -> tuple[int, int]:
+    """Assistant turns with reasoning, and those whose reasoning the rendered `text` leaves out (DeepSeek-R1's
+    template drops the thinking of every assistant turn)."""
+    reasonings = _reasonings(messages)
+    return len(reasonings), sum(1 for reasoning in reasonings if reasoning not in text)
 
 
 def tokenize_dialogues(
-    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, max_length: int, truncation: str = "keep_start"
+    dialogues: Sequence[Dialogue],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: str = "keep_start",
+    merge_system: bool = False,
 ) -> dict[str, pa.Array]:
     """Tokenise a batch of canonical dialogues and label their trained assistant turns, as Arrow columns.
 
@@ -352,7 +384,7 @@ def tokenize_dialogues(
         ValueError: a tokenizer without offsets (not a fast one), generation spans out of order, or `train:
             False` flags on a template whose mask does not have one run per assistant turn.
     """
-    rendered = render_dialogues(dialogues, tokenizer)
+    rendered = render_dialogues(dialogues, tokenizer, merge_system)
     texts, spans = rendered.texts, rendered.spans
     # What apply_chat_template does after rendering: the special tokens are written by the template.
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
@@ -371,6 +403,7 @@ def tokenize_dialogues(
             begin, end = token_starts[i], token_starts[i + 1]
             mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
 
+    reasoning = [_reasoning_counts(messages, text) for (messages, _), text in zip(dialogues, texts, strict=True)]
     truncated = lengths > max_length
     kept_lengths = np.where(truncated, 0 if truncation == "drop" else max_length, lengths)
     if truncated.any():
@@ -392,7 +425,13 @@ def tokenize_dialogues(
         NUM_TRAINABLE_KEY: pa.array(trained_before[offsets[1:]] - trained_before[offsets[:-1]]),
         TRUNCATED_KEY: pa.array(truncated),
         UNTRAINED_TURNS_KEY: pa.array(rendered.untrained_turns, type=pa.int32()),
-        REASONING_TURNS_KEY: pa.array([_reasoning_turns(messages) for messages, _ in dialogues], type=pa.int32()),
+        **dict(
+            zip(
+                (REASONING_TURNS_KEY, REASONING_NOT_RENDERED_KEY),
+                (pa.array(counts, type=pa.int32()) for counts in zip(*reasoning, strict=True)),
+                strict=True,
+            )
+        ),
     }
 
 
@@ -435,7 +474,11 @@ def _assistant_mask(
 
 
 def tokenize_batch(
-    batch: pa.Table, tokenizer: PreTrainedTokenizerBase, max_length: int, truncation: str = "keep_start"
+    batch: pa.Table,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    truncation: str = "keep_start",
+    merge_system: bool = False,
 ) -> pa.Table:
     """`datasets.map(batched=True)` adapter on an Arrow-formatted dataset.
 
@@ -447,7 +490,7 @@ def tokenize_batch(
         dialogue = json.loads(conversation)
         dialogues.append((dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
     try:
-        columns = tokenize_dialogues(dialogues, tokenizer, max_length, truncation)
+        columns = tokenize_dialogues(dialogues, tokenizer, max_length, truncation, merge_system)
     except ChatTemplateError as e:
         origin = batch.column(ORIGIN_KEY)[e.index].as_py() if ORIGIN_KEY in batch.column_names else f"record {e.index}"
         raise ValueError(f"{origin}: {e}") from e

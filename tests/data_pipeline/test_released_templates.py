@@ -20,12 +20,14 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cluster.check import config_problems
-from config.schema import load_run_config
+from config.schema import DataConfig, load_run_config
 from core.keys import INPUT_IDS_KEY, ORIGIN_KEY
-from data_pipeline.prepare import prepare_run
+from data_pipeline.prepare import build_datasets, prepare_run
 from data_pipeline.stats import DatasetStats
 from data_pipeline.tokenize import (
     CONVERSATION_KEY,
+    REASONING_NOT_RENDERED_KEY,
+    REASONING_TURNS_KEY,
     UNTRAINED_TURNS_KEY,
     check_assistant_mask,
     tokenize_batch,
@@ -359,3 +361,40 @@ def test_qwen3_templates_train_the_reasoning_content_they_render(
     assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)
     (run,) = trained_runs(row, tokenizer)
     assert run.strip() == f"{opening}{reasoning}\n</think>\n\nTwo, the only even prime.<|im_end|>"
+
+
+def test_gemma_takes_a_system_message_merged_into_the_first_user_turn_when_asked(
+    released_templates: dict[str, str], tmp_path: Path
+) -> None:
+    tokenizer = family_tokenizer(GEMMA2, released_templates[GEMMA2])
+    messages = [SYSTEM, *MULTI_TURN]
+    columns = tokenize_dialogues([(messages, None)], tokenizer, max_length=10**6, merge_system=True)
+    row = {key: column[0].as_py() for key, column in columns.items()}
+    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6, merge_system=True)
+    assert [run.strip() for run in trained_runs(row, tokenizer)] == [
+        "Seven.<end_of_turn>",
+        "Two, the only even prime.<end_of_turn>",
+    ]
+    text = tokenizer.decode(row[INPUT_IDS_KEY])
+    assert f"<start_of_turn>user\n{SYSTEM['content']}\n\n{MULTI_TURN[0]['content']}<end_of_turn>" in text
+    # Through the data config, as a user asks for it: every record kept, none refused.
+    path = tmp_path / "with_system.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": MULTI_TURN}) + "\n")
+    data = DataConfig(sources=[str(path)], num_proc=1, system_message="merge", cache_dir=None)
+    _, _, stats = build_datasets(data, tokenizer, seed=0)
+    (source,) = stats.sources.values()
+    assert (source.records, source.kept) == (2, 2)
+
+
+def test_r1_distill_template_drops_the_reasoning_and_it_is_counted(released_templates: dict[str, str]) -> None:
+    # DeepSeek-R1's template keeps only what follows </think> in every assistant turn: the reasoning is not rendered,
+    # so it cannot be trained; the turn is still trained, and the loss of its reasoning is counted.
+    tokenizer = family_tokenizer(R1_DISTILL, released_templates[R1_DISTILL])
+    reasoning = "Two is divisible only by 1 and 2."
+    messages = [MULTI_TURN[2], {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\nTwo."}]
+    row = batch_row(messages, tokenizer)
+    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)
+    assert (row[REASONING_TURNS_KEY], row[REASONING_NOT_RENDERED_KEY]) == (1, 1)
+    assert [run.strip() for run in trained_runs(row, tokenizer)] == ["Two.<｜end▁of▁sentence｜>"]
+    qwen3 = family_tokenizer(QWEN3, released_templates[QWEN3])  # renders it: counted as trained
+    assert batch_row(messages, qwen3)[REASONING_NOT_RENDERED_KEY] == 0
