@@ -144,6 +144,9 @@ class DataConfig:
     """keep: a system message is rendered as the template renders it (a template without a system role, such as
     Gemma's, then refuses the record with its file:line); merge: it is written at the start of the first user turn,
     a blank line between them."""
+    train_reasoning: bool = True
+    """Train an assistant turn's reasoning (its thinking block) with its reply; false trains only the reply, what
+    follows the closing `</think>` (see data_pipeline/tokenize.py)."""
     packing: bool = False
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""

@@ -53,6 +53,7 @@ from data_pipeline.tokenize import (
     REASONING_TURNS_KEY,
     TRUNCATED_KEY,
     UNTRAINED_TURNS_KEY,
+    TokenizeOptions,
     check_assistant_mask,
     tokenize_batch,
 )
@@ -287,19 +288,13 @@ def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceS
 def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Read, tokenise, account and split, without any cache (see `build_datasets`)."""
     check_assistant_mask(tokenizer)
-    max_length, num_proc, validation_split_percentage = data.max_length, data.num_proc, data.validation_split_percentage
+    num_proc, validation_split_percentage = data.num_proc, data.validation_split_percentage
     canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc)
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
     tokenized = _arrow_map(
         canonical,
-        partial(
-            tokenize_batch,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            truncation=data.truncation,
-            merge_system=data.system_message == "merge",
-        ),
+        partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
         num_proc,
         "Tokenising",
     )
@@ -337,6 +332,7 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         "max_length": data.max_length,
         "truncation": data.truncation,
         "system_message": data.system_message,
+        "train_reasoning": data.train_reasoning,
         "validation_split_percentage": data.validation_split_percentage,
         "seed": seed,
         "on_error": data.on_error,

@@ -40,6 +40,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -49,6 +50,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from config.schema import DataConfig
 from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY
 from data_pipeline.schema import MESSAGES_KEY, REASONING_KEY, TOOLS_KEY, TRAIN_KEY
 
@@ -59,6 +61,7 @@ UNTRAINED_TURNS_KEY = "untrained_turns"
 REASONING_TURNS_KEY, REASONING_NOT_RENDERED_KEY = "reasoning_turns", "reasoning_not_rendered"
 # Reasoning written into the content for a template that does not read `reasoning_content` (DeepSeek-R1's markers).
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
+THINK_END = THINK_CLOSE.strip()
 CONVERSATION_KEY = "conversation"
 TOKENIZED_KEYS = (
     INPUT_IDS_KEY,
@@ -85,6 +88,25 @@ Dialogue = tuple[list[dict[str, Any]], list[dict[str, Any]] | None]
 """Canonical messages and the dialogue's tool schemas (or None)."""
 
 
+@dataclass(frozen=True)
+class TokenizeOptions:
+    """How a dialogue becomes a sample: the `data.*` keys that change its tokens or labels (all in the cache key)."""
+
+    max_length: int
+    """Tokens kept at most (`data.max_length`)."""
+    truncation: str = "keep_start"
+    """What a longer sample keeps: `keep_start`, `keep_end` or `drop` (`data.truncation`; see the module doc)."""
+    merge_system: bool = False
+    """Write a leading system message into the first user turn (`data.system_message=merge`)."""
+    train_reasoning: bool = True
+    """Train an assistant turn's thinking block; False trains only what follows its closing `</think>`
+    (`data.train_reasoning`)."""
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> TokenizeOptions:
+        return cls(data.max_length, data.truncation, data.system_message == "merge", data.train_reasoning)
+
+
 def _template_tools(tools: list[dict[str, Any]] | None, tokenizer: PreTrainedTokenizerBase) -> list | None:
     return tools if tools and TOOLS_KEY in (tokenizer.chat_template or "") else None
 
@@ -103,20 +125,16 @@ def _untrained_turns(messages: list[dict[str, Any]]) -> tuple[list[int], int]:
 def tokenize_dialogue(
     messages: list[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
+    options: TokenizeOptions,
     tools: list[dict[str, Any]] | None = None,
-    truncation: str = "keep_start",
-    merge_system: bool = False,
 ) -> dict[str, Any]:
     """The reference of `tokenize_dialogues`: one dialogue through `apply_chat_template`, labels as Python lists.
 
     Args:
         messages: canonical messages; an assistant turn with `train: False` gets no label.
         tokenizer: a tokenizer with a chat template, with or without generation markers.
-        max_length: tokens kept at most.
+        options: length, truncation, system message and reasoning choices.
         tools: tool schemas, passed to templates that use them.
-        truncation: `keep_start`, `keep_end` or `drop` (see the module doc).
-        merge_system: write a leading system message into the first user turn (`data.system_message=merge`).
 
     Returns:
         `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, whether it was truncated, the
@@ -125,7 +143,7 @@ def tokenize_dialogue(
     """
     template_tools = _template_tools(tools, tokenizer)
     untrained, num_assistant_turns = _untrained_turns(messages)
-    original, messages = messages, template_messages(messages, tokenizer, merge_system)
+    original, messages = messages, template_messages(messages, tokenizer, options.merge_system)
     text = tokenizer.apply_chat_template(messages, tools=template_tools, tokenize=False)
     reasoning_turns, reasoning_not_rendered = _reasoning_counts(original, text)
     if has_generation_markers(tokenizer):
@@ -139,10 +157,13 @@ def tokenize_dialogue(
         unlocated = 0
     else:
         input_ids, mask, unlocated = _prefix_token_mask(messages, tokenizer, template_tools)
+    if not options.train_reasoning:
+        mask = _answer_only_mask(input_ids, mask, tokenizer)
+    max_length = options.max_length
     truncated = len(input_ids) > max_length
     if truncated:
         kept = {"keep_start": slice(0, max_length), "keep_end": slice(-max_length, None), "drop": slice(0, 0)}
-        input_ids, mask = input_ids[kept[truncation]], mask[kept[truncation]]
+        input_ids, mask = input_ids[kept[options.truncation]], mask[kept[options.truncation]]
     labels = [token if trained else IGNORE_INDEX for token, trained in zip(input_ids, mask, strict=True)]
     return {
         INPUT_IDS_KEY: input_ids,
@@ -195,6 +216,36 @@ def _prefix_token_mask(
         elif message.get(TRAIN_KEY) is not False:
             mask[start:end] = [1] * (end - start)
     return input_ids, mask, unlocated
+
+
+def _answer_only_mask(input_ids: list[int], mask: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token-level reference of `_after_thinking`: in each trained run, untrain the tokens up to the closing
+    `</think>` and the whitespace after it."""
+    mask = list(mask)
+    for trained, group in itertools.groupby(enumerate(mask), key=lambda item: item[1]):
+        positions = [position for position, _ in group]
+        if not trained:
+            continue
+        begin, end = positions[0], positions[-1] + 1
+        cut = next((j for j in range(begin + 1, end + 1) if THINK_END in tokenizer.decode(input_ids[begin:j])), None)
+        if cut is None:
+            continue
+        while cut < end and not tokenizer.decode(input_ids[cut : cut + 1]).strip():
+            cut += 1
+        mask[begin:cut] = [0] * (cut - begin)
+    return mask
+
+
+def _after_thinking(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    """The span without its thinking block: what follows the last `</think>` in it and the whitespace after it."""
+    start, end = span
+    close = text.rfind(THINK_END, start, end)
+    if close < 0:
+        return span
+    start = close + len(THINK_END)
+    while start < end and text[start].isspace():
+        start += 1
+    return start, end
 
 
 def _clear_turns(mask: list[int], turns: list[int], num_assistant_turns: int) -> list[int]:
@@ -358,11 +409,7 @@ def _reasoning_counts(messages: list[dict[str, Any]], text: str) -> tuple[int, i
 
 
 def tokenize_dialogues(
-    dialogues: Sequence[Dialogue],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    truncation: str = "keep_start",
-    merge_system: bool = False,
+    dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions
 ) -> dict[str, pa.Array]:
     """Tokenise a batch of canonical dialogues and label their trained assistant turns, as Arrow columns.
 
@@ -372,20 +419,22 @@ def tokenize_dialogues(
     Args:
         dialogues: (messages, tools) pairs; an assistant turn with `train: False` gets no label.
         tokenizer: a fast tokenizer with a chat template, with or without generation markers.
-        max_length: tokens kept at most of each dialogue.
-        truncation: `keep_start`, `keep_end` or `drop` (see the module doc).
+        options: length, truncation, system message and reasoning choices.
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (int32 and int8 lists), `num_trainable_tokens`, `truncated`,
-        `untrained_turns` (assistant turns the template would not let us locate).
+        `untrained_turns` (assistant turns the template would not let us locate), `reasoning_turns` and
+        `reasoning_not_rendered`.
 
     Raises:
         ChatTemplateError: the template refused a dialogue (`index` says which).
         ValueError: a tokenizer without offsets (not a fast one), generation spans out of order, or `train:
             False` flags on a template whose mask does not have one run per assistant turn.
     """
-    rendered = render_dialogues(dialogues, tokenizer, merge_system)
+    rendered = render_dialogues(dialogues, tokenizer, options.merge_system)
     texts, spans = rendered.texts, rendered.spans
+    if not options.train_reasoning:
+        spans = [[_after_thinking(text, span) for span in of] for text, of in zip(texts, spans, strict=True)]
     # What apply_chat_template does after rendering: the special tokens are written by the template.
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
     if encoded.encodings is None:
@@ -404,6 +453,7 @@ def tokenize_dialogues(
             mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
 
     reasoning = [_reasoning_counts(messages, text) for (messages, _), text in zip(dialogues, texts, strict=True)]
+    max_length, truncation = options.max_length, options.truncation
     truncated = lengths > max_length
     kept_lengths = np.where(truncated, 0 if truncation == "drop" else max_length, lengths)
     if truncated.any():
@@ -473,13 +523,7 @@ def _assistant_mask(
     return reached & (offsets[:, 1] > span_starts[np.minimum(skipped, len(span_ends) - 1)])
 
 
-def tokenize_batch(
-    batch: pa.Table,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    truncation: str = "keep_start",
-    merge_system: bool = False,
-) -> pa.Table:
+def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions) -> pa.Table:
     """`datasets.map(batched=True)` adapter on an Arrow-formatted dataset.
 
     Each row's `conversation` is canonical JSON (messages, tools); it is replaced by the tokenised columns and
@@ -490,7 +534,7 @@ def tokenize_batch(
         dialogue = json.loads(conversation)
         dialogues.append((dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
     try:
-        columns = tokenize_dialogues(dialogues, tokenizer, max_length, truncation, merge_system)
+        columns = tokenize_dialogues(dialogues, tokenizer, options)
     except ChatTemplateError as e:
         origin = batch.column(ORIGIN_KEY)[e.index].as_py() if ORIGIN_KEY in batch.column_names else f"record {e.index}"
         raise ValueError(f"{origin}: {e}") from e
@@ -521,14 +565,17 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase) -> None:
         _check_probe([m for m in PROBE_DIALOGUE if m["role"] != "system"], tokenizer)
 
 
+PROBE_OPTIONS = TokenizeOptions(max_length=10**9)
+
+
 class _SystemMessageMoved(ValueError):
     """The probe's turns could not be located with a system message: the template moves it."""
 
 
 def _check_probe(probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> None:
-    columns = tokenize_dialogues([(probe, None)], tokenizer, max_length=10**9)
+    columns = tokenize_dialogues([(probe, None)], tokenizer, PROBE_OPTIONS)
     row = {key: column[0].as_py() for key, column in columns.items()}
-    reference = tokenize_dialogue(probe, tokenizer, max_length=10**9)
+    reference = tokenize_dialogue(probe, tokenizer, PROBE_OPTIONS)
     if row != reference:
         raise RuntimeError(
             "data_pipeline.tokenize: the batch tokenisation disagrees with apply_chat_template on the probe "

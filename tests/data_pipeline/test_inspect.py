@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.inspect import render_marked
-from data_pipeline.tokenize import tokenize_dialogue
+from data_pipeline.tokenize import TokenizeOptions, tokenize_dialogue
 from tests.helpers import REPO_ROOT
 
 DIALOGUE = [
@@ -22,7 +22,7 @@ DIALOGUE = [
 
 
 def test_trained_tokens_are_marked(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
-    row = tokenize_dialogue(DIALOGUE, chatml_tokenizer, 128)
+    row = tokenize_dialogue(DIALOGUE, chatml_tokenizer, TokenizeOptions(128))
     text = render_marked(row["input_ids"], row["labels"], chatml_tokenizer)
     assert text == (
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Hello<|im_end|>⟧\n"

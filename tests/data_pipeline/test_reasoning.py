@@ -7,7 +7,6 @@ markers, for one that does not; and counted per source.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from config.schema import DataConfig
-from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.prepare import build_datasets
 from data_pipeline.schema import MESSAGES_KEY, REASONING_KEY, to_canonical
-from data_pipeline.tokenize import REASONING_TURNS_KEY, tokenize_dialogue, tokenize_dialogues
+from data_pipeline.tokenize import REASONING_TURNS_KEY, TokenizeOptions, tokenize_dialogue, tokenize_dialogues
 from embedded.paths import TOKENIZER_DIR
-from tests.helpers import NO_HELDOUT, run_ok
+from tests.helpers import NO_HELDOUT, run_ok, trained_runs
 
 QUESTION = "Reverse the word.\nabc"
 REASONING = "The letters are a, b, c; backwards they read c, b, a."
@@ -60,19 +58,14 @@ def canonical(record: dict) -> list[dict]:
     return converted[MESSAGES_KEY]
 
 
-def trained_text(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
-    columns = tokenize_dialogues([(messages, None)], tokenizer, max_length=10**6)
+def trained_text(messages: list[dict], tokenizer: PreTrainedTokenizerBase, train_reasoning: bool = True) -> str:
+    options = TokenizeOptions(10**6, train_reasoning=train_reasoning)
+    columns = tokenize_dialogues([(messages, None)], tokenizer, options)
     row = {key: column[0].as_py() for key, column in columns.items()}
-    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)  # batch path = apply_chat_template
+    assert row == tokenize_dialogue(messages, tokenizer, options)  # batch path = apply_chat_template
     assert row[REASONING_TURNS_KEY] == 1
-    pairs = zip(row[INPUT_IDS_KEY], row[LABELS_KEY], strict=True)
-    runs = [
-        [token for token, _ in run]
-        for trained, run in itertools.groupby(pairs, lambda p: p[1] != IGNORE_INDEX)
-        if trained
-    ]
-    assert len(runs) == 1
-    return tokenizer.decode(runs[0])
+    (run,) = trained_runs(row, tokenizer)
+    return run
 
 
 def test_parts_and_field_become_reasoning_content_and_inline_thinking_stays_in_the_content() -> None:
@@ -88,12 +81,13 @@ def test_reasoning_in_a_user_turn_is_refused_naming_the_record() -> None:
         canonical(record)
 
 
+@pytest.mark.parametrize("train_reasoning", [True, False], ids=["with_reasoning", "answer_only"])
 @pytest.mark.parametrize(
     "record", [LLAMA_FACTORY_PARTS, REASONING_FIELD, INLINE_THINK], ids=["parts", "field", "inline"]
 )
 @pytest.mark.parametrize("template", ["markers", "derived", "reads_reasoning"])
 def test_the_reasoning_is_trained_with_its_turn(
-    chatml_tokenizer: PreTrainedTokenizerBase, record: dict, template: str
+    chatml_tokenizer: PreTrainedTokenizerBase, record: dict, template: str, train_reasoning: bool
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     if template == "derived":  # the shipped ChatML without its generation markers: spans derived by prefix rendering
@@ -102,7 +96,11 @@ def test_the_reasoning_is_trained_with_its_turn(
         )
     elif template == "reads_reasoning":
         tokenizer.chat_template = READS_REASONING
-    assert trained_text(canonical(record), tokenizer) == f"<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>"
+    trained = trained_text(canonical(record), tokenizer, train_reasoning)
+    if train_reasoning:
+        assert trained == f"<think>\n{REASONING}\n</think>\n\n{ANSWER}<|im_end|>"
+    else:  # data.train_reasoning=false: the reply alone
+        assert trained == f"{ANSWER}<|im_end|>"
 
 
 def test_reasoning_turns_are_counted_per_source(chatml_tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from data_pipeline.tokenize import (
     REASONING_NOT_RENDERED_KEY,
     REASONING_TURNS_KEY,
     UNTRAINED_TURNS_KEY,
+    TokenizeOptions,
     check_assistant_mask,
     tokenize_batch,
     tokenize_dialogue,
@@ -163,7 +164,7 @@ TAKES_A_SYSTEM_MESSAGE = sorted(set(EVERY_TURN_LOCATED) - {GEMMA2, MISTRAL})
 
 
 def batch_row(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list | None = None) -> dict:
-    columns = tokenize_dialogues([(messages, tools)], tokenizer, max_length=10**6)
+    columns = tokenize_dialogues([(messages, tools)], tokenizer, TokenizeOptions(10**6))
     return {key: column[0].as_py() for key, column in columns.items()}
 
 
@@ -188,7 +189,7 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_token_and_nothing_
     tokenizer = family_tokenizer(name, released_templates[name])
     messages = [SYSTEM, *MULTI_TURN] if with_system else MULTI_TURN
     row = batch_row(messages, tokenizer)
-    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)  # batch path = apply_chat_template path
+    assert row == tokenize_dialogue(messages, tokenizer, TokenizeOptions(10**6))  # batch path = apply_chat_template
     assert row[UNTRAINED_TURNS_KEY] == 0
     _, _, end_of_turn, end_of_last_turn = FAMILIES[name]
     first, last = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -204,7 +205,7 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_token_and_nothing_
 def test_qwen25_tool_calls_and_tool_results(released_templates: dict[str, str]) -> None:
     tokenizer = family_tokenizer(QWEN25, released_templates[QWEN25])
     row = batch_row(TOOL_DIALOGUE, tokenizer, TOOLS)
-    assert row == tokenize_dialogue(TOOL_DIALOGUE, tokenizer, max_length=10**6, tools=TOOLS)
+    assert row == tokenize_dialogue(TOOL_DIALOGUE, tokenizer, TokenizeOptions(10**6), tools=TOOLS)
     call, answer = trained_runs(row, tokenizer)
     # The tool call as the model must write it, ending its turn; the tool result (a user turn) is not trained.
     assert call.startswith("<tool_call>\n") and call.endswith("</tool_call><|im_end|>")
@@ -219,7 +220,7 @@ def test_qwen25_tool_calls_and_tool_results(released_templates: dict[str, str]) 
 def test_llama31_tool_calls_and_tool_results(released_templates: dict[str, str]) -> None:
     tokenizer = family_tokenizer(LLAMA31, released_templates[LLAMA31])
     row = batch_row(TOOL_DIALOGUE, tokenizer, TOOLS)
-    assert row == tokenize_dialogue(TOOL_DIALOGUE, tokenizer, max_length=10**6, tools=TOOLS)
+    assert row == tokenize_dialogue(TOOL_DIALOGUE, tokenizer, TokenizeOptions(10**6), tools=TOOLS)
     call, answer = (run.strip() for run in trained_runs(row, tokenizer))
     # Llama 3.1 writes a call as a JSON object with "parameters"; the result is an untrained "ipython" turn.
     assert json.loads(call.removesuffix("<|eot_id|>")) == {"name": "get_weather", "parameters": {"city": "Lyon"}}
@@ -238,7 +239,7 @@ def test_gemma_refuses_a_system_message_naming_the_record(released_templates: di
         }
     )
     with pytest.raises(ValueError, match=r"chats\.jsonl:2: the chat template refused the dialogue: System role"):
-        tokenize_batch(batch, tokenizer, max_length=512)
+        tokenize_batch(batch, tokenizer, TokenizeOptions(512))
 
 
 def test_mistral_system_message_leaves_the_turns_untrained_and_counted(released_templates: dict[str, str]) -> None:
@@ -265,7 +266,7 @@ def test_qwen3_earlier_turns_rewritten_by_the_template_are_counted_not_mistraine
     # last one, is not a prefix of the whole dialogue, so it is counted and left untrained.
     tokenizer = family_tokenizer(name, released_templates[name])
     row = batch_row(MULTI_TURN, tokenizer)
-    assert row == tokenize_dialogue(MULTI_TURN, tokenizer, max_length=10**6)
+    assert row == tokenize_dialogue(MULTI_TURN, tokenizer, TokenizeOptions(10**6))
     assert row[UNTRAINED_TURNS_KEY] == 1
     (last,) = trained_runs(row, tokenizer)
     assert last.strip() == last_run  # the thinking block and the reply: the role header is not trained
@@ -358,7 +359,7 @@ def test_qwen3_templates_train_the_reasoning_content_they_render(
     answer = {"role": "assistant", "reasoning_content": reasoning, "content": MULTI_TURN[3]["content"]}
     messages = [MULTI_TURN[2], answer]
     row = batch_row(messages, tokenizer)
-    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)
+    assert row == tokenize_dialogue(messages, tokenizer, TokenizeOptions(10**6))
     (run,) = trained_runs(row, tokenizer)
     assert run.strip() == f"{opening}{reasoning}\n</think>\n\nTwo, the only even prime.<|im_end|>"
 
@@ -368,9 +369,9 @@ def test_gemma_takes_a_system_message_merged_into_the_first_user_turn_when_asked
 ) -> None:
     tokenizer = family_tokenizer(GEMMA2, released_templates[GEMMA2])
     messages = [SYSTEM, *MULTI_TURN]
-    columns = tokenize_dialogues([(messages, None)], tokenizer, max_length=10**6, merge_system=True)
+    columns = tokenize_dialogues([(messages, None)], tokenizer, TokenizeOptions(10**6, merge_system=True))
     row = {key: column[0].as_py() for key, column in columns.items()}
-    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6, merge_system=True)
+    assert row == tokenize_dialogue(messages, tokenizer, TokenizeOptions(10**6, merge_system=True))
     assert [run.strip() for run in trained_runs(row, tokenizer)] == [
         "Seven.<end_of_turn>",
         "Two, the only even prime.<end_of_turn>",
@@ -393,8 +394,18 @@ def test_r1_distill_template_drops_the_reasoning_and_it_is_counted(released_temp
     reasoning = "Two is divisible only by 1 and 2."
     messages = [MULTI_TURN[2], {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n\nTwo."}]
     row = batch_row(messages, tokenizer)
-    assert row == tokenize_dialogue(messages, tokenizer, max_length=10**6)
+    assert row == tokenize_dialogue(messages, tokenizer, TokenizeOptions(10**6))
     assert (row[REASONING_TURNS_KEY], row[REASONING_NOT_RENDERED_KEY]) == (1, 1)
     assert [run.strip() for run in trained_runs(row, tokenizer)] == ["Two.<｜end▁of▁sentence｜>"]
     qwen3 = family_tokenizer(QWEN3, released_templates[QWEN3])  # renders it: counted as trained
     assert batch_row(messages, qwen3)[REASONING_NOT_RENDERED_KEY] == 0
+
+
+@pytest.mark.parametrize("name", [QWEN3, QWEN35])
+def test_the_reasoning_is_left_untrained_when_asked(released_templates: dict[str, str], name: str) -> None:
+    tokenizer = family_tokenizer(name, released_templates[name])
+    answer = {"role": "assistant", "reasoning_content": "Two divides only by 1 and 2.", "content": "Two."}
+    messages, options = [MULTI_TURN[2], answer], TokenizeOptions(10**6, train_reasoning=False)
+    row = {key: column[0].as_py() for key, column in tokenize_dialogues([(messages, None)], tokenizer, options).items()}
+    assert row == tokenize_dialogue(messages, tokenizer, options)
+    assert [run.strip() for run in trained_runs(row, tokenizer)] == ["Two.<|im_end|>"]

@@ -17,6 +17,7 @@ from data_pipeline.prepare import build_datasets, load_canonical
 from data_pipeline.tokenize import (
     TOKENIZED_KEYS,
     Dialogue,
+    TokenizeOptions,
     check_assistant_mask,
     tokenize_dialogue,
     tokenize_dialogues,
@@ -92,7 +93,7 @@ def labelled_text(row: dict, tokenizer: PreTrainedTokenizerBase) -> str:
 @pytest.mark.parametrize("name", ["chatml", "llama3_style"])
 def test_labels_cover_every_assistant_turn_and_nothing_else(name: str, request: pytest.FixtureRequest) -> None:
     tokenizer = request.getfixturevalue(f"{name}_tokenizer")
-    row = tokenize_dialogue(DIALOGUE, tokenizer, max_length=512)
+    row = tokenize_dialogue(DIALOGUE, tokenizer, TokenizeOptions(512))
     end_of_turn = tokenizer.eos_token
     assert labelled_text(row, tokenizer) == f"7{end_of_turn}9{end_of_turn}"
     assert len(row["labels"]) == len(row["input_ids"]) == len(row["attention_mask"])
@@ -106,7 +107,7 @@ def test_a_turn_flagged_not_trained_gets_no_label(name: str, request: pytest.Fix
     tokenizer = request.getfixturevalue(f"{name}_tokenizer")
     flagged = [dict(m) for m in DIALOGUE]
     flagged[2]["train"] = False
-    row = tokenize_dialogue(flagged, tokenizer, max_length=512)
+    row = tokenize_dialogue(flagged, tokenizer, TokenizeOptions(512))
     assert labelled_text(row, tokenizer) == f"9{tokenizer.eos_token}"
 
 
@@ -117,14 +118,14 @@ def test_tools_reach_a_template_that_uses_them(chatml_tokenizer: PreTrainedToken
         "{{- '<|im_end|>\\n' }}{%- endif %}" + chatml_tokenizer.chat_template
     )
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    row = tokenize_dialogue(DIALOGUE[1:3], tokenizer, max_length=512, tools=tools)
+    row = tokenize_dialogue(DIALOGUE[1:3], tokenizer, TokenizeOptions(512), tools=tools)
     assert "lookup" in tokenizer.decode(row["input_ids"]) and labelled_text(row, tokenizer) == "7<|im_end|>"
 
 
 def test_truncation_keeps_the_start_and_counts_trainable_tokens(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
-    full = tokenize_dialogue(DIALOGUE, chatml_tokenizer, max_length=512)
+    full = tokenize_dialogue(DIALOGUE, chatml_tokenizer, TokenizeOptions(512))
     first_reply_end = next(i for i, t in enumerate(full["labels"]) if t != IGNORE_INDEX) + 2
-    cut = tokenize_dialogue(DIALOGUE, chatml_tokenizer, max_length=first_reply_end)
+    cut = tokenize_dialogue(DIALOGUE, chatml_tokenizer, TokenizeOptions(first_reply_end))
     assert cut["truncated"] and not full["truncated"]
     assert cut["input_ids"] == full["input_ids"][:first_reply_end]
     assert cut["num_trainable_tokens"] == 2 and full["num_trainable_tokens"] == 4
@@ -162,10 +163,10 @@ def test_samples_truncated_to_nothing_trainable_are_dropped_and_counted(
 def assert_batch_matches_reference(
     dialogues: list[Dialogue], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> None:
-    columns = tokenize_dialogues(dialogues, tokenizer, max_length)
+    columns = tokenize_dialogues(dialogues, tokenizer, TokenizeOptions(max_length))
     assert set(columns) == set(TOKENIZED_KEYS)
     for i, (messages, tools) in enumerate(dialogues):
-        expected = tokenize_dialogue(messages, tokenizer, max_length, tools)
+        expected = tokenize_dialogue(messages, tokenizer, TokenizeOptions(max_length), tools)
         got = {key: columns[key][i].as_py() for key in TOKENIZED_KEYS}
         assert got == expected, f"dialogue {i} differs from apply_chat_template: {messages}"
 

@@ -15,7 +15,13 @@ from transformers import PreTrainedTokenizerBase
 from config.schema import DataConfig
 from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.prepare import build_datasets, prepare_dataset
-from data_pipeline.tokenize import NUM_TRAINABLE_KEY, TRUNCATED_KEY, tokenize_dialogue, tokenize_dialogues
+from data_pipeline.tokenize import (
+    NUM_TRAINABLE_KEY,
+    TRUNCATED_KEY,
+    TokenizeOptions,
+    tokenize_dialogue,
+    tokenize_dialogues,
+)
 
 LONG_PROMPT = [
     {"role": "system", "content": "Rules: " + " ".join(f"rule{i} is binding." for i in range(60))},
@@ -27,14 +33,15 @@ MAX_LENGTH = 64
 
 
 def row_of(messages: list[dict], tokenizer: PreTrainedTokenizerBase, truncation: str) -> dict:
-    columns = tokenize_dialogues([(messages, None)], tokenizer, MAX_LENGTH, truncation)
+    options = TokenizeOptions(MAX_LENGTH, truncation)
+    columns = tokenize_dialogues([(messages, None)], tokenizer, options)
     row = {key: column[0].as_py() for key, column in columns.items()}
-    assert row == tokenize_dialogue(messages, tokenizer, MAX_LENGTH, truncation=truncation)  # batch = reference
+    assert row == tokenize_dialogue(messages, tokenizer, options)  # batch = reference
     return row
 
 
 def test_keep_start_keep_end_and_drop_on_a_long_prompt(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
-    full = tokenize_dialogue(LONG_PROMPT, chatml_tokenizer, max_length=10**6)
+    full = tokenize_dialogue(LONG_PROMPT, chatml_tokenizer, TokenizeOptions(10**6))
     assert len(full[INPUT_IDS_KEY]) > 2 * MAX_LENGTH and full[NUM_TRAINABLE_KEY] > 0
 
     start = row_of(LONG_PROMPT, chatml_tokenizer, "keep_start")
@@ -50,7 +57,9 @@ def test_keep_start_keep_end_and_drop_on_a_long_prompt(chatml_tokenizer: PreTrai
     assert dropped[INPUT_IDS_KEY] == [] and dropped[NUM_TRAINABLE_KEY] == 0 and dropped[TRUNCATED_KEY]
 
     for truncation in ("keep_start", "keep_end", "drop"):  # a sample that fits is never touched
-        assert row_of(SHORT, chatml_tokenizer, truncation) == tokenize_dialogue(SHORT, chatml_tokenizer, 10**6)
+        assert row_of(SHORT, chatml_tokenizer, truncation) == tokenize_dialogue(
+            SHORT, chatml_tokenizer, TokenizeOptions(10**6)
+        )
 
 
 @pytest.mark.parametrize(
