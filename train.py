@@ -19,6 +19,7 @@ from pathlib import Path
 import deepspeed
 import hydra
 from datasets import Dataset
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
@@ -27,9 +28,9 @@ from cluster.atomic_save import AtomicCheckpointMixin
 from cluster.distributed import accept_launcher_local_rank, teardown
 from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
-from cluster.resume import check_resume_compatible, resolve_resume_checkpoint
+from cluster.resume import check_resume_compatible, resolve_resume_checkpoint, saved_model
 from config.deepspeed import check_deepspeed_config
-from config.schema import RunConfig, register_configs, to_run_config, to_training_arguments
+from config.schema import RunConfig, inert_training_settings, register_configs, to_run_config, to_training_arguments
 from config.sources import SourceSpec
 from core.files import write_atomic
 from core.keys import IGNORE_INDEX
@@ -86,7 +87,7 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run = to_run_config(cfg)
+    run = to_run_config(cfg, HydraConfig.get().overrides.task)
     check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
     check_deepspeed_config(run.deepspeed.config)
     output_dir = Path(run.output_dir)
@@ -97,6 +98,11 @@ def main(cfg: DictConfig) -> None:
     logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
     resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
     check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
+    if is_rank_zero():
+        for setting in inert_training_settings(run.training):
+            logger.warning("%s", setting)
+        if resume_from is None and (previous := saved_model(output_dir)) is not None:
+            logger.warning("%s already holds a trained model (%s): this run replaces it", output_dir, previous.name)
 
     model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)

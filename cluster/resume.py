@@ -20,7 +20,14 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from cluster.manifest import MANIFEST_FILE, STAGING_DIR, TRAINER_STATE_FILE, checkpoint_problem, read_manifest
+from cluster.manifest import (
+    MANIFEST_FILE,
+    STAGING_DIR,
+    TRAINER_STATE_FILE,
+    WEIGHTS_FILES,
+    checkpoint_problem,
+    read_manifest,
+)
 from config.deepspeed import zero_stage
 from core.ranks import is_rank_zero
 
@@ -111,6 +118,11 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | Path) -> str 
     else:
         _warn_if_legacy(path)
     return str(path)
+
+
+def saved_model(output_dir: str | Path) -> Path | None:
+    """The final model's weights file a finished run left in `output_dir`, or None: what a new run there replaces."""
+    return next((path for name in WEIGHTS_FILES if (path := Path(output_dir) / name).is_file()), None)
 
 
 def _saved_layout(checkpoint: Path) -> tuple[int | None, bool, int | None, bool]:

@@ -17,6 +17,7 @@ import enum
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -284,12 +285,18 @@ def load_run_config(overrides: list[str]) -> RunConfig:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_run_config(compose(config_name="config", overrides=overrides))
+        return to_run_config(compose(config_name="config", overrides=overrides), overrides)
 
 
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Resolve interpolations and build the typed dataclasses (runs every `__post_init__` check)."""
+def to_run_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
+    """Resolve interpolations and build the typed dataclasses (runs every `__post_init__` check).
+
+    Args:
+        cfg: the composed config.
+        overrides: the command line's overrides, to tell which of `output_dir` and `training.output_dir` the user set.
+    """
     _reject_unknown_keys(cfg, RunConfig, prefix="")
+    _one_output_dir(cfg, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(
@@ -301,6 +308,46 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
             "would be saved in config.yaml, training_args.bin and the tracker's run config"
         )
     return OmegaConf.to_object(cfg)
+
+
+def _one_output_dir(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """`output_dir` is the run's one directory and `training.output_dir` follows it (`${output_dir}` in the presets).
+    An HF user's `training.output_dir=X` alone moves the run there; set to another directory than an explicit
+    `output_dir`, it is refused: a run never writes into two places."""
+    training_dir = cfg.training.get("output_dir")
+    if training_dir is None or training_dir == cfg.output_dir:
+        return
+    if any(override.lstrip("+~").split("=", 1)[0] == "output_dir" for override in overrides):
+        raise ValueError(
+            f"output_dir={cfg.output_dir} and training.output_dir={training_dir} name two directories; a run writes "
+            "one: set output_dir alone (training.output_dir follows it)"
+        )
+    cfg.output_dir = training_dir
+    cfg.training.output_dir = "${output_dir}"
+
+
+def inert_training_settings(training: TrainingConfig) -> list[str]:
+    """The `training.*` values that do nothing with the rest of the config: a user set them expecting an effect."""
+    defaults = TrainingConfig()
+    inert = []
+    if training.save_strategy == "no":
+        inert += [
+            f"training.{key}={_plain(getattr(training, key))} does nothing with training.save_strategy=no "
+            "(set training.save_strategy=steps to save checkpoints)"
+            for key in ("save_steps", "save_total_limit")
+            if getattr(training, key) != getattr(defaults, key)
+        ]
+    if training.eval_strategy == "no" and training.eval_steps != defaults.eval_steps:
+        inert.append(
+            f"training.eval_steps={_plain(training.eval_steps)} does nothing with training.eval_strategy=no "
+            "(set training.eval_strategy=steps to evaluate)"
+        )
+    return inert
+
+
+def _plain(value: Any) -> Any:
+    # TrainingArguments types step counts as float (a share of the run below 1): show a whole number as typed.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:

@@ -331,13 +331,14 @@ def trained_runs(row: dict[str, list[int]], tokenizer: Any) -> list[str]:
 # --- Running train.py and the launch scripts --------------------------------------------------------------------
 
 
-def run_train(output_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python train.py output_dir=... <overrides>` from the repo root, to its end whatever its status."""
-    command = [sys.executable, "train.py", f"output_dir={output_dir}", *overrides]
+def run_train(output_dir: Path | None, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python train.py output_dir=... <overrides>` from the repo root (no `output_dir` when None), to its end
+    whatever its status."""
+    command = [sys.executable, "train.py", *([f"output_dir={output_dir}"] if output_dir else []), *overrides]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def run_ok(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def run_ok(output_dir: Path | None, *overrides: str) -> subprocess.CompletedProcess:
     """`run_train` that must succeed."""
     result = run_train(output_dir, *overrides)
     assert result.returncode == 0, f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from observability.artifacts import read_metrics
-from tests.helpers import run_ok, run_train
+from tests.helpers import NO_HELDOUT, run_ok, run_train
 
 TRAIN_METRICS = ("loss", "nll", "avg_p_correct", "learning_rate", "grad_norm", "trainable_tokens_per_second")
 SAMPLE_SOURCE_KEYS = ("chat_letters", "reverse_alpaca")  # conf/data/sample.yaml's two files, by stem
@@ -140,3 +140,16 @@ def test_default_demo_shows_learning(tmp_path: Path) -> None:
     samples = (out / "samples.md").read_text()
     assert samples.count("\n| ") == 1 + 8  # header + heldout.show rows
     assert "| yes |" in samples  # the trained model gets some validation replies right
+
+
+@pytest.mark.slow
+def test_training_output_dir_alone_holds_the_whole_run_and_a_second_run_says_what_it_replaces(tmp_path: Path) -> None:
+    run_dir = tmp_path / "hf_style"
+    overrides = ("debug=quick", NO_HELDOUT, f"training.output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}")
+    first = run_ok(None, *overrides, "training.save_steps=4")
+    assert "training.save_steps=4 does nothing with training.save_strategy=no" in first.stdout
+    for name in ("model.safetensors", "config.yaml", "metrics.jsonl", "logs/rank0.log", "logs/rank0_metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert f"Output directory {run_dir.resolve()}" in first.stdout
+    second = run_ok(None, *overrides)
+    assert f"{run_dir} already holds a trained model (model.safetensors): this run replaces it" in second.stdout

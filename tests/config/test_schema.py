@@ -10,7 +10,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from transformers import TrainingArguments
 
-from config.schema import DataConfig, RunConfig, TrainingConfig, register_configs, to_run_config
+from config.schema import (
+    DataConfig,
+    RunConfig,
+    TrainingConfig,
+    inert_training_settings,
+    load_run_config,
+    register_configs,
+    to_run_config,
+)
 from tests.helpers import CONF_DIR, SAMPLE_SOURCES
 
 register_configs()
@@ -112,3 +120,32 @@ def test_config_refuses_a_budget_below_max_length_and_a_budget_without_packing()
     with pytest.raises(ValueError, match="data.packing=false"):
         DataConfig(sources=SAMPLE_SOURCES, packing_max_tokens=1024)
     assert DataConfig(sources=SAMPLE_SOURCES, max_length=512, packing=True, packing_max_tokens=512)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["training.output_dir=runs/a"], ["output_dir=runs/a"], ["output_dir=runs/a", "training.output_dir=runs/a"]],
+)
+def test_output_dir_and_training_output_dir_are_one_directory(overrides: list[str]) -> None:
+    run = load_run_config(overrides)
+    assert run.output_dir == run.training.output_dir == "runs/a"
+
+
+def test_two_different_output_directories_are_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"output_dir=runs/a and training.output_dir=runs/b name two directories"):
+        load_run_config(["output_dir=runs/a", "training.output_dir=runs/b"])
+
+
+def test_settings_that_would_do_nothing_are_named() -> None:
+    assert inert_training_settings(load_run_config([]).training) == []
+    inert = inert_training_settings(
+        load_run_config(["training.save_steps=4", "training.save_total_limit=2", "training.eval_strategy=no"]).training
+    )
+    assert inert == [
+        "training.save_steps=4 does nothing with training.save_strategy=no "
+        "(set training.save_strategy=steps to save checkpoints)",
+        "training.save_total_limit=2 does nothing with training.save_strategy=no "
+        "(set training.save_strategy=steps to save checkpoints)",
+        "training.eval_steps=50 does nothing with training.eval_strategy=no "
+        "(set training.eval_strategy=steps to evaluate)",
+    ]
