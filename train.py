@@ -13,6 +13,7 @@ The recipe: typed config -> logging -> model path and tokenizer -> held-out base
 from __future__ import annotations
 
 import logging
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
 from cluster.atomic_save import AtomicCheckpointMixin
-from cluster.distributed import accept_launcher_local_rank, teardown
+from cluster.check import refuse_bad_overrides
+from cluster.distributed import accept_launcher_local_rank, exit_on_user_error, teardown
 from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
 from cluster.resume import check_resume_compatible, resolve_resume_checkpoint, saved_model
@@ -87,22 +89,23 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    run = to_run_config(cfg, HydraConfig.get().overrides.task)
-    check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
-    check_deepspeed_config(run.deepspeed.config)
-    output_dir = Path(run.output_dir)
-    log_path = setup_logging(output_dir)
-    run_config = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
-    if is_rank_zero():
-        write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(run_config))
-    logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
-    resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
-    check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
-    if is_rank_zero():
-        for setting in inert_training_settings(run.training):
-            logger.warning("%s", setting)
-        if resume_from is None and (previous := saved_model(output_dir)) is not None:
-            logger.warning("%s already holds a trained model (%s): this run replaces it", output_dir, previous.name)
+    with exit_on_user_error():  # config, path and data mistakes: one line and status 2, not a traceback
+        run = to_run_config(cfg, HydraConfig.get().overrides.task)
+        check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
+        check_deepspeed_config(run.deepspeed.config)
+        output_dir = Path(run.output_dir)
+        log_path = setup_logging(output_dir)
+        run_config = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
+        if is_rank_zero():
+            write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(run_config))
+        logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
+        resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
+        check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
+        if is_rank_zero():
+            for setting in inert_training_settings(run.training):
+                logger.warning("%s", setting)
+            if resume_from is None and (previous := saved_model(output_dir)) is not None:
+                logger.warning("%s already holds a trained model (%s): this run replaces it", output_dir, previous.name)
 
     model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)
@@ -115,7 +118,8 @@ def main(cfg: DictConfig) -> None:
         # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
         deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
-        train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
+        with exit_on_user_error():
+            train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
         logger.info("Data:\n%s", data_stats.summary())
 
         model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
@@ -154,4 +158,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     accept_launcher_local_rank()
+    refuse_bad_overrides(sys.argv[1:])
     main()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cluster.resume import check_resume_compatible, resolve_resume_checkpoint
 from config.deepspeed import check_deepspeed_config
-from config.schema import RunConfig, load_run_config
+from config.schema import RunConfig, did_you_mean, load_run_config
 from data_pipeline.sources import resolve_files
 from data_pipeline.templates import chat_template_path
 from embedded.paths import EMBEDDED_PREFIX
@@ -101,6 +102,30 @@ def config_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
     return [problem for problem in problems if problem is not None]
 
 
+def composition_message(error: Exception) -> str:
+    """A config error as one message, with the closest valid key when Hydra refused a misspelled one."""
+    cause = f" ({error.__cause__})" if error.__cause__ is not None and str(error.__cause__) not in str(error) else ""
+    message = f"{error}{cause}"
+    if (match := re.search(r"full_key: (\S+)", message)) and re.search(r"Key '[^']+' (is )?not in", message):
+        message = f"unknown config key '{match.group(1)}'{did_you_mean(match.group(1))}"
+    return message
+
+
+def refuse_bad_overrides(argv: list[str]) -> None:
+    """Compose the config as `train.py` will, and on a config error exit with one line and status 2, naming the
+    closest valid key for a misspelled one (Hydra's own message would exit 1 without it). Hydra flags (`-m`, ...)
+    are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        load_run_config(argv)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: config: {composition_message(e)}", file=sys.stderr)  # noqa: T201  before any logging
+        sys.exit(EXIT_PROBLEMS)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check the config the overrides compose; print the problems. Returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m cluster.check", description=__doc__.splitlines()[0])
@@ -115,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run_config(args.overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
-        cause = f" ({e.__cause__})" if e.__cause__ is not None and str(e.__cause__) not in str(e) else ""
-        problems = [f"config: {e}{cause}"]
+        problems = [f"config: {composition_message(e)}"]
     else:
         problems = config_problems(run, args.world_size)
     if problems:

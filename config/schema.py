@@ -13,6 +13,7 @@ each `__post_init__` value check.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import sys
 import types
@@ -358,12 +359,28 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
         if key == "hydra":
             continue
         if key not in known:
-            raise ValueError(
-                f"unknown config key '{prefix}{key}' (valid keys under '{prefix or '<root>'}': {sorted(known)})"
-            )
+            raise ValueError(f"unknown config key '{prefix}{key}'{did_you_mean(f'{prefix}{key}')}")
         child_schema = hints[key]
         if dataclasses.is_dataclass(child_schema) and isinstance(node[key], DictConfig):
             _reject_unknown_keys(node[key], child_schema, prefix=f"{prefix}{key}.")
+
+
+def did_you_mean(key: str) -> str:
+    """` (did you mean 'a.b'?)` with the schema's closest key to a misspelled dotted `key`, or the valid keys at its
+    level when none is close."""
+    *parents, name = key.split(".")
+    schema: Any = RunConfig
+    for parent in parents:
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        child = typing.get_type_hints(schema).get(parent) if parent in fields else None
+        if child is None or not dataclasses.is_dataclass(child):
+            return ""
+        schema = child
+    known = sorted(f.name for f in dataclasses.fields(schema))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{'.'.join([*parents, close[0]])}'?)"
+    return f" (valid keys under '{'.'.join(parents) or '<root>'}': {known})"
 
 
 def to_training_arguments(training: TrainingConfig) -> TrainingArguments:

@@ -107,15 +107,23 @@ def test_gradient_accumulation_split_gives_the_same_losses(tmp_path: Path) -> No
     ("overrides", "message"),
     [
         (["training.bogus_key=1"], "training.bogus_key"),
+        (
+            ["training.lerning_rate=1e-4"],
+            "unknown config key 'training.lerning_rate' (did you mean 'training.learning_rate'?)",
+        ),
+        (["+loss.alfa=0.5"], "unknown config key 'loss.alfa' (did you mean 'loss.alpha'?)"),
         (["data.sources=[missing.jsonl]"], "data.sources[0]: no such file 'missing.jsonl'"),
+        (["deepspeed.config=missing.json"], "deepspeed.config: no such file 'missing.json'"),
         (["loss.type=mse"], "loss.type='mse'"),
     ],
 )
 def test_bad_config_fails_before_any_model_is_built(tmp_path: Path, overrides: list[str], message: str) -> None:
     out = tmp_path / "run"
     result = run_train(out, *overrides, timeout=120)
-    assert result.returncode != 0
+    # One clear message and status 2, no traceback (HYDRA_FULL_ERROR=1 would keep it).
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
     assert not (out / "config.json").exists() and not (out / "metrics.jsonl").exists()
 
 
