@@ -21,6 +21,7 @@ import deepspeed
 import hydra
 from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
@@ -89,8 +90,11 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:  # each job of a sweep in its own directory, named by its overrides
+        cfg.output_dir = hydra_config.runtime.output_dir
     with exit_on_user_error():  # config, path and data mistakes: one line and status 2, not a traceback
-        run = to_run_config(cfg, HydraConfig.get().overrides.task)
+        run = to_run_config(cfg, hydra_config.overrides.task)
         check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
         check_deepspeed_config(run.deepspeed.config)
         output_dir = Path(run.output_dir)

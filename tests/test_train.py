@@ -161,3 +161,19 @@ def test_training_output_dir_alone_holds_the_whole_run_and_a_second_run_says_wha
     assert f"Output directory {run_dir.resolve()}" in first.stdout
     second = run_ok(None, *overrides)
     assert f"{run_dir} already holds a trained model (model.safetensors): this run replaces it" in second.stdout
+
+
+@pytest.mark.slow
+def test_a_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run_ok(None, "-m", "debug=quick", NO_HELDOUT, "loss.alpha=0,1", f"output_dir={sweep}", f"data.cache_dir={tmp_path}")
+    alphas = {}
+    for alpha in ("0", "1"):
+        job = sweep / f"debug=quick,loss.alpha={alpha}"
+        assert (job / "model.safetensors").is_file() and (job / "config.yaml").is_file(), job
+        alphas[alpha] = {
+            r["dft_alpha"]
+            for r in map(json.loads, (job / "metrics.jsonl").read_text().splitlines())
+            if "dft_alpha" in r
+        }
+    assert alphas == {"0": {0.0}, "1": {1.0}}  # each job trained with its own alpha, into its own directory
