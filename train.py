@@ -139,7 +139,11 @@ def main(cfg: DictConfig) -> None:
                 if run.data.packing
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
             ),
-            callbacks=[RunArtifactsCallback(output_dir), *tracker_callbacks(run, run_config), resilience],
+            callbacks=[
+                RunArtifactsCallback(output_dir, run.logger.console),
+                *tracker_callbacks(run, run_config),
+                resilience,
+            ],
             loss=run.loss,
             source_keys=source_metric_names(list(data_stats.sources)),
             train_batch_sampler=token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed),

@@ -88,6 +88,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOSS_TYPES = ("dft", "ce")
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
 LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
+CONSOLE_LINES = ("short", "full")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
 SYSTEM_MESSAGES = ("keep", "merge")
 
@@ -221,9 +222,14 @@ class LoggerConfig:
     mode: str = "offline"
     """Tracker mode: online, offline (or local for SwanLab)."""
     tags: list[str] = field(default_factory=list)
+    console: str = "short"
+    """The step line on the console and in the log: short (step, loss, nll, avg_p_correct, learning rate, grad norm,
+    tokens/s, elapsed time, ETA) or full (every logged value: per source, per device, ...). metrics.jsonl and the
+    trackers always get everything."""
 
     def __post_init__(self) -> None:
         _check_choice("logger.backend", self.backend, LOGGER_BACKENDS)
+        _check_choice("logger.console", self.console, CONSOLE_LINES)
 
 
 @dataclass

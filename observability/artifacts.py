@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,15 +81,39 @@ def plot_loss(output_dir: str | Path) -> Path | None:
     return path
 
 
-class RunArtifactsCallback(TrainerCallback):
-    """Appends each log event to `metrics.jsonl`, logs a plain summary line, and redraws `loss.png`."""
+# The short step line (`logger.console=short`): what a `tail -f` reader follows, under the label it shows;
+# metrics.jsonl has the rest. Short enough for one 200-character line with the log prefix, elapsed time and ETA.
+SHORT_LINE = {
+    "loss": "loss",
+    "nll": "nll",
+    "avg_p_correct": "avg_p_correct",
+    "learning_rate": "lr",
+    "grad_norm": "grad_norm",
+    "tokens_per_second": "tok/s",
+    "eval_loss": "eval_loss",
+    "eval_nll": "eval_nll",
+    "eval_avg_p_correct": "eval_avg_p_correct",
+    "train_loss": "train_loss",
+    "train_runtime": "train_runtime",
+}
+# The step lines' logger: a short name keeps the line short.
+progress_logger = logging.getLogger("progress")
 
-    def __init__(self, output_dir: str | Path) -> None:
+
+class RunArtifactsCallback(TrainerCallback):
+    """Appends each log event to `metrics.jsonl`, logs a plain step line with elapsed time and ETA, and redraws
+    `loss.png`. `console`: `short` (SHORT_LINE) or `full` (every logged value) on the step line."""
+
+    def __init__(self, output_dir: str | Path, console: str = "short") -> None:
         self.output_dir = Path(output_dir)
+        self.console = console
+        self._start: tuple[float, int] | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        # The ETA counts from this run's first step: a resumed run's earlier steps took no time here.
+        self._start = (time.monotonic(), state.global_step)
         if not state.is_world_process_zero:
             return
         # A fresh run starts a fresh file; a resumed one keeps the history up to its checkpoint.
@@ -110,7 +135,18 @@ class RunArtifactsCallback(TrainerCallback):
         record = {"step": state.global_step, **{k: _jsonable(v) for k, v in logs.items()}}
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        logger.info("step %d/%d %s", state.global_step, state.max_steps, _summary(logs))
+        line = _summary(logs, None if self.console == "full" else SHORT_LINE)
+        progress_logger.info("step %d/%d %s%s", state.global_step, state.max_steps, line, self._timing(state))
+
+    def _timing(self, state: TrainerState) -> str:
+        if self._start is None:
+            return ""
+        started, first_step = self._start
+        elapsed, done = time.monotonic() - started, state.global_step - first_step
+        if done <= 0:
+            return f" | elapsed {_duration(elapsed)}"
+        remaining = elapsed / done * (state.max_steps - state.global_step)
+        return f" | elapsed {_duration(elapsed)} | eta {_duration(remaining)}"
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.is_world_process_zero:
@@ -145,13 +181,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _summary(logs: dict[str, Any]) -> str:
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _summary(logs: dict[str, Any], labels: dict[str, str] | None) -> str:
+    """The log event as `label value | ...`: the keys `labels` names, or every key when it is None."""
     parts = []
     for key, value in logs.items():
-        if "/" in key and not key.split("/")[0].endswith("nll"):
-            continue  # of the per-source breakdowns the line keeps nll; metrics.jsonl has them all
-        if isinstance(value, float):
-            parts.append(f"{key} {value:.4g}")
-        else:
-            parts.append(f"{key} {value}")
+        if labels is not None and key not in labels:
+            continue
+        if labels is None and "/" in key and not key.split("/")[0].endswith("nll"):
+            continue  # of the per-source breakdowns the full line keeps nll; metrics.jsonl has them all
+        label = key if labels is None else labels[key]
+        parts.append(f"{label} {value:.4g}" if isinstance(value, float) else f"{label} {value}")
     return " | ".join(parts)

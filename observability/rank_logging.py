@@ -20,7 +20,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(output_dir: str | Path) -> Path:
-    """Console on rank 0 (warnings elsewhere), and a full per-rank file log. Returns the file's path."""
+    """Console on rank 0 (warnings elsewhere; Python warnings in the log files only), and a full per-rank file log.
+    Returns the file's path."""
     rank = get_rank()
     log_path = Path(output_dir) / "logs" / f"rank{rank}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,10 +30,9 @@ def setup_logging(output_dir: str | Path) -> Path:
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.setFormatter(logging.Formatter(prefix + LOG_FORMAT))
-    if rank != 0:
-        # Library warnings (deprecations, ...) are the same on every rank: rank 0 shows them once,
-        # the others keep them in their own log file only.
-        console.addFilter(lambda record: record.name != "py.warnings")
+    # Library warnings (FutureWarnings, the Trainer's notes to itself) are not the user's to act on mid-run: every
+    # rank keeps them in its own log file, the console shows the run.
+    console.addFilter(lambda record: record.name != "py.warnings")
     log_file = logging.FileHandler(log_path, encoding="utf-8")
     log_file.setLevel(logging.INFO)
     log_file.setFormatter(logging.Formatter(LOG_FORMAT))

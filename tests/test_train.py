@@ -67,7 +67,9 @@ def test_ce_and_alpha_zero_give_the_same_loss_at_every_step(tmp_path: Path) -> N
 def test_per_source_metrics_combine_into_the_global_ones(tmp_path: Path) -> None:
     # Packed batches mix the two sources inside one row: the per-token source ids must follow each sample.
     out = tmp_path / "run"
-    run_ok(out, "debug=quick", "data.packing=true", "training.logging_steps=1", "heldout.file=null")
+    run_ok(
+        out, "debug=quick", "data.packing=true", "training.logging_steps=1", "heldout.file=null", "logger.console=full"
+    )
     records = read_metrics(out)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_nll" in r]
@@ -87,7 +89,7 @@ def test_per_source_metrics_combine_into_the_global_ones(tmp_path: Path) -> None
         assert {key: s["num_tokens"] for key, s in rank_record["sources"].items()} == {
             key: record[f"num_tokens/{key}"] for key in SAMPLE_SOURCE_KEYS
         }
-    # The console line names each source's nll and leaves the rest of the breakdown to metrics.jsonl.
+    # logger.console=full: the step line names each source's nll and leaves the rest of the breakdown to metrics.jsonl.
     step_lines = [line for line in (out / "logs" / "rank0.log").read_text().splitlines() if " step 6/6 loss" in line]
     assert step_lines and "nll/reverse_alpaca" in step_lines[0] and "num_tokens/" not in step_lines[0]
 

@@ -65,8 +65,15 @@ def test_background_run_log_grows_then_exit_status_is_recorded(tmp_path: Path, l
     sizes, status = follow_until_exit(log)
     assert len(set(sizes)) >= 3, f"the log did not grow while the run ran (sizes {sorted(set(sizes))})"
     assert status == "0", f"exit status {status}:\n{tail(log.read_text())}"
-    assert "Saved the final model" in log.read_text()
+    text = log.read_text()
+    assert "Saved the final model" in text
     assert (output_dir / "model.safetensors").is_file()
+    # What `tail -f` shows by default: step lines of at most 200 characters with elapsed time and ETA (lines that
+    # name a path grow with it), and no library warnings (they are in the rank's log file).
+    step_lines = [line for line in text.splitlines() if " progress: step " in line]
+    assert step_lines and all(" | elapsed " in line and " | eta " in line for line in step_lines), step_lines
+    assert max(len(line) for line in step_lines) <= 200, max(step_lines, key=len)
+    assert "Warning" not in text, [line for line in text.splitlines() if "Warning" in line]
 
 
 def test_failed_background_run_records_its_exit_status(tmp_path: Path, launch_env) -> None:
