@@ -179,3 +179,21 @@ def test_a_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> No
             if "dft_alpha" in r
         }
     assert alphas == {"0": {0.0}, "1": {1.0}}  # each job trained with its own alpha, into its own directory
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_and_the_banner_says_so(tmp_path: Path) -> None:
+    # The same 6 steps with and without activation checkpointing: the backward recomputes the same float32 forward
+    # ops, so the losses agree to rounding (a few ulps per step, ~1e-7 relative); 1e-5 leaves room for 6 steps of it
+    # and still fails on any real difference (a skipped layer, a dropped gradient: 1e-2 or more).
+    common = ("debug=quick", NO_HELDOUT, "training.eval_strategy=no", "training.logging_steps=1")
+    plain = run_ok(tmp_path / "plain", *common)
+    checkpointed = run_ok(tmp_path / "ckpt", *common, "training.activation_checkpointing=true")
+    assert re.search(r"activation ckpt\s+off", plain.stdout) and re.search(r"activation ckpt\s+on", checkpointed.stdout)
+    assert re.search(r"precision\s+fp32 \(weights float32\)", checkpointed.stdout)
+    torch.testing.assert_close(
+        torch.tensor(train_losses(tmp_path / "ckpt")),
+        torch.tensor(train_losses(tmp_path / "plain")),
+        rtol=1e-5,
+        atol=1e-6,
+    )
