@@ -452,7 +452,11 @@ def tokenize_dialogues(
             begin, end = token_starts[i], token_starts[i + 1]
             mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
 
-    reasoning = [_reasoning_counts(messages, text) for (messages, _), text in zip(dialogues, texts, strict=True)]
+    # Per dialogue: assistant turns with reasoning, and those whose reasoning the rendering leaves out.
+    reasoning = np.array(
+        [_reasoning_counts(messages, text) for (messages, _), text in zip(dialogues, texts, strict=True)],
+        dtype=np.int32,
+    ).reshape(-1, 2)
     max_length, truncation = options.max_length, options.truncation
     truncated = lengths > max_length
     kept_lengths = np.where(truncated, 0 if truncation == "drop" else max_length, lengths)
@@ -475,13 +479,8 @@ def tokenize_dialogues(
         NUM_TRAINABLE_KEY: pa.array(trained_before[offsets[1:]] - trained_before[offsets[:-1]]),
         TRUNCATED_KEY: pa.array(truncated),
         UNTRAINED_TURNS_KEY: pa.array(rendered.untrained_turns, type=pa.int32()),
-        **dict(
-            zip(
-                (REASONING_TURNS_KEY, REASONING_NOT_RENDERED_KEY),
-                (pa.array(counts, type=pa.int32()) for counts in zip(*reasoning, strict=True)),
-                strict=True,
-            )
-        ),
+        REASONING_TURNS_KEY: pa.array(reasoning[:, 0]),
+        REASONING_NOT_RENDERED_KEY: pa.array(reasoning[:, 1]),
     }
 
 
