@@ -19,6 +19,7 @@ record), and the accounting, filtering, split and repetition are column operatio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -328,11 +329,9 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     if data.cache_dir is None:
         raise ValueError("data.cache_dir is null: there is no cache to prepare the dataset into; give a directory")
     files = [(spec, resolve_files(spec, index)) for index, spec in enumerate(data.specs)]
+    # Every option that changes the result: the tokenisation ones come from TokenizeOptions, so a new one is keyed.
     options = {
-        "max_length": data.max_length,
-        "truncation": data.truncation,
-        "system_message": data.system_message,
-        "train_reasoning": data.train_reasoning,
+        **dataclasses.asdict(TokenizeOptions.from_data(data)),
         "validation_split_percentage": data.validation_split_percentage,
         "seed": seed,
         "on_error": data.on_error,
