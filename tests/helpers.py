@@ -498,3 +498,52 @@ def train_stalling_save(step: int) -> None:
     train_py = REPO_ROOT / "train.py"
     sys.argv = [str(train_py), *sys.argv[1:]]
     runpy.run_path(str(train_py), run_name="__main__")
+
+
+# --- Float64 references -----------------------------------------------------------------------------------------
+
+# Numerical tests compare each float32 path with a float64 computation of the same thing, never two float32 paths
+# with each other: float32 summation order moves with the CPU's vector width and thread count, float64 rounding is
+# 2**29 times finer and negligible next to it. One float32 rounding is at most eps / 2 relative; over a reduction of
+# n terms the rounding errors add up like a random walk, about eps * sqrt(n) relative to the sum's scale (n * eps in
+# the worst case, never reached with random data). A test states its n and a small factor c next to its bound.
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def float32_bound(terms: int, factor: float = 4.0) -> float:
+    """`factor * eps * sqrt(terms)`: the relative error that float32 rounding leaves on a reduction of `terms`."""
+    return factor * FLOAT32_EPS * terms**0.5
+
+
+def relative_error(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
+    """`|value - reference| / |reference|`, in the Frobenius norm for tensors, computed in float64."""
+    value, reference = torch.as_tensor(value).double(), torch.as_tensor(reference).double()
+    return float((value - reference).norm() / reference.norm())
+
+
+def float64_dft_sum(
+    logits: torch.Tensor, labels: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the definition, in float64: `sum_t w_t CE_t` over the trainable targets of `labels` (aligned with the
+    inputs, shifted here), with `w_t` detached, and the per-token `CE_t` and the trainable mask of the targets."""
+    logits, targets = logits.double()[:, :-1], labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    weight = (alpha * torch.exp(-nll) + 1 - alpha).detach()
+    return (weight * nll)[valid].sum(), nll.detach(), valid
+
+
+def float64_model_loss_and_grads(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], alpha: float, num_items: torch.Tensor | int | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DFT loss of `inputs` (every key but `labels` goes to the model) and every parameter's gradient, on a
+    float64 copy of `model` in training mode: the float64 reference of `loss_and_grads`."""
+    import copy  # here, so that this section adds to the module without touching its imports
+
+    model64 = copy.deepcopy(model).double().train()
+    model64.zero_grad(set_to_none=True)
+    model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    weighted_sum, _, valid = float64_dft_sum(model64(**model_inputs).logits, inputs["labels"], alpha)
+    loss = weighted_sum / (num_items if num_items is not None else valid.sum().clamp(min=1))
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model64.named_parameters()}
