@@ -15,7 +15,34 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.keys import IGNORE_INDEX
 from dft.loss import dft_loss, fused_dft_loss
-from tests.helpers import leaves, num_valid, random_inputs
+from tests.helpers import (
+    LOSS_VOCAB,
+    float32_bound,
+    float64_dft_sum,
+    leaves,
+    num_valid,
+    random_inputs,
+    relative_error,
+)
+
+# Each float32 path (fused, and the full-logits reference) is compared with the float64 computation of the same loss,
+# never with the other, relative in norm. float32 rounding grows about as eps * sqrt(n) over a reduction of n terms;
+# the longest here is the log-softmax over the vocabulary (LOSS_VOCAB = 37; the token sums have at most 40 terms in
+# the split test and 24 elsewhere, the matmuls 16), so 4 * eps * sqrt(37) = 2.9e-6. Measured at most 6.8e-7 (the
+# soft-capped gradients; 3.0e-7 without the cap) with 1 or 2 threads; a missed chunk, a wrong weight or scale, or the
+# soft-cap's derivative left out is 1e-3 or more.
+FLOAT32_BOUND = float32_bound(LOSS_VOCAB)
+
+
+def assert_float32_close(name: str, value: torch.Tensor, reference: torch.Tensor, bound: float = FLOAT32_BOUND) -> None:
+    error = relative_error(value, reference)
+    assert error <= bound, f"{name}: relative error in norm {error:.2e} > {bound:.2e}"
+
+
+def float64_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sum_p_correct, sum_nll and num_tokens of the unbiased, uncapped head, in float64."""
+    _, nll, valid = float64_dft_sum(hidden.double() @ weight.double().T, labels, 0.0)
+    return {"sum_p_correct": torch.exp(-nll)[valid].sum(), "sum_nll": nll[valid].sum(), "num_tokens": valid.sum()}
 
 
 def float64_dft(
@@ -59,17 +86,19 @@ def test_matches_reference_and_float64_values_and_gradients(alpha: float, chunk_
         value.backward()
 
     assert loss.dtype == torch.float32 and loss.item() > 0
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss.double(), f64_loss, rtol=1e-5, atol=1e-6)
-    for ours, ref, f64 in ((fused_h, ref_h, f64_h), (fused_w, ref_w, f64_w)):
+    assert_float32_close("fused loss", loss, f64_loss)
+    assert_float32_close("reference loss", ref_loss, f64_loss)
+    for name, ours, ref, f64 in (("hidden", fused_h, ref_h, f64_h), ("weight", fused_w, ref_w, f64_w)):
         assert ours.grad.abs().max() > 0
-        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(ours.grad.double(), f64.grad, rtol=1e-4, atol=1e-6)
+        assert_float32_close(f"fused {name} gradient", ours.grad, f64.grad)
+        assert_float32_close(f"reference {name} gradient", ref.grad, f64.grad)
     assert stats.group_sums is None and ref_stats.group_sums is None  # no token_groups given
-    for field in ("sum_p_correct", "sum_nll", "num_tokens"):
-        ours, ref = getattr(stats, field), getattr(ref_stats, field)
-        assert not ours.requires_grad
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    expected = float64_stats(hidden, weight, labels)
+    for field in ("sum_p_correct", "sum_nll"):
+        for name, value in (("fused", getattr(stats, field)), ("reference", getattr(ref_stats, field))):
+            assert not value.requires_grad
+            assert_float32_close(f"{name} {field}", value, expected[field])
+    assert int(stats.num_tokens) == int(ref_stats.num_tokens) == int(expected["num_tokens"])  # counts: exact
 
 
 def test_ignored_tokens_are_skipped_and_get_zero_gradient() -> None:
@@ -96,10 +125,11 @@ def test_num_items_in_batch_is_the_denominator(num_items: torch.Tensor | int) ->
     loss.backward()
     expected.backward()
     own_count, _ = fused_dft_loss(hidden, weight, labels, 1.0)
-    assert loss.item() == pytest.approx(own_count.item() * num_valid(labels) / 50, rel=1e-5)
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(fused_h.grad.double(), f64_h.grad, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(fused_w.grad.double(), f64_w.grad, rtol=1e-4, atol=1e-7)
+    # Without num_items_in_batch the micro-batch's own token count divides (the float64 sums differ only by it).
+    assert_float32_close("own count", own_count, float64_dft(hidden, weight, labels, 1.0))
+    assert_float32_close("loss", loss, expected)
+    assert_float32_close("hidden gradient", fused_h.grad, f64_h.grad)
+    assert_float32_close("weight gradient", fused_w.grad, f64_w.grad)
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
@@ -122,14 +152,19 @@ def test_softcap_and_bias(softcap: float | None, alpha: float) -> None:
 
     uncapped, _ = fused_dft_loss(hidden, weight, labels, alpha, lm_head_bias=bias)
     if softcap is not None:
-        # The cap is exercised, not a no-op at this scale.
+        # The cap is exercised, not a no-op at this scale: it moves the loss by more than 10 %, five orders of
+        # magnitude above rounding, so leaving it out could not hide under FLOAT32_BOUND.
         assert abs(loss.item() - uncapped.item()) > 0.1 * uncapped.item()
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss.double(), f64_loss, rtol=1e-5, atol=1e-6)
-    for ours, ref, f64 in ((fused_h, ref_h, f64_h), (fused_w, ref_w, f64_w), (fused_b, ref_b, f64_b)):
+    assert_float32_close("fused loss", loss, f64_loss)
+    assert_float32_close("reference loss", ref_loss, f64_loss)
+    for name, ours, ref, f64 in (
+        ("hidden", fused_h, ref_h, f64_h),
+        ("weight", fused_w, ref_w, f64_w),
+        ("bias", fused_b, ref_b, f64_b),
+    ):
         assert ours.grad.abs().max() > 0
-        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(ours.grad.double(), f64.grad, rtol=1e-4, atol=1e-6)
+        assert_float32_close(f"fused {name} gradient", ours.grad, f64.grad)
+        assert_float32_close(f"reference {name} gradient", ref.grad, f64.grad)
 
 
 def test_bf16_inputs_accumulate_in_float32() -> None:
@@ -138,18 +173,39 @@ def test_bf16_inputs_accumulate_in_float32() -> None:
     fused_h, fused_w, fused_b = leaves(hidden, weight, bias)
     # Reference: the same bf16 values, everything else in float32.
     ref_h, ref_w, ref_b = leaves(hidden.float(), weight.float(), bias.float())
+    f64_h, f64_w, f64_b = leaves(hidden.double(), weight.double(), bias.double())
     loss, stats = fused_dft_loss(fused_h, fused_w, labels, 1.0, chunk_size=5, lm_head_bias=fused_b)
     ref_loss, ref_stats = dft_loss(ref_h @ ref_w.T + ref_b, labels, 1.0)
-    loss.backward()
-    ref_loss.backward()
+    f64_loss = float64_dft(f64_h, f64_w, labels, 1.0, bias=f64_b)
+    for value in (loss, ref_loss, f64_loss):
+        value.backward()
+    with torch.no_grad():
+        f64_sum_nll = float64_dft_sum(f64_h @ f64_w.T + f64_b, labels, 1.0)[1][labels[:, 1:] != IGNORE_INDEX].sum()
 
     assert loss.dtype == torch.float32 and stats.sum_nll.dtype == torch.float32
     assert (fused_h.grad.dtype, fused_w.grad.dtype, fused_b.grad.dtype) == (torch.bfloat16,) * 3
-    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=1e-3)
-    torch.testing.assert_close(stats.sum_nll, ref_stats.sum_nll, rtol=2e-2, atol=1e-2)
-    for ours, ref in ((fused_h, ref_h), (fused_w, ref_w), (fused_b, ref_b)):
+    # The float64 reference takes the same bf16 values. The float32 path is within FLOAT32_BOUND of it (n = the
+    # vocabulary, 37). The fused path runs the head's matmuls in the weight's dtype: each logit, each logit
+    # gradient before its matmul, and each returned gradient is rounded once to bf16 (relative 2**-9 on average,
+    # 2**-8 at most), and a logit's rounding moves its softmax by up to |logit| times as much; the sums are float32.
+    # A chain of a few such roundings, independent from element to element: in norm they stay a small multiple of
+    # 2**-9, and 4 * eps_bf16 = 2**-5 = 3.1e-2 bounds them (measured at most 5.0e-3, on the weight's gradient,
+    # with 1 or 2 threads; 1.4e-4 on the loss). The float32
+    # accumulation is what this test guards: summing in bf16 would lose 2**-8 * sqrt(tokens) and more on the weight
+    # gradient's 60-term sums, and a wrong weight or a dropped token is off by 1e-2 or more in the loss.
+    bf16_bound = 4 * torch.finfo(torch.bfloat16).eps
+    assert_float32_close("float32 loss", ref_loss, f64_loss)
+    assert_float32_close("float32 sum_nll", ref_stats.sum_nll, f64_sum_nll)
+    assert_float32_close("fused bf16 loss", loss, f64_loss, bf16_bound)
+    assert_float32_close("fused bf16 sum_nll", stats.sum_nll, f64_sum_nll, bf16_bound)
+    for name, ours, ref, f64 in (
+        ("hidden", fused_h, ref_h, f64_h),
+        ("weight", fused_w, ref_w, f64_w),
+        ("bias", fused_b, ref_b, f64_b),
+    ):
         assert torch.isfinite(ours.grad).all()
-        torch.testing.assert_close(ours.grad.float(), ref.grad, rtol=3e-2, atol=2e-3)
+        assert_float32_close(f"float32 {name} gradient", ref.grad, f64.grad)
+        assert_float32_close(f"fused bf16 {name} gradient", ours.grad, f64.grad, bf16_bound)
 
 
 def test_autocast_does_not_change_the_result() -> None:
@@ -162,9 +218,10 @@ def test_autocast_does_not_change_the_result() -> None:
         under_autocast, _ = fused_dft_loss(cast_h, cast_w, labels, 1.0, chunk_size=4)
     plain.backward()
     under_autocast.backward()
-    torch.testing.assert_close(under_autocast, plain)
-    torch.testing.assert_close(cast_h.grad, plain_h.grad)
-    torch.testing.assert_close(cast_w.grad, plain_w.grad)
+    # The same float32 operations on the same values in the same process: equal bit for bit, no tolerance.
+    assert torch.equal(under_autocast, plain)
+    assert torch.equal(cast_h.grad, plain_h.grad)
+    assert torch.equal(cast_w.grad, plain_w.grad)
 
 
 @pytest.mark.parametrize("num_items", [None, torch.tensor(7)])
@@ -185,6 +242,9 @@ def test_gradient_accumulation_split_does_not_change_the_update() -> None:
     # One batch of 4 = four micro-batches of 1 when every micro-batch divides by the step's token count.
     hidden, weight, _, labels = random_inputs(7, batch=4, seq=11)
     num_items = torch.tensor(num_valid(labels))
+    f64_h, f64_w = leaves(hidden.double(), weight.double())
+    expected = float64_dft(f64_h, f64_w, labels, 1.0, denominator=int(num_items))
+    expected.backward()
     whole_h, whole_w = leaves(hidden, weight)
     loss, _ = fused_dft_loss(whole_h, whole_w, labels, 1.0, num_items_in_batch=num_items, chunk_size=6)
     loss.backward()
@@ -196,9 +256,13 @@ def test_gradient_accumulation_split_does_not_change_the_update() -> None:
         )
         micro.backward()  # gradients add up in .grad, as under gradient accumulation
         accumulated += micro.detach()
-    torch.testing.assert_close(accumulated, loss.detach())
-    torch.testing.assert_close(split_h.grad, whole_h.grad)
-    torch.testing.assert_close(split_w.grad, whole_w.grad, rtol=1e-5, atol=1e-6)
+    # The whole batch and its split, each within float32 rounding of the float64 step (FLOAT32_BOUND: the longest
+    # reduction is still the vocabulary; the 40 tokens add up in sums of at most 40 terms, 4 * eps * sqrt(40) is
+    # smaller than it). A micro-batch divided by its own token count would be off by 10 % or more.
+    for name, value, h, w in (("whole", loss, whole_h, whole_w), ("split", accumulated, split_h, split_w)):
+        assert_float32_close(f"{name} loss", value, expected)
+        assert_float32_close(f"{name} hidden gradient", h.grad, f64_h.grad)
+        assert_float32_close(f"{name} weight gradient", w.grad, f64_w.grad)
 
 
 def test_hand_worked_uniform_logits() -> None:
@@ -206,9 +270,10 @@ def test_hand_worked_uniform_logits() -> None:
     hidden = torch.randn(1, 3, 4)
     labels = torch.tensor([[IGNORE_INDEX, 0, 1]])
     loss, stats = fused_dft_loss(hidden, torch.zeros(2, 4), labels, alpha=1.0, chunk_size=1)
-    assert loss.item() == pytest.approx(math.log(2) / 2)
-    assert stats.sum_nll.item() == pytest.approx(2 * math.log(2))
-    assert stats.sum_p_correct.item() == pytest.approx(1.0)
+    # A few float32 roundings each (a 2-term log-sum-exp, a product, a 2-term sum, a division): 4 * eps * sqrt(2).
+    assert loss.item() == pytest.approx(math.log(2) / 2, rel=float32_bound(2), abs=0)
+    assert stats.sum_nll.item() == pytest.approx(2 * math.log(2), rel=float32_bound(2), abs=0)
+    assert stats.sum_p_correct.item() == pytest.approx(1.0, rel=float32_bound(2), abs=0)
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -290,7 +355,9 @@ def test_large_logits_stay_finite_and_exact() -> None:
     loss.backward()
     f64_loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(fused_w.grad).all()
-    torch.testing.assert_close(loss.double(), f64_loss, rtol=1e-5, atol=1e-5)
-    for ours, f64 in ((fused_h, f64_h), (fused_w, f64_w)):
-        error = (ours.grad.double() - f64.grad).norm() / f64.grad.norm()
-        assert error <= 1e-5, error
+    # FLOAT32_BOUND still: each CE_t = logsumexp - target logit loses eps * |logit| to rounding, but at this scale
+    # the CE_t are in the hundreds too, so relative to the loss the error stays near eps (measured 5.3e-8). An exp()
+    # that overflowed gives inf or NaN, not a small error.
+    assert_float32_close("loss", loss, f64_loss)
+    for name, ours, f64 in (("hidden", fused_h, f64_h), ("weight", fused_w, f64_w)):
+        assert_float32_close(f"{name} gradient", ours.grad, f64.grad)
