@@ -547,3 +547,37 @@ def float64_model_loss_and_grads(
     loss = weighted_sum / (num_items if num_items is not None else valid.sum().clamp(min=1))
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model64.named_parameters()}
+
+
+def float64_sgd_steps(
+    model: torch.nn.Module,
+    steps: list[list[tuple[dict[str, torch.Tensor], torch.Tensor | int]]],
+    alpha: float,
+    learning_rate: float,
+    max_grad_norm: float,
+) -> dict[str, torch.Tensor]:
+    """The parameters after plain SGD steps (no momentum or weight decay) on a float64 copy of `model`.
+
+    Each step is a list of micro-batches `(inputs, num_items)` as the Trainer handed them to `compute_loss`: their
+    DFT gradients (`sum_t w_t CE_t / num_items`) add up, and the sum is clipped to `max_grad_norm` in total norm, as
+    `torch.nn.utils.clip_grad_norm_` does (0 for no clipping).
+    """
+    import copy  # here, so that this section adds to the module without touching its imports
+
+    model64 = copy.deepcopy(model).double().train()
+    params = [p for p in model64.parameters() if p.requires_grad]
+    for step in steps:
+        model64.zero_grad(set_to_none=True)
+        for inputs, num_items in step:
+            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            weighted_sum, _, _ = float64_dft_sum(model64(**model_inputs).logits, inputs["labels"], alpha)
+            (weighted_sum / num_items).backward()
+        with torch.no_grad():
+            if max_grad_norm > 0:
+                total = torch.stack([p.grad.norm() for p in params]).norm()
+                scale = (max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+                for p in params:
+                    p.grad.mul_(scale)
+            for p in params:
+                p.sub_(learning_rate * p.grad)
+    return {name: p.detach() for name, p in model64.named_parameters()}
