@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=8 train.py deepspeed=zero3 model.name_or_path=/models/Qwen2.5-7B-Instruct
 
 The recipe: typed config -> logging -> model path and tokenizer -> held-out baseline
--> Trainer arguments (starts the process group) -> data -> model -> train -> save
+-> Trainer arguments (starts the process group) -> fine_tune (data -> model -> train -> save, verified)
 -> held-out comparison and samples.md -> teardown.
 """
 
@@ -23,8 +23,9 @@ from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+from transformers.trainer_utils import TrainOutput
 
 from cluster.atomic_save import AtomicCheckpointMixin
 from cluster.check import refuse_bad_overrides
@@ -88,6 +89,57 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
         write_atomic(output_dir / "samples.md", samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens))
 
 
+def fine_tune(
+    run: RunConfig,
+    run_config: dict,
+    model_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    training_args: TrainingArguments,
+    resilience: ResilienceCallback,
+    resume_from: str | None,
+) -> tuple[TrainOutput, Dataset | None]:
+    """Every rank, inside the process group: data -> model -> train -> save -> verified export.
+
+    Returns the training result and the validation set (rank 0's reports sample it).
+    """
+    output_dir = Path(run.output_dir)
+    with exit_on_user_error():
+        train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
+    logger.info("Data:\n%s", data_stats.summary())
+
+    model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
+    data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=validation_set,
+        processing_class=tokenizer,
+        data_collator=SampleIdCollator(
+            PaddingFreeCollator()
+            if run.data.packing
+            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        ),
+        callbacks=[
+            RunArtifactsCallback(output_dir, run.logger.console),
+            *tracker_callbacks(run, run_config),
+            resilience,
+        ],
+        loss=run.loss,
+        source_keys=source_metric_names(list(data_stats.sources)),
+        train_batch_sampler=token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed),
+    )
+    resilience.step_origins = lambda: trainer.step_origins
+    use_readable_progress(trainer)
+    logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    model.config.use_cache = True
+    trainer.save_model(str(output_dir))
+    logger.info("Saved the final model and tokenizer to %s", output_dir.resolve())
+    verify_export(model, output_dir, is_rank_zero(), zero3=is_deepspeed_zero3_enabled())
+    return result, validation_set
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_config = HydraConfig.get()
@@ -116,46 +168,15 @@ def main(cfg: DictConfig) -> None:
     before = heldout_eval(run, *plain_copy(run, model_path)) if run.heldout.file and is_rank_zero() else None
 
     training_args = to_training_arguments(run.training)
-    # Catches preemption signals from here on; names a skipped step's samples once the trainer exists.
-    resilience = ResilienceCallback(run.resilience, step_origins=lambda: trainer.step_origins)
+    # Catches preemption signals from here on; fine_tune lets it name a skipped step's samples.
+    resilience = ResilienceCallback(run.resilience)
     if training_args.deepspeed:
         # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
         deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
-        with exit_on_user_error():
-            train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
-        logger.info("Data:\n%s", data_stats.summary())
-
-        model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
-        data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
-        trainer = SFTTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=train_set,
-            eval_dataset=validation_set,
-            processing_class=tokenizer,
-            data_collator=SampleIdCollator(
-                PaddingFreeCollator()
-                if run.data.packing
-                else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-            ),
-            callbacks=[
-                RunArtifactsCallback(output_dir, run.logger.console),
-                *tracker_callbacks(run, run_config),
-                resilience,
-            ],
-            loss=run.loss,
-            source_keys=source_metric_names(list(data_stats.sources)),
-            train_batch_sampler=token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed),
+        result, validation_set = fine_tune(
+            run, run_config, model_path, tokenizer, training_args, resilience, resume_from
         )
-        use_readable_progress(trainer)
-        logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        model.config.use_cache = True
-        trainer.save_model(str(output_dir))
-        logger.info("Saved the final model and tokenizer to %s", output_dir.resolve())
-        verify_export(model, output_dir, is_rank_zero(), zero3=is_deepspeed_zero3_enabled())
-
         unset_hf_deepspeed_config()  # the reports below load a plain, unsharded copy
         if is_rank_zero():
             final_reports(run, before, validation_set)

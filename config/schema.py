@@ -107,7 +107,8 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights dtype at load: auto (bfloat16 when `training.bf16`, else float32), bfloat16, float16, float32."""
     attn_implementation: str = "auto"
-    """auto: flash_attention_2 when the package and a GPU are present, else sdpa."""
+    """auto: flash_attention_2 when the package and a GPU are present, else the model's default (sdpa, or
+    eager for architectures sdpa cannot run exactly, such as Gemma 2's attention soft-cap)."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model; off unless you trust its author."""
     cache_dir: str = ".cache/models"

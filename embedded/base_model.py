@@ -1,4 +1,5 @@
-"""The embedded base model: a tiny Qwen2 pre-trained briefly with cross-entropy.
+"""The embedded base models: a tiny Qwen2 (the default) and one tiny model of each other family users
+fine-tune (`embedded/families.py`), pre-trained briefly with cross-entropy.
 
 DFT weights each token's loss by the model's own detached probability of it,
 so its gradient is that of `-p`: from a random initialisation (p ~ 1/vocab)
@@ -9,7 +10,8 @@ cross-entropy on synthetic dialogues drawn with their own seed (not the demo
 files), and caches it under `<cache_dir>/<name>-<fingerprint>`. Later runs and
 tests reuse it. Building is done under a file lock and written to a temporary
 directory that is renamed into place, so concurrent ranks and killed runs
-never see a half-written model.
+never see a half-written model. `embedded:tiny-llama3`, `tiny-qwen3`,
+`tiny-mistral`, `tiny-gemma2` and `tiny-phi3` are built the same way, smaller.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.files import build_once
+from embedded.families import FamilySize, family_config
 from embedded.paths import EMBEDDED_PREFIX, TOKENIZER_DIR
 from embedded.tasks import sample_dialogue
 
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 class BaseModelRecipe:
     """Architecture and pre-training schedule of one embedded base model."""
 
+    family: str = "qwen2"  # embedded/families.py
     hidden_size: int = 128
     intermediate_size: int = 256
     num_hidden_layers: int = 2
@@ -51,7 +55,16 @@ class BaseModelRecipe:
     seed: int = 7
 
 
-RECIPES = {"tiny-qwen2": BaseModelRecipe()}
+# The default, and one small model of each other family (`embedded/families.py`) so a user can try the recipe
+# (ZeRO-3, activation checkpointing, bf16, the fused loss head) on the architecture they will fine-tune.
+_FAMILY_RECIPE = {"hidden_size": 64, "intermediate_size": 128, "pretrain_steps": 200}
+RECIPES = {
+    "tiny-qwen2": BaseModelRecipe(),
+    **{
+        f"tiny-{family}": BaseModelRecipe(family=family, **_FAMILY_RECIPE)
+        for family in ("llama3", "qwen3", "mistral", "gemma2", "phi3")
+    },
+}
 
 
 def _fingerprint(recipe: BaseModelRecipe) -> str:
@@ -79,20 +92,16 @@ def resolve_embedded_model(name_or_path: str, cache_dir: str | Path) -> Path:
 def _build(recipe: BaseModelRecipe, out_dir: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(recipe.seed)
-    config = Qwen2Config(
+    size = FamilySize(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_hidden_layers,
         num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_key_value_heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen2ForCausalLM(config)
+    config = family_config(recipe.family, size, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "Building embedded base model (%d parameters): %d cross-entropy pre-training steps, once; cached at %s",
@@ -107,7 +116,7 @@ def _build(recipe: BaseModelRecipe, out_dir: Path, target: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _pretrain(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerBase, recipe: BaseModelRecipe) -> None:
+def _pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, recipe: BaseModelRecipe) -> None:
     """Plain next-token cross-entropy over whole rendered dialogues (a 'pre-training' corpus)."""
     rng = random.Random(recipe.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)

@@ -41,12 +41,14 @@ def load_tokenizer(model_cfg: ModelConfig, model_path: str) -> PreTrainedTokeniz
     return tokenizer
 
 
-def choose_attn_implementation(requested: str) -> str:
+def choose_attn_implementation(requested: str) -> str | None:
+    """None lets transformers pick the model's default: sdpa where the architecture supports it, eager where it
+    does not (Gemma 2's attention soft-cap, which sdpa would silently leave out)."""
     if requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return None
 
 
 def choose_dtype(requested: str, bf16: bool, deepspeed: bool) -> torch.dtype:
@@ -65,5 +67,6 @@ def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: b
     )
     # Under ZeRO-3 each rank holds a shard; ds_numel is the full size.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    attn = model.config._attn_implementation
     logger.info("Loaded %s: %s parameters, dtype %s, attention %s", Path(model_path).name, f"{n_params:,}", dtype, attn)
     return model

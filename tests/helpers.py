@@ -84,6 +84,59 @@ EVERY_STEP = (
 )
 
 
+# The model-family matrix (tests/modeling): 16 samples, so each optimizer step is one epoch of them and the
+# logged loss and avg p(correct) of step k are the model's after k - 1 updates on the same set: a training curve.
+FAMILY_MATRIX_SAMPLES = (
+    f"data.sources=[{{path:{SAMPLE_SOURCES[0]},max_samples:12}},{{path:{SAMPLE_SOURCES[1]},max_samples:4}}]",
+    "data.validation_split_percentage=0",
+)
+FAMILY_MATRIX_STEPS = 12
+FAMILY_MATRIX_RUN = (
+    *FAMILY_MATRIX_SAMPLES,
+    f"training.max_steps={FAMILY_MATRIX_STEPS}",
+    "training.logging_steps=1",
+    "training.eval_strategy=no",
+    "training.eval_on_start=false",
+    "training.save_strategy=no",
+    "training.warmup_steps=2",
+    "training.lr_scheduler_type=constant_with_warmup",
+    "training.learning_rate=5e-4",
+    "training.per_device_train_batch_size=4",
+    "heldout.file=null",
+)
+# What users run on a GPU node: ZeRO-3, activation checkpointing, bf16 weights and compute, the fused loss head;
+# on 2 ranks with 2 accumulated micro-batches each.
+FAMILY_MATRIX_RECIPE = (
+    "deepspeed=zero3",
+    "training.bf16=true",
+    "training.activation_checkpointing=true",
+    "training.gradient_accumulation_steps=2",
+    "loss.implementation=fused",
+)
+# Its reference: one process, fp32, no checkpointing, the full-logits loss, the same 16 samples per step
+# (4 micro-batches of 4: rank r of 2 draws micro-batches r, r + 2 of the same shuffled order).
+FAMILY_MATRIX_REFERENCE = (
+    "deepspeed=none",
+    "training.bf16=false",
+    "model.dtype=float32",
+    "training.activation_checkpointing=false",
+    "training.gradient_accumulation_steps=4",
+    "loss.implementation=reference",
+)
+
+
+def family_matrix_overrides(family: str, model_cache: str | Path, output_dir: Path, distributed: bool) -> list[str]:
+    """train.py overrides of one family's run in the model-family matrix (`embedded:tiny-<family>`)."""
+    recipe = FAMILY_MATRIX_RECIPE if distributed else FAMILY_MATRIX_REFERENCE
+    return [
+        *FAMILY_MATRIX_RUN,
+        *recipe,
+        f"model.name_or_path=embedded:tiny-{family}",
+        f"model.cache_dir={model_cache}",
+        f"output_dir={output_dir}",
+    ]
+
+
 def data_config(sources: list[Any], **overrides: Any) -> DataConfig:
     """`data.*` as the schema checks it, prepared in memory unless `cache_dir` is given."""
     return DataConfig(sources=sources, **{"cache_dir": None, **overrides})

@@ -1,0 +1,51 @@
+"""The recipe a user runs on a GPU node, on every model family, on 2 CPU ranks: ZeRO-3, activation checkpointing,
+bf16 and the fused DFT loss, through train.py's own `fine_tune` (data -> model -> train -> save -> verified export).
+
+Run by tests/modeling/test_family_matrix.py under the DeepSpeed launcher:
+
+    python -m deepspeed.launcher.runner --num_gpus 2 tests/modeling/family_matrix_check.py --out DIR \
+        --model-cache .cache/models llama3 qwen2 ...
+
+One process group serves every family (a launch costs more than the training here); each family's run writes
+its metrics.jsonl and saved model under DIR/<family>. The test compares them with a one-process fp32 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import deepspeed
+import torch.distributed as dist
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+import train
+from cluster.resilience import ResilienceCallback
+from config.schema import load_run_config, to_training_arguments
+from data_pipeline.templates import load_chat_tokenizer
+from modeling.loading import resolve_model_path
+from tests.helpers import family_matrix_overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-cache", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)  # passed by the DeepSpeed launcher
+    parser.add_argument("families", nargs="+")
+    cli = parser.parse_args()
+    deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
+    for family in cli.families:
+        run = load_run_config(family_matrix_overrides(family, cli.model_cache, cli.out / family, distributed=True))
+        model_path = resolve_model_path(run.model)
+        training_args = to_training_arguments(run.training)
+        tokenizer = load_chat_tokenizer(run, model_path)
+        train.fine_tune(run, {}, model_path, tokenizer, training_args, ResilienceCallback(run.resilience), None)
+        unset_hf_deepspeed_config()
+        dist.barrier()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
