@@ -52,7 +52,7 @@ from evaluation.samples import samples_markdown
 from modeling.loading import load_model, resolve_model_path
 from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress
 from observability.banner import end_summary, startup_banner
-from observability.rank_logging import setup_logging
+from observability.rank_logging import library_prints_to_log, setup_logging
 from observability.trackers import tracker_callbacks
 from observability.training_metrics import RankMetricsMixin, ThroughputMetricsMixin
 
@@ -172,7 +172,8 @@ def main(cfg: DictConfig) -> None:
     resilience = ResilienceCallback(run.resilience)
     if training_args.deepspeed:
         # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
-        deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
+        with library_prints_to_log():
+            deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
         result, validation_set = fine_tune(
             run, run_config, model_path, tokenizer, training_args, resilience, resume_from

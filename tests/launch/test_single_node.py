@@ -46,6 +46,11 @@ def test_console_shows_each_message_once_and_rank1_logs_to_its_file(zero3_deepsp
         count = sum(message in m.group("message") for m in lines)
         assert count == 1, f"{message!r} on the console {count} times, expected once"
 
+    # DeepSpeed's op-build print and the libraries' Python warnings are in the rank files, not on the console.
+    assert "built successfully" not in console, [line for line in console.splitlines() if "built successfully" in line]
+    assert "built successfully" in (logs / "rank0.log").read_text(), "DeepSpeed's op-build print was lost"
+    assert "Warning" not in console, [line for line in console.splitlines() if "Warning" in line]
+
     rank1 = (logs / "rank1.log").read_text()
     assert f"(log {logs / 'rank1.log'})" in rank1, "rank1.log does not hold rank 1's own start-up line"
     assert "INFO train: Data:" in rank1, rank1[-2000:]
