@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, run_script
+from tests.helpers import REPO_ROOT, VOCAB, float32_bound, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -44,7 +44,9 @@ def test_zero3_fused_loss_matches_reference_and_one_process(tmp_path: Path, laun
         run = report[implementation]
         assert run["all_finite"], f"{implementation}: NaN or inf in the update"
         assert run["all_moved"], f"{implementation}: a parameter got no update: {run}"
-        # At most 1: the update equals minus the one-process gradient up to float32 rounding.
+        # At most 1: the update equals minus the one-process float64 gradient up to float32 rounding (the tolerance,
+        # 4 * eps * sqrt(300) of the gradient plus eps / 2 of the parameter, is derived in the check script).
         assert run["max_tolerance_ratio"] <= 1.0, f"{implementation}: {run}"
-    assert report["fused"]["train_loss"] == pytest.approx(report["reference"]["train_loss"], rel=1e-6)
-    assert report["fused_vs_reference_max_abs_diff"] <= 1e-6, report
+        # The logged step loss against the float64 one: float32 rounding over the softmax's 300 terms, 4 * eps *
+        # sqrt(300) = 8.3e-6 relative; a micro-batch lost or counted twice, or a wrong token count, is 5 % or more.
+        assert run["train_loss_relative_error"] <= float32_bound(VOCAB), f"{implementation}: {report}"

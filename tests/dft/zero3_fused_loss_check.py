@@ -6,9 +6,9 @@ Run by tests/dft/test_zero3_fused_loss.py under the DeepSpeed launcher (2 CPU ra
 
 Four samples make one optimizer step (2 ranks x gradient accumulation 2 x batch 1); one of them has no trainable
 token, so some rank runs a micro-batch with nothing to train on. With plain SGD (lr 1, no clipping) the update of
-each parameter is minus its gradient, so the ZeRO-3 updates are compared to the gradient of the step's DFT loss,
-normalised by the step's token count, computed in one process without DeepSpeed. Rank 0 writes the comparison
-as JSON; the test judges it.
+each parameter is minus its gradient, so each path's ZeRO-3 update is compared to the gradient of the step's DFT
+loss, normalised by the step's token count, computed in float64 in one process without DeepSpeed (the two float32
+paths are never compared with each other). Rank 0 writes the comparison as JSON; the test judges it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import torch.distributed as dist
 
 from config.schema import LossConfig
 from core.keys import IGNORE_INDEX
-from dft.loss import dft_loss
 from dft.trainer import DFTTrainer
-from tests.helpers import VOCAB, tiny_qwen2, training_args
+from tests.helpers import FLOAT32_EPS, VOCAB, float32_bound, float64_dft_sum, tiny_qwen2, training_args
 
 ALPHA, SEED = 0.7, 0
 ZERO3 = {
@@ -56,16 +55,20 @@ def collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([f[key] for f in features]) for key in features[0]}
 
 
-def expected_gradients(data: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """d(step loss)/d(param) in one process: every sample's DFT sum over the step's trainable tokens."""
-    model = tiny_qwen2(SEED)
+def expected_step(data: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
+    """The step's DFT loss and d(step loss)/d(param) in one process, in float64 on a float64 copy of the model:
+    every sample's DFT sum over the step's trainable tokens."""
+    model = tiny_qwen2(SEED).double()
     num_items = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in data)
+    total = 0.0
     for sample in data:
         batch = collate([sample])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = dft_loss(logits, batch["labels"], ALPHA, num_items_in_batch=num_items)
+        weighted_sum, _, _ = float64_dft_sum(logits, batch["labels"], ALPHA)
+        loss = weighted_sum / num_items
         loss.backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        total += loss.item()
+    return total, {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
 def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], output_dir: Path) -> dict:
@@ -96,17 +99,25 @@ def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], outpu
     return {"update": update, "train_loss": result.training_loss}
 
 
-def tolerance_ratio(update: torch.Tensor, gradient: torch.Tensor, before: torch.Tensor) -> float:
-    """max |update + gradient| / tolerance: at most 1 when the update is -gradient up to float32 rounding.
+# The float32 gradient of each path, reduced over 2 ranks and 2 micro-batches, against the float64 one: relative in
+# norm within 4 * eps * sqrt(300) (float32 rounding over the longest reduction, the softmax over the vocabulary).
+GRADIENT_BOUND = float32_bound(VOCAB)
 
-    The update is read back as `after - before`, and `after` is rounded to float32 at the parameter's scale:
-    a layer-norm weight of 1 moved by 1e-4 keeps only a few digits of its update. The tolerance is that rounding
-    (2 ulp of the parameter) plus, for summation order across ranks and chunks, 1e-5 of the gradient and 1e-6 of
-    the tensor's largest gradient (elements that are near-cancelling sums).
+
+def tolerance_ratio(update: torch.Tensor, gradient: torch.Tensor, before: torch.Tensor) -> float:
+    """|update + gradient| / tolerance, in norm over the tensor: at most 1 when the float32 update is minus the float64
+    gradient up to float32 rounding.
+
+    Two roundings: the gradient's, GRADIENT_BOUND relative to it in norm, and the parameter's, stored in float32
+    after the step, at most eps / 2 of it per element (the update is read back as `after - before`, so a layer-norm
+    weight of 1 moved by 1e-4 keeps only a few digits of its update; the subtraction itself is exact there). The
+    second part is a strict worst case, so the ratio stays below 1 whatever the rounding did; measured 0.48, on
+    model.norm.weight (both paths; the loss 5e-8 from float64). A lost micro-batch or a gradient that bypassed
+    ZeRO-3's reduction is off by 25 % or more of the gradient, a ratio in the thousands.
     """
-    scale = torch.maximum(before.abs(), (before + update).abs())
-    tolerance = 1e-5 * gradient.abs() + 1e-6 * gradient.abs().max() + 2.0**-22 * scale + 1e-10
-    return float(((update + gradient).abs() / tolerance).max())
+    after = before.double() + update.double()
+    tolerance = GRADIENT_BOUND * gradient.norm() + FLOAT32_EPS / 2 * after.norm()
+    return float((update.double() + gradient).norm() / tolerance)
 
 
 def main() -> None:
@@ -116,27 +127,24 @@ def main() -> None:
     cli = parser.parse_args()
     torch.set_num_threads(1)
     data = samples()
-    expected = expected_gradients(data)
+    expected_loss, expected = expected_step(data)
     deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     before = {name: p.detach() for name, p in tiny_qwen2(SEED).named_parameters()}
     report: dict = {"world_size": dist.get_world_size()}
-    updates = {}
     for implementation in ("reference", "fused"):
         run = zero3_update(implementation, data, cli.out.parent)
-        updates[implementation] = run["update"]
         # SGD with lr 1: update = -gradient.
         ratios = {name: tolerance_ratio(u, expected[name], before[name]) for name, u in run["update"].items()}
         report[implementation] = {
             "train_loss": run["train_loss"],
+            "train_loss_relative_error": abs(run["train_loss"] - expected_loss) / abs(expected_loss),
             "max_tolerance_ratio": max(ratios.values()),
             "worst_parameter": max(ratios, key=ratios.get),
             "all_finite": all(bool(torch.isfinite(u).all()) for u in run["update"].values()),
             "all_moved": all(bool(u.abs().sum() > 0) for u in run["update"].values()),
             "num_parameters": len(ratios),
         }
-    report["fused_vs_reference_max_abs_diff"] = max(
-        float((updates["fused"][name] - updates["reference"][name]).abs().max()) for name in updates["fused"]
-    )
+    report["expected_train_loss"] = expected_loss
     if dist.get_rank() == 0:
         cli.out.write_text(json.dumps(report, indent=2))
     # Without the barrier about 1 run in 12 aborted at exit (FACTS.md).
