@@ -124,4 +124,5 @@ def test_resume_skips_a_checkpoint_that_does_not_match_its_manifest(finished: Pa
     assert f"Skipping incomplete checkpoint {skipped}: trainer_state.json is missing" in output, output
     assert f"resuming from {interrupted / f'checkpoint-{RESUME_STEP}'}" in output, output
     assert f"step {RESUME_STEP}/{LAST_STEP} " not in output, f"the resumed run trained step {RESUME_STEP} again"
+    # One process, the same float32 operations in the same order, everything restored: bit for bit, no tolerance.
     assert_same_training(interrupted, finished, atol=0)

@@ -47,9 +47,14 @@ def test_two_ranks_log_token_weighted_metrics_once_per_interval(tmp_path: Path, 
         a, b = rank0[record["step"]], rank1[record["step"]]
         assert a["num_tokens"] > 0 and b["num_tokens"] > 0
         tokens = a["num_tokens"] + b["num_tokens"]
+        # Not float32: the interval sums are float64 on every rank (core/metric_sums.py), written to JSON and read
+        # back exactly, and the logged mean is their sum over 2 ranks divided by the tokens, as here: a few float64
+        # roundings, 1e-16 relative. rel=1e-9 is far above that and far below a real mistake (a mean of means, a
+        # rank's tokens counted twice: 1e-3 or more).
         assert record["avg_p_correct"] == pytest.approx((a["sum_p_correct"] + b["sum_p_correct"]) / tokens, rel=1e-9)
         assert record["nll"] == pytest.approx((a["sum_nll"] + b["sum_nll"]) / tokens, rel=1e-9)
         mean_of_means = (a["sum_p_correct"] / a["num_tokens"] + b["sum_p_correct"] / b["num_tokens"]) / 2
+        # 1e-6 is ten million times float64 rounding: a difference this size comes from the ranks' token counts.
         differs_from_mean_of_means |= abs(mean_of_means - record["avg_p_correct"]) > 1e-6
         assert record["tokens_per_second"] > 0 and record["peak_memory_gb"] > 0
         # Per source (the sample data's two files), the same token weighting over both ranks.
@@ -61,6 +66,6 @@ def test_two_ranks_log_token_weighted_metrics_once_per_interval(tmp_path: Path, 
             assert record[f"num_tokens/{source}"] == source_tokens
             for metric, column in (("nll", "sum_nll"), ("avg_p_correct", "sum_p_correct")):
                 expected = sum(part[column] for part in parts) / source_tokens
-                assert record[f"{metric}/{source}"] == pytest.approx(expected, rel=1e-9)
+                assert record[f"{metric}/{source}"] == pytest.approx(expected, rel=1e-9)  # float64, as above
     # The ranks saw different data (different token counts), so the weighting is really tested.
     assert differs_from_mean_of_means
