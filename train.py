@@ -146,6 +146,12 @@ def main(cfg: DictConfig) -> None:
     if hydra_config.mode == RunMode.MULTIRUN:  # each job of a sweep in its own directory, named by its overrides
         cfg.output_dir = hydra_config.runtime.output_dir
     with exit_on_user_error():  # config, path and data mistakes: one line and status 2, not a traceback
+        if hydra_config.mode == RunMode.MULTIRUN and launch_world_size() > 1:
+            raise ValueError(
+                f"train.py -m runs a sweep's jobs one after another in one process, and a {launch_world_size()}-rank "
+                "launch cannot restart its process group between them: launch each setting on its own "
+                "(SWEEP=key=a,b LAUNCHER=single_node launch/sweep.sh ..., or LAUNCHER=slurm)"
+            )
         run = to_run_config(cfg, hydra_config.overrides.task)
         check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
         check_deepspeed_config(run.deepspeed.config)

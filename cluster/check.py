@@ -12,7 +12,7 @@ against it (cluster/resume.py: a ZeRO checkpoint resumes only on the world size 
 
 Exit status: 0 when the config passes, 2 with one line per problem (the config key first) otherwise.
 Hydra flags (`--config-name`, `-m`, ...) are not understood here: the check then steps aside (status 0)
-and leaves the config to `train.py`.
+and leaves the config to `train.py`, except `-m` with a world size over 1 (status 2: launch/sweep.sh instead).
 """
 
 from __future__ import annotations
@@ -134,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     args, flags = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     # Only real problems reach the terminal: train.py logs the resume choice again, with its warnings.
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    if {"-m", "--multirun"} & set(flags) and (args.world_size or 1) > 1:
+        print(  # noqa: T201
+            f"cluster.check: -m with {args.world_size} ranks: a multi-rank launch cannot restart its process group "
+            "between a sweep's jobs; launch each setting on its own (SWEEP=key=a,b launch/sweep.sh ...)",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
     if flags:
         print(f"cluster.check: skipped, Hydra flags {flags} are left to train.py", file=sys.stderr)  # noqa: T201
         return 0
