@@ -33,7 +33,6 @@ from tokenizers import Tokenizer, models
 from transformers import (
     DataCollatorForSeq2Seq,
     PreTrainedTokenizerFast,
-    Qwen2Config,
     Qwen2ForCausalLM,
     TrainingArguments,
 )
@@ -41,6 +40,7 @@ from transformers import (
 from core.keys import IGNORE_INDEX
 from data_pipeline.packing import PaddingFreeCollator, TokenBudgetBatchSampler
 from dft.trainer import DFTTrainer
+from embedded.families import FamilySize, family_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "packing_throughput.json"
@@ -48,19 +48,10 @@ VOCAB, SEED = 2048, 0
 
 
 def tiny_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(SEED)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
+    size = FamilySize(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4, max_position_embeddings=1024
     )
-    return Qwen2ForCausalLM(config)
+    return family_model("qwen2", size, SEED, attn_implementation="sdpa")
 
 
 def skewed_samples(count: int, generator: torch.Generator) -> list[dict[str, list[int]]]:

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.files import build_once
-from embedded.families import FamilySize, family_config
+from embedded.families import FamilySize, family_config, random_init
 from embedded.paths import EMBEDDED_PREFIX, TOKENIZER_DIR
 from embedded.tasks import sample_dialogue
 
@@ -91,7 +91,6 @@ def resolve_embedded_model(name_or_path: str, cache_dir: str | Path) -> Path:
 
 def _build(recipe: BaseModelRecipe, out_dir: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(recipe.seed)
     size = FamilySize(
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
@@ -100,8 +99,7 @@ def _build(recipe: BaseModelRecipe, out_dir: Path, target: Path) -> None:
         num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_key_value_heads,
     )
-    config = family_config(recipe.family, size, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(config)
+    model = random_init(family_config(recipe.family, size, tokenizer.eos_token_id, tokenizer.pad_token_id), recipe.seed)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "Building embedded base model (%d parameters): %d cross-entropy pre-training steps, once; cached at %s",

@@ -20,12 +20,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
     Gemma2Config,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
     PretrainedConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
 )
@@ -136,3 +139,25 @@ def family_config(
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
     return FAMILIES[family](_shared(size, eos_token_id, pad_token_id), size)
+
+
+def random_init(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A model of `config` with its random initial weights, whole: the class itself, not `from_config`, which
+    partitions the model when a ZeRO-3 config is active in the process."""
+    torch.manual_seed(seed)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+
+
+def family_model(
+    family: str, size: FamilySize, seed: int = 0, attn_implementation: str | None = None, **config_changes: object
+) -> PreTrainedModel:
+    """A randomly initialised float32 `family` model of `size` (tests and benchmarks); `config_changes` set
+    config fields after the family's own (a tighter logit soft-cap, say)."""
+    config = family_config(family, size)
+    for name, value in config_changes.items():
+        if not hasattr(config, name):
+            raise ValueError(f"{family} config has no field {name!r}")
+        setattr(config, name, value)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    return random_init(config, seed).float()

@@ -14,6 +14,7 @@ and why. Runs that are compared with each other use one configuration, `COMPARAB
 
 from __future__ import annotations
 
+import copy
 import gzip
 import itertools
 import json
@@ -33,14 +34,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    TrainingArguments,
-)
+from transformers import AutoModelForCausalLM, Gemma2ForCausalLM, Qwen2ForCausalLM, TrainingArguments
 
 import cluster.atomic_save
 from cluster.manifest import MANIFEST_FILE, TRAINER_STATE_FILE, build_manifest
@@ -49,6 +43,7 @@ from config.schema import DataConfig, LossConfig
 from core.keys import IGNORE_INDEX
 from data_pipeline.loader import TokenBudgetLoaderMixin
 from dft.trainer import DFTTrainer
+from embedded.families import FamilySize, family_model
 from embedded.paths import REPO_ROOT, SAMPLE_DIR
 from embedded.paths import TOKENIZER_DIR as TOKENIZER_DIR
 from observability.artifacts import METRICS_FILE, read_metrics
@@ -147,39 +142,19 @@ def data_config(sources: list[Any], **overrides: Any) -> DataConfig:
 VOCAB = 300
 
 
+# The tests' tiny models: the family builders of embedded/families.py at a size where a float64 reference is cheap.
+TINY_SIZE = FamilySize(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=64)
+
+
 def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
     """A randomly initialised 2-layer Qwen2 with tied embeddings (the lm_head weight is the embedding)."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    return Qwen2ForCausalLM(config).float()
+    return family_model("qwen2", TINY_SIZE, seed, attn_implementation="sdpa")
 
 
 def tiny_gemma2(seed: int = 0) -> Gemma2ForCausalLM:
-    """A randomly initialised 2-layer Gemma2 with a final logit soft-cap."""
-    torch.manual_seed(seed)
-    config = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        final_logit_softcapping=2.0,  # small, so the cap changes the loss visibly
-        attn_implementation="eager",
-    )
-    return Gemma2ForCausalLM(config).float()
+    """A randomly initialised 2-layer Gemma 2 with a final logit soft-cap of 2 (30 in the release): small, so
+    the cap changes the loss visibly at this size."""
+    return family_model("gemma2", TINY_SIZE, seed, final_logit_softcapping=2.0)
 
 
 def training_args(output_dir: str | Path, **overrides: Any) -> TrainingArguments:
@@ -591,8 +566,6 @@ def float64_model_loss_and_grads(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DFT loss of `inputs` (every key but `labels` goes to the model) and every parameter's gradient, on a
     float64 copy of `model` in training mode: the float64 reference of `loss_and_grads`."""
-    import copy  # here, so that this section adds to the module without touching its imports
-
     model64 = copy.deepcopy(model).double().train()
     model64.zero_grad(set_to_none=True)
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
@@ -615,8 +588,6 @@ def float64_sgd_steps(
     DFT gradients (`sum_t w_t CE_t / num_items`) add up, and the sum is clipped to `max_grad_norm` in total norm, as
     `torch.nn.utils.clip_grad_norm_` does (0 for no clipping).
     """
-    import copy  # here, so that this section adds to the module without touching its imports
-
     model64 = copy.deepcopy(model).double().train()
     params = [p for p in model64.parameters() if p.requires_grad]
     for step in steps:

@@ -8,11 +8,22 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from observability.artifacts import read_metrics
-from tests.helpers import NO_HELDOUT, run_ok, run_train
+from tests.helpers import NO_HELDOUT, float32_bound, run_ok, run_train
+
+# The embedded run trains at most this many tokens per optimizer step (32 samples of at most data.max_length=128):
+# the longest float32 reduction behind a logged loss, hence the rounding two float32 runs of the same steps may
+# differ by.
+STEP_TOKENS = 32 * 128
+STEP_BOUND = float32_bound(STEP_TOKENS)  # 4 * eps * sqrt(4096) = 3.1e-5
+
+
+def max_relative_error(values: list[float], reference: list[float]) -> float:
+    assert len(values) == len(reference) > 0, (values, reference)
+    return max(abs(value - ref) / abs(ref) for value, ref in zip(values, reference, strict=True))
+
 
 TRAIN_METRICS = ("loss", "nll", "avg_p_correct", "learning_rate", "grad_norm", "trainable_tokens_per_second")
 SAMPLE_SOURCE_KEYS = ("chat_letters", "reverse_alpaca")  # conf/data/sample.yaml's two files, by stem
@@ -59,8 +70,14 @@ def test_ce_and_alpha_zero_give_the_same_loss_at_every_step(tmp_path: Path) -> N
     run_ok(tmp_path / "dft", "loss.type=dft", "loss.alpha=1", *common)
     ce, alpha0, dft = (train_losses(tmp_path / name) for name in ("ce", "alpha0", "dft"))
     assert len(ce) == 6
-    torch.testing.assert_close(torch.tensor(alpha0), torch.tensor(ce), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(torch.tensor(dft), torch.tensor(ce), rtol=1e-2)  # the weighting does something
+    # alpha=0 makes every DFT weight exactly 1: the per-token cross-entropies of loss.type=ce, summed in another
+    # order (the fused head's chunks, the full-logits path). No float64 train.py exists to compare each with, so the
+    # bound is float32's own: each step's loss is a mean over at most STEP_TOKENS trained tokens (measured: 2.1e-7
+    # at 1 and 2 threads over the 6 steps).
+    assert max_relative_error(alpha0, ce) <= STEP_BOUND, (alpha0, ce)
+    # The weighting does something: alpha=1 weights each token by its p (0.3-0.6 on the embedded base), which
+    # moves the loss by tens of percent; 1e-2 is far above rounding and far below that.
+    assert max_relative_error(dft, ce) > 1e-2, (dft, ce)
 
 
 @pytest.mark.slow
@@ -79,10 +96,13 @@ def test_per_source_metrics_combine_into_the_global_ones(tmp_path: Path) -> None
         assert all(count > 0 for count in tokens.values()), record
         for metric in ("nll", "avg_p_correct"):
             combined = sum(record[f"{prefix}{metric}/{key}"] * tokens[key] for key in tokens) / sum(tokens.values())
-            assert combined == pytest.approx(record[f"{prefix}{metric}"], rel=1e-5), (metric, record)
+            # The same per-token values summed per source then combined, against summed at once: float32 rounding
+            # of a sum over the interval's tokens (at most STEP_TOKENS per step, 2 steps per logging interval).
+            assert combined == pytest.approx(record[f"{prefix}{metric}"], rel=STEP_BOUND), (metric, record)
         if prefix == "":
             assert all(record[f"dft_loss/{key}"] > 0 for key in SAMPLE_SOURCE_KEYS)
-    # The two sources are learnt differently: one number per file is what tells them apart.
+    # The two sources are learnt differently: one number per file is what tells them apart (their nll are tens of
+    # percent apart here; 1e-3 is far above rounding and far below that).
     assert train[-1]["nll/chat_letters"] != pytest.approx(train[-1]["nll/reverse_alpaca"], rel=1e-3)
     rank_records = [json.loads(line) for line in (out / "logs" / "rank0_metrics.jsonl").read_text().splitlines()]
     for rank_record, record in zip([r for r in rank_records if r["mode"] == "train"], train, strict=True):
@@ -102,7 +122,9 @@ def test_gradient_accumulation_split_gives_the_same_losses(tmp_path: Path) -> No
     run_ok(tmp_path / "ga4", f"{batch}=1", f"{accumulation}=4", *common)
     whole, split = train_losses(tmp_path / "ga1"), train_losses(tmp_path / "ga4")
     assert len(whole) == 6
-    torch.testing.assert_close(torch.tensor(split), torch.tensor(whole), rtol=1e-4, atol=1e-6)
+    # The same samples per step, in micro-batches of 1 or 4, normalised by the step's token count: the same
+    # per-token losses summed in another grouping (measured: 2.4e-7 at 1 and 2 threads over the 6 steps).
+    assert max_relative_error(split, whole) <= STEP_BOUND, (split, whole)
 
 
 @pytest.mark.parametrize(
@@ -184,16 +206,11 @@ def test_a_multirun_sweep_gives_each_job_its_own_directory(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_activation_checkpointing_trains_and_the_banner_says_so(tmp_path: Path) -> None:
     # The same 6 steps with and without activation checkpointing: the backward recomputes the same float32 forward
-    # ops, so the losses agree to rounding (a few ulps per step, ~1e-7 relative); 1e-5 leaves room for 6 steps of it
-    # and still fails on any real difference (a skipped layer, a dropped gradient: 1e-2 or more).
+    # ops, so the losses agree to float32 rounding (STEP_BOUND; bitwise in practice here) and any real difference
+    # (a skipped layer, a dropped gradient: 1e-2 or more) fails.
     common = ("debug=quick", NO_HELDOUT, "training.eval_strategy=no", "training.logging_steps=1")
     plain = run_ok(tmp_path / "plain", *common)
     checkpointed = run_ok(tmp_path / "ckpt", *common, "training.activation_checkpointing=true")
     assert re.search(r"activation ckpt\s+off", plain.stdout) and re.search(r"activation ckpt\s+on", checkpointed.stdout)
     assert re.search(r"precision\s+fp32 \(weights float32\)", checkpointed.stdout)
-    torch.testing.assert_close(
-        torch.tensor(train_losses(tmp_path / "ckpt")),
-        torch.tensor(train_losses(tmp_path / "plain")),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert max_relative_error(train_losses(tmp_path / "ckpt"), train_losses(tmp_path / "plain")) <= STEP_BOUND
