@@ -10,6 +10,7 @@
 # Example:
 #   launch/single_node.sh deepspeed=zero3 model.name_or_path=/models/Qwen2.5-7B-Instruct
 #   NUM_GPUS=2 launch/single_node.sh deepspeed=zero3 debug=quick output_dir=outputs/check   # 2 CPU ranks
+#   SWEEP=loss.alpha=0,1 LAUNCHER=single_node launch/sweep.sh deepspeed=zero3   # a sweep: one launch per value
 set -euo pipefail
 
 MASTER_PORT=${MASTER_PORT:-29500}
