@@ -8,7 +8,7 @@ CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help setup demo test test-fast lint format clean
+.PHONY: help setup demo compare test test-fast lint format clean
 
 help:  ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ setup: $(STAMP)  ## Create .venv and install the project (CPU torch when there i
 
 demo: $(STAMP)  ## Run the embedded default: tiny model, bundled data, CPU, DFT
 	$(PYTHON) train.py
+
+compare: $(STAMP)  ## CE vs DFT vs alpha 0.5 on the embedded demo: outputs/compare/verdict.md
+	$(PYTHON) -m evaluation.compare
 
 test: $(STAMP)  ## Run every test (what CI runs), distributed ones included
 	$(PYTHON) -m pytest -q

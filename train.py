@@ -12,6 +12,7 @@ The recipe: typed config -> logging -> model path and tokenizer -> held-out base
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from datetime import timedelta
@@ -47,7 +48,15 @@ from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
 from dft.trainer import DFTTrainer
-from evaluation.heldout import HeldoutResult, evaluate_heldout, format_comparison, load_heldout
+from evaluation.heldout import (
+    HELDOUT_JSON,
+    HELDOUT_TEXT,
+    HeldoutResult,
+    comparison_record,
+    evaluate_heldout,
+    format_comparison,
+    load_heldout,
+)
 from evaluation.samples import samples_markdown
 from modeling.loading import load_model, resolve_model_path
 from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress
@@ -81,8 +90,10 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
     output_dir = Path(run.output_dir)
     model, tokenizer = plain_copy(run, str(output_dir))
     if before is not None:
-        comparison = format_comparison(before, heldout_eval(run, model, tokenizer), run.heldout.show)
-        write_atomic(output_dir / "heldout.txt", comparison + "\n")
+        after = heldout_eval(run, model, tokenizer)
+        comparison = format_comparison(before, after, run.heldout.show)
+        write_atomic(output_dir / HELDOUT_TEXT, comparison + "\n")
+        write_atomic(output_dir / HELDOUT_JSON, json.dumps(comparison_record(before, after), indent=2) + "\n")
         logger.info("Held-out prompts, before and after training:\n%s", comparison)
     if validation_set is not None and len(validation_set) > 0:
         rows = validation_set.select(range(min(run.heldout.show, len(validation_set))))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -96,6 +97,18 @@ def evaluate_heldout(
     model.train(was_training)
     accuracy = sum(g.correct for g in generations) / max(len(generations), 1)
     return HeldoutResult(accuracy=accuracy, nll=nll_sum / max(nll_count, 1), generations=generations)
+
+
+HELDOUT_TEXT, HELDOUT_JSON = "heldout.txt", "heldout.json"
+
+
+def comparison_record(before: HeldoutResult, after: HeldoutResult) -> dict[str, Any]:
+    """The numbers of `format_comparison`, for programs (`heldout.json`; `python -m evaluation.compare` reads it)."""
+    return {
+        "prompts": len(before.generations),
+        "before": {"exact_match": before.accuracy, "nll": before.nll},
+        "after": {"exact_match": after.accuracy, "nll": after.nll},
+    }
 
 
 def format_comparison(before: HeldoutResult, after: HeldoutResult, show: int) -> str:

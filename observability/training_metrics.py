@@ -5,7 +5,9 @@ Both mixins go before the loss Trainer (`dft.trainer.DFTTrainer`) in a Trainer's
 (`core.metric_sums.IntervalSums`) at each logging event.
 
 - `RankMetricsMixin`: each rank appends its own interval sums (per source too) to
-  `<output_dir>/logs/rank<N>_metrics.jsonl`, to find the rank (and so the data shard) that misbehaves.
+  `<output_dir>/logs/rank<N>_metrics.jsonl`, to find the rank (and so the data shard) that misbehaves, with
+  `samples`: a digest of the `file:line` of every sample the rank trained on in the interval, in order, so two
+  runs can be shown to have seen the same data in the same order (`python -m evaluation.compare` checks it).
 - `ThroughputMetricsMixin`, per training logging interval: `tokens_per_second` and
   `trainable_tokens_per_second` (global) with their `_per_device` values, `step_time` (seconds per optimizer
   step), `peak_memory_gb` (max over ranks: allocated device memory on GPUs, process peak RSS on CPU), and on
@@ -16,6 +18,7 @@ Both mixins go before the loss Trainer (`dft.trainer.DFTTrainer`) in a Trainer's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import time
@@ -33,9 +36,21 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 class RankMetricsMixin:
     """Trainer mixin: this rank's interval sums, one JSON line per logging event, in `logs/rank<N>_metrics.jsonl`."""
 
+    _samples_digest: Any = None
+
+    def _note_origins(self, origins: list[str]) -> None:
+        super()._note_origins(origins)  # training micro-batches only
+        if self._samples_digest is None:
+            self._samples_digest = hashlib.sha1(usedforsecurity=False)
+        for origin in origins:
+            self._samples_digest.update(origin.encode() + b"\n")
+
     def log_interval_sums(self, mode: str, local: IntervalSums, total: IntervalSums, logs: dict[str, float]) -> None:
         record: dict[str, Any] = {"step": self.state.global_step, "mode": mode}
         record.update({column: local.total(column) for column in INTERVAL_SUM_COLUMNS if column != "rows"})
+        if mode == TRAIN and self._samples_digest is not None:
+            record["samples"] = self._samples_digest.hexdigest()
+            self._samples_digest = None
         sources = {
             key: dict(zip(GROUP_SUM_COLUMNS, values, strict=True))
             for key, values in zip(self.source_keys, local.sources.tolist(), strict=True)
