@@ -26,8 +26,8 @@ setup: $(STAMP)  ## Create .venv and install the project (CPU torch when there i
 demo: $(STAMP)  ## Run the embedded default: tiny model, bundled data, CPU, DFT
 	$(PYTHON) train.py
 
-compare: $(STAMP)  ## CE vs DFT vs alpha 0.5 on the embedded demo: outputs/compare/verdict.md
-	$(PYTHON) -m evaluation.compare
+compare: $(STAMP)  ## CE vs DFT vs alpha 0.5 on the embedded demo, 2 seeds: outputs/compare/verdict.md
+	$(PYTHON) -m evaluation.compare --seeds 1,2
 
 test: $(STAMP)  ## Run every test (what CI runs), distributed ones included
 	$(PYTHON) -m pytest -q

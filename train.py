@@ -120,6 +120,7 @@ def fine_tune(
 
     model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
     data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
+    train_batch_sampler = token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -138,11 +139,12 @@ def fine_tune(
         ],
         loss=run.loss,
         source_keys=source_metric_names(list(data_stats.sources)),
-        train_batch_sampler=token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed),
+        train_batch_sampler=train_batch_sampler,
     )
     resilience.step_origins = lambda: trainer.step_origins
     use_readable_progress(trainer)
-    logger.info("Run:\n%s", startup_banner(run, training_args, model, train_set, validation_set, resume_from))
+    banner = startup_banner(run, training_args, model, train_set, validation_set, resume_from, train_batch_sampler)
+    logger.info("Run:\n%s", banner)
     result = trainer.train(resume_from_checkpoint=resume_from)
     model.config.use_cache = True
     trainer.save_model(str(output_dir))

@@ -278,8 +278,9 @@ def verdict_markdown(results: list[RunResult], baseline: str) -> str:
             arm: statistics.fmean(_heldout(r, "exact_match") for r in best if r.arm == arm)
             for arm in dict.fromkeys(r.arm for r in best)
         }
-        top = max(means, key=means.get)
-        lines += ["", f"Best held-out exact match: {top} ({means[top]:.1%} mean over seeds)."]
+        top = max(means.values())
+        leaders = ", ".join(arm for arm, mean in means.items() if mean == top)
+        lines += ["", f"Best held-out exact match (mean over seeds): {leaders} ({top:.1%})."]
     return "\n".join(lines) + "\n"
 
 

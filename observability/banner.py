@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
 
 import torch
@@ -20,9 +21,17 @@ def startup_banner(
     train_set: Dataset,
     validation_set: Dataset | None,
     resume_from: str | None,
+    train_batch_sampler: Sized | None = None,
 ) -> str:
-    effective_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    mean_tokens = sum(len(ids) for ids in train_set["input_ids"]) / max(len(train_set), 1)
+    micro_batches_per_step = args.gradient_accumulation_steps * args.world_size
+    total_tokens = sum(len(ids) for ids in train_set["input_ids"])
+    if train_batch_sampler is None:
+        effective_batch = f"{args.per_device_train_batch_size * micro_batches_per_step} samples"
+        micro_batches = len(train_set) / args.per_device_train_batch_size
+    else:  # token-budget micro-batches (data.packing_max_tokens): as many samples as fill the budget
+        micro_batches = len(train_batch_sampler)
+        effective_batch = f"~{len(train_set) / micro_batches * micro_batches_per_step:,.1f} samples"
+    tokens_per_step = total_tokens / max(micro_batches, 1e-9) * micro_batches_per_step
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     stage = zero_stage(args.deepspeed)
@@ -35,7 +44,7 @@ def startup_banner(
         ("activation ckpt", "on" if args.activation_checkpointing else "off"),
         ("loss", f"{run.loss.type} (alpha {run.loss.alpha})" if run.loss.type == "dft" else run.loss.type),
         ("samples", f"train {len(train_set)}, validation {len(validation_set) if validation_set is not None else 0}"),
-        ("effective batch", f"{effective_batch} samples, ~{effective_batch * mean_tokens:,.0f} tokens per step"),
+        ("effective batch", f"{effective_batch}, ~{tokens_per_step:,.0f} tokens per step"),
         ("output dir", str(Path(run.output_dir).resolve())),
         ("resume from", resume_from or "start"),
     ]

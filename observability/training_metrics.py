@@ -13,7 +13,8 @@ Both mixins go before the loss Trainer (`dft.trainer.DFTTrainer`) in a Trainer's
   step), `peak_memory_gb` (max over ranks: allocated device memory on GPUs, process peak RSS on CPU), and on
   GPUs `mfu`: `6 * N_params + 12 * layers * hidden * seq_len` FLOPs per token (forward and backward, the PaLM
   appendix B estimate, `seq_len` the mean row length) times tokens/s per device, over the device's dense bf16
-  peak. The interval's clock starts when its first micro-batch reaches `compute_loss`.
+  peak. The interval's clock runs from before its first step fetches its batches to the logging event: whole
+  optimizer steps, data loading included (evaluation and checkpoint saves fall between intervals).
 """
 
 from __future__ import annotations
@@ -71,11 +72,14 @@ class ThroughputMetricsMixin:
     _interval_start: float | None = None
     _interval_first_step = 0
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if model.training and self._interval_start is None:
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        # The interval's clock starts before its first optimizer step fetches its micro-batches, so it times whole
+        # steps, data loading included, as a stopwatch around them would; evaluations and checkpoint saves between
+        # two intervals fall outside both.
+        if self._interval_start is None:
             self._interval_start = time.perf_counter()
             self._interval_first_step = self.state.global_step
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def log_interval_sums(self, mode: str, local: IntervalSums, total: IntervalSums, logs: dict[str, float]) -> None:
         if mode == TRAIN:
