@@ -417,6 +417,14 @@ def run_script(
     return output
 
 
+def run_on_two_deepspeed_ranks(script: Path, *arguments: str, timeout: float = DISTRIBUTED_TIMEOUT_S) -> str:
+    """`script` (a test's check, importing the project) on 2 CPU ranks under the DeepSpeed launcher, one thread
+    each; fails the test as `run_script` does."""
+    env = {**launch_environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2", f"--master_port={env['MASTER_PORT']}"]
+    return run_script([*command, str(script), *arguments], env=env, timeout=timeout, log_dirs=[])
+
+
 def launch_environment() -> dict[str, str]:
     """The caller's environment, with this interpreter and a rendezvous port no other test is using."""
     return {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port())}

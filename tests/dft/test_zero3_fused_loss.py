@@ -8,36 +8,20 @@ micro-batch has no trainable token: its rank must neither hang in a reduce-scatt
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, VOCAB, float32_bound, run_script
+from tests.helpers import VOCAB, float32_bound, run_on_two_deepspeed_ranks
 
 pytestmark = pytest.mark.distributed
 
 CHECK_SCRIPT = Path(__file__).with_name("zero3_fused_loss_check.py")
 
 
-def test_zero3_fused_loss_matches_reference_and_one_process(tmp_path: Path, launch_env) -> None:
+def test_zero3_fused_loss_matches_reference_and_one_process(tmp_path: Path) -> None:
     result_file = tmp_path / "result.json"
-    env = {**launch_env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    run_script(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus=2",
-            f"--master_port={env['MASTER_PORT']}",
-            str(CHECK_SCRIPT),
-            "--out",
-            str(result_file),
-        ],
-        env=env,
-        timeout=240,
-        log_dirs=[],
-    )
+    run_on_two_deepspeed_ranks(CHECK_SCRIPT, "--out", str(result_file), timeout=240)
     report = json.loads(result_file.read_text())
     assert report["world_size"] == 2
     for implementation in ("reference", "fused"):

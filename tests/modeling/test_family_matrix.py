@@ -12,7 +12,6 @@ step k are the model's after k - 1 updates: a training curve the two runs must s
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,10 @@ from embedded.families import FAMILIES
 from modeling.loading import resolve_model_path
 from observability.artifacts import read_metrics
 from tests.helpers import (
-    DISTRIBUTED_TIMEOUT_S,
     FAMILY_MATRIX_STEPS,
     REPO_ROOT,
     family_matrix_overrides,
-    launch_environment,
-    run_script,
+    run_on_two_deepspeed_ranks,
 )
 
 pytestmark = pytest.mark.distributed
@@ -69,25 +66,7 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for family in FAMILIES:
         family_model_dir(family)
     out = tmp_path_factory.mktemp("family_matrix")
-    env = {**launch_environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    run_script(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus=2",
-            f"--master_port={env['MASTER_PORT']}",
-            str(CHECK_SCRIPT),
-            "--out",
-            str(out),
-            "--model-cache",
-            str(MODEL_CACHE),
-            *FAMILIES,
-        ],
-        env=env,
-        timeout=DISTRIBUTED_TIMEOUT_S,
-        log_dirs=[],
-    )
+    run_on_two_deepspeed_ranks(CHECK_SCRIPT, "--out", str(out), "--model-cache", str(MODEL_CACHE), *FAMILIES)
     return out
 
 
