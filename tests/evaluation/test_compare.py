@@ -31,6 +31,13 @@ def samples_digests(run_dir: Path) -> list[str]:
     return [row["samples"] for row in rows if row["mode"] == "train"]
 
 
+def prepared_dataset(run_dir: Path) -> str:
+    """The prepared-dataset directory a run trained from, as its log names it."""
+    match = re.search(r"(?:Wrote|Reusing) the prepared dataset (\S+)", (run_dir / "logs" / "rank0.log").read_text())
+    assert match, f"{run_dir}: no prepared dataset in the log"
+    return match.group(1)
+
+
 def table_rows(verdict: str) -> dict[tuple[str, int], list[str]]:
     """The main table's cells by (arm, seed)."""
     rows = {}
@@ -67,9 +74,12 @@ def test_two_arms_two_seeds_share_data_order_and_the_verdict_reads_their_files(t
         if arm == "dft":
             assert {r["dft_alpha"] for r in records if "dft_alpha" in r} == {1.0}, f"{run_dir} trained another loss"
 
-    # The same samples in the same order for both arms of a seed (every logging interval), another order per seed.
+    # The same samples in the same order for both arms of a seed (every logging interval), another order per seed,
+    # from one prepared dataset (so the same token ids: the cache directory is keyed by the data and tokenizer).
     for seed in (1, 2):
         assert samples_digests(out / "ce" / f"seed{seed}") == samples_digests(out / "dft" / f"seed{seed}")
+        datasets = {prepared_dataset(out / arm / f"seed{seed}") for arm in ("ce", "dft")}
+        assert len(datasets) == 1, datasets
     assert samples_digests(out / "ce" / "seed1")[0] != samples_digests(out / "ce" / "seed2")[0]
     assert "every arm of a seed trained on the same samples in the same order" in verdict
     assert re.search(r"\| dft \| held-out NLL \| [+-]\d", verdict), verdict
