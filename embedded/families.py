@@ -18,7 +18,7 @@ released tokenizer (those are tested through their chat templates in the data pi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import (
@@ -48,18 +48,7 @@ class FamilySize:
 
 
 def _shared(size: FamilySize, eos_token_id: int | None, pad_token_id: int | None) -> dict:
-    return {
-        "vocab_size": size.vocab_size,
-        "hidden_size": size.hidden_size,
-        "intermediate_size": size.intermediate_size,
-        "num_hidden_layers": size.num_hidden_layers,
-        "num_attention_heads": size.num_attention_heads,
-        "num_key_value_heads": size.num_key_value_heads,
-        "max_position_embeddings": size.max_position_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-    }
+    return {**asdict(size), "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
 
 
 def _llama3(shared: dict, size: FamilySize) -> PretrainedConfig:

@@ -38,14 +38,16 @@ from transformers import AutoModelForCausalLM, Gemma2ForCausalLM, Qwen2ForCausal
 
 import cluster.atomic_save
 from cluster.manifest import MANIFEST_FILE, TRAINER_STATE_FILE, build_manifest
-from cluster.resilience import NONFINITE_LOG
-from config.schema import DataConfig, LossConfig
+from cluster.resilience import NONFINITE_LOG, ResilienceCallback
+from config.schema import DataConfig, LossConfig, load_run_config, to_training_arguments
 from core.keys import IGNORE_INDEX
 from data_pipeline.loader import TokenBudgetLoaderMixin
+from data_pipeline.templates import load_chat_tokenizer
 from dft.trainer import DFTTrainer
 from embedded.families import FamilySize, family_model
 from embedded.paths import REPO_ROOT, SAMPLE_DIR
 from embedded.paths import TOKENIZER_DIR as TOKENIZER_DIR
+from modeling.loading import resolve_model_path
 from observability.artifacts import METRICS_FILE, read_metrics
 from observability.training_metrics import RankMetricsMixin
 
@@ -118,6 +120,18 @@ FAMILY_MATRIX_REFERENCE = (
     "training.gradient_accumulation_steps=4",
     "loss.implementation=reference",
 )
+
+
+def fine_tune_in_process(overrides: list[str]) -> None:
+    """train.py's own `fine_tune` (data -> model -> train -> save -> verified export) for `overrides`, in this
+    process: no held-out reports, no process-group start or teardown (a caller under a launcher starts it)."""
+    import train  # here: importing train.py registers its configs and pulls in Hydra and DeepSpeed
+
+    run = load_run_config(overrides)
+    model_path = resolve_model_path(run.model)
+    tokenizer = load_chat_tokenizer(run, model_path)
+    training_args = to_training_arguments(run.training)
+    train.fine_tune(run, {}, model_path, tokenizer, training_args, ResilienceCallback(run.resilience), None)
 
 
 def family_matrix_overrides(family: str, model_cache: str | Path, output_dir: Path, distributed: bool) -> list[str]:

@@ -19,12 +19,7 @@ import deepspeed
 import torch.distributed as dist
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-import train
-from cluster.resilience import ResilienceCallback
-from config.schema import load_run_config, to_training_arguments
-from data_pipeline.templates import load_chat_tokenizer
-from modeling.loading import resolve_model_path
-from tests.helpers import family_matrix_overrides
+from tests.helpers import family_matrix_overrides, fine_tune_in_process
 
 
 def main() -> None:
@@ -36,11 +31,7 @@ def main() -> None:
     cli = parser.parse_args()
     deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     for family in cli.families:
-        run = load_run_config(family_matrix_overrides(family, cli.model_cache, cli.out / family, distributed=True))
-        model_path = resolve_model_path(run.model)
-        training_args = to_training_arguments(run.training)
-        tokenizer = load_chat_tokenizer(run, model_path)
-        train.fine_tune(run, {}, model_path, tokenizer, training_args, ResilienceCallback(run.resilience), None)
+        fine_tune_in_process(family_matrix_overrides(family, cli.model_cache, cli.out / family, distributed=True))
         unset_hf_deepspeed_config()
         dist.barrier()
     dist.barrier()

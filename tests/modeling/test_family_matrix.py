@@ -19,9 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import train
-from cluster.resilience import ResilienceCallback
-from config.schema import ModelConfig, load_run_config, to_training_arguments
+from config.schema import ModelConfig, load_run_config
 from data_pipeline.templates import load_chat_tokenizer
 from embedded.families import FAMILIES
 from modeling.loading import resolve_model_path
@@ -30,6 +28,7 @@ from tests.helpers import (
     FAMILY_MATRIX_STEPS,
     REPO_ROOT,
     family_matrix_overrides,
+    fine_tune_in_process,
     run_on_two_deepspeed_ranks,
 )
 
@@ -72,11 +71,7 @@ def family_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def reference_run(family: str, output_dir: Path) -> Path:
     """One process, fp32, no activation checkpointing, the full-logits loss, the same samples per step."""
-    run = load_run_config(family_matrix_overrides(family, MODEL_CACHE, output_dir, distributed=False))
-    model_path = resolve_model_path(run.model)
-    tokenizer = load_chat_tokenizer(run, model_path)
-    training_args = to_training_arguments(run.training)
-    train.fine_tune(run, {}, model_path, tokenizer, training_args, ResilienceCallback(run.resilience), None)
+    fine_tune_in_process(family_matrix_overrides(family, MODEL_CACHE, output_dir, distributed=False))
     return output_dir
 
 
