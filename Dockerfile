@@ -18,6 +18,6 @@ RUN pip install --upgrade pip setuptools wheel \
     && pip install packaging psutil ninja
 COPY . .
 RUN pip install -e ".[trackers]" \
-    && MAX_JOBS=8 pip install --no-build-isolation -e ".[gpu]"
+    && MAX_JOBS=8 pip install --no-build-isolation -e ".[gpu,qlora]"
 
 CMD ["python", "train.py", "--help"]

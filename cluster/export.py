@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
+from modeling.adapter import adapter_saved_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,12 +39,19 @@ def _saved_tensor_files(output_dir: Path) -> dict[str, Path]:
 
 
 def verify_export(model: PreTrainedModel, output_dir: str | Path, is_rank_zero: bool, zero3: bool) -> int:
-    """Compare every parameter with its saved tensor; returns how many were checked. Call on every rank."""
+    """Compare every parameter with its saved tensor; returns how many were checked. Call on every rank.
+
+    An adapter run (a peft model) saves only its trainable parameters, under peft's names: those are checked.
+    """
     output_dir = Path(output_dir)
     located = _saved_tensor_files(output_dir) if is_rank_zero else {}
+    adapter = hasattr(model, "peft_config")
     problems: list[str] = []
     checked = 0
-    for name, parameter in model.named_parameters():
+    for model_name, parameter in model.named_parameters():
+        if adapter and not parameter.requires_grad:
+            continue
+        name = adapter_saved_name(model_name) if adapter else model_name
         if zero3:
             import deepspeed
 
@@ -59,7 +68,8 @@ def verify_export(model: PreTrainedModel, output_dir: str | Path, is_rank_zero: 
             f"the model saved in {output_dir} does not match the trained weights ({len(problems)} problems):\n  {shown}"
         )
     if is_rank_zero:
-        logger.info("Verified export: %d parameters saved with their names, shapes and values", checked)
+        what = "adapter parameters" if adapter else "parameters"
+        logger.info("Verified export: %d %s saved with their names, shapes and values", checked, what)
     return checked
 
 

@@ -45,7 +45,7 @@ def fused_lm_head(
     Yields:
         A record whose `stats` the head's call fills in.
     """
-    head = model.get_output_embeddings()
+    head = _head_module(model)
     if not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise ValueError(
             f"{type(model).__name__}: the LM head {type(head).__name__} has no weight matrix; "
@@ -80,3 +80,20 @@ def fused_lm_head(
         del head.forward  # back to the class's forward
         if softcap is not None:
             config.final_logit_softcapping = softcap
+
+
+def _head_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward computes the logits: the model's LM head, or, when an adapter trains the head in
+    full (peft's `modules_to_save`), the trainable copy the wrapper calls, so that its own hooks (ZeRO-3's gather)
+    run and its weight is the one the loss uses."""
+    head = model.get_output_embeddings()
+    copies = getattr(head, "modules_to_save", None)
+    if isinstance(copies, torch.nn.ModuleDict) and not head.disable_adapters:
+        head = copies[head.active_adapters[0]]
+    if hasattr(head, "lora_A"):
+        # A LoRA-wrapped head adds B @ A to its weight in its forward; the fused loss reads the weight alone.
+        raise ValueError(
+            "loss.implementation=fused: the LM head carries a LoRA adapter, which the fused loss would leave out; "
+            "leave the head out of model.lora.target_modules (all-linear does) or use loss.implementation=reference"
+        )
+    return head

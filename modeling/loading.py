@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from config.schema import ModelConfig
 from embedded.base_model import resolve_embedded_model
 from embedded.paths import TOKENIZER_DIR, is_embedded
+from modeling.adapter import quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,15 @@ def choose_dtype(requested: str, bf16: bool, deepspeed: bool) -> torch.dtype:
 def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: bool) -> PreTrainedModel:
     attn = choose_attn_implementation(model_cfg.attn_implementation)
     dtype = choose_dtype(model_cfg.dtype, bf16, deepspeed)
+    quantization = quantization_config(model_cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=attn, trust_remote_code=model_cfg.trust_remote_code
+        model_path,
+        dtype=dtype,
+        attn_implementation=attn,
+        trust_remote_code=model_cfg.trust_remote_code,
+        quantization_config=quantization,
+        # 4-bit weights are quantized as they load, on this rank's GPU.
+        device_map={"": torch.cuda.current_device()} if quantization is not None and not deepspeed else None,
     )
     # Under ZeRO-3 each rank holds a shard; ds_numel is the full size.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

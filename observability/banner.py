@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from config.deepspeed import zero_stage
 from config.schema import RunConfig
+from modeling.adapter import count_parameters
 from observability.artifacts import read_metrics
 
 
@@ -35,12 +36,16 @@ def startup_banner(
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     stage = zero_stage(args.deepspeed)
+    trainable, total = count_parameters(model)
+    lora, adapter = run.model.lora, run.model.adapter
+    trained = "full" if adapter == "none" else f"{adapter} r {lora.r} on {','.join(lora.target_modules)}"
     rows = [
         ("world size", f"{args.world_size} ({device})"),
         ("model", f"{run.model.name_or_path} ({model.config.model_type})"),
         ("attention", str(model.config._attn_implementation)),
         ("ZeRO stage", "none (DDP or single process)" if stage is None else str(stage)),
         ("precision", f"{precision} (weights {next(model.parameters()).dtype})".replace("torch.", "")),
+        ("trainable", f"{trainable:,} of {total:,} parameters ({trainable / max(total, 1):.2%}), {trained}"),
         ("activation ckpt", "on" if args.activation_checkpointing else "off"),
         ("loss", f"{run.loss.type} (alpha {run.loss.alpha})" if run.loss.type == "dft" else run.loss.type),
         ("samples", f"train {len(train_set)}, validation {len(validation_set) if validation_set is not None else 0}"),

@@ -122,16 +122,17 @@ FAMILY_MATRIX_REFERENCE = (
 )
 
 
-def fine_tune_in_process(overrides: list[str]) -> None:
+def fine_tune_in_process(overrides: list[str]) -> Any:
     """train.py's own `fine_tune` (data -> model -> train -> save -> verified export) for `overrides`, in this
-    process: no held-out reports, no process-group start or teardown (a caller under a launcher starts it)."""
+    process: no held-out reports, no process-group start or teardown (a caller under a launcher starts it).
+    Returns its `FineTuned` (result, validation set, trained model)."""
     import train  # here: importing train.py registers its configs and pulls in Hydra and DeepSpeed
 
     run = load_run_config(overrides)
     model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)
     training_args = to_training_arguments(run.training)
-    train.fine_tune(run, {}, model_path, tokenizer, training_args, ResilienceCallback(run.resilience), None)
+    return train.fine_tune(run, {}, model_path, tokenizer, training_args, ResilienceCallback(run.resilience), None)
 
 
 def family_matrix_overrides(family: str, model_cache: str | Path, output_dir: Path, distributed: bool) -> list[str]:
