@@ -95,7 +95,8 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
         write_atomic(output_dir / HELDOUT_TEXT, comparison + "\n")
         write_atomic(output_dir / HELDOUT_JSON, json.dumps(comparison_record(before, after), indent=2) + "\n")
         logger.info("Held-out prompts, before and after training:\n%s", comparison)
-    if validation_set is not None and len(validation_set) > 0:
+    # Raw text (training.objective=pretrain) has no prompt to reply to.
+    if validation_set is not None and len(validation_set) > 0 and run.training.objective == "sft":
         rows = validation_set.select(range(min(run.heldout.show, len(validation_set))))
         write_atomic(output_dir / "samples.md", samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens))
 
@@ -129,7 +130,7 @@ def fine_tune(
         processing_class=tokenizer,
         data_collator=SampleIdCollator(
             PaddingFreeCollator()
-            if run.data.packing
+            if run.data.padding_free
             else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         ),
         callbacks=[

@@ -5,7 +5,9 @@ The dataclasses below are registered with Hydra's ConfigStore as the base of
 composition time, before anything is built, with Hydra naming the full key.
 `TrainingConfig` is generated from `transformers.TrainingArguments` itself, so
 every Trainer field is settable as `training.<field>=...` under its usual
-name and type, and a new transformers release brings its new fields along.
+name and type, and a new transformers release brings its new fields along;
+it adds one field of its own, `training.objective` (`sft` or `pretrain`),
+which `to_training_arguments` leaves out.
 `to_run_config` turns the composed config into these dataclasses, which runs
 each `__post_init__` value check.
 """
@@ -30,7 +32,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import TrainingArguments
 
-from config.sources import ON_ERROR_CHOICES, SourceSpec, parse_sources
+from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec, parse_sources
 
 _PRIMITIVES = (bool, int, float, str)
 
@@ -62,9 +64,19 @@ def _schema_default(f: dataclasses.Field) -> Any:
     return value
 
 
+# training.objective: sft trains the assistant turns of chat data; pretrain (continued pre-training) trains every
+# token of raw text (`format: text` sources, see data_pipeline/text.py). Not a TrainingArguments field.
+OBJECTIVE_KEY = "objective"
+OBJECTIVES = ("sft", "pretrain")
+
+
+def _check_objective(training: Any) -> None:
+    _check_choice("training.objective", training.objective, OBJECTIVES)
+
+
 def _training_config_class() -> type:
     hints = typing.get_type_hints(TrainingArguments)
-    fields = []
+    fields = [(OBJECTIVE_KEY, str, field(default="sft"))]
     for f in dataclasses.fields(TrainingArguments):
         if not f.init:
             continue
@@ -77,7 +89,12 @@ def _training_config_class() -> type:
         else:
             fields.append((f.name, schema_type, field(default=default)))
     return dataclasses.make_dataclass(
-        "TrainingConfig", fields, namespace={"__doc__": "Every `transformers.TrainingArguments` field, typed."}
+        "TrainingConfig",
+        fields,
+        namespace={
+            "__doc__": "Every `transformers.TrainingArguments` field, typed, and `objective` (sft or pretrain).",
+            "__post_init__": _check_objective,
+        },
     )
 
 
@@ -90,6 +107,7 @@ LOSS_IMPLEMENTATIONS = ("fused", "reference")
 LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
 CONSOLE_LINES = ("short", "full")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
+PRETRAIN_BLOCKS = ("packed", "concat")
 SYSTEM_MESSAGES = ("keep", "merge")
 
 
@@ -124,9 +142,11 @@ class DataConfig:
     sources: list[Any] = MISSING
     """Chat sources: each a file, glob or directory (JSONL or JSON array, gzip or not), or a mapping
     `{path, weight, max_samples, format, fields}` (see data_pipeline/sources.py). Records may be ChatML/OpenAI
-    `messages`, ShareGPT `conversations`, Alpaca or `prompt`/`completion`, detected per record."""
+    `messages`, ShareGPT `conversations`, Alpaca or `prompt`/`completion`, detected per record. With
+    `training.objective=pretrain`: raw text, `.txt` files (one document each) or records with a `text` field."""
     max_length: int = 512
-    """Tokens per sample at most; longer ones are cut or dropped as `truncation` says."""
+    """Tokens per sample at most; longer ones are cut or dropped as `truncation` says (raw text: cut into blocks of
+    this many tokens, nothing dropped; see `pretrain_blocks`)."""
     truncation: str = "keep_start"
     """A sample longer than `max_length`: keep_start keeps its first `max_length` tokens (a long prompt can leave no
     answer); keep_end keeps its last ones, so the last assistant turn survives and the prompt is cut from the left;
@@ -151,26 +171,47 @@ class DataConfig:
     train_reasoning: bool = True
     """Train an assistant turn's reasoning (its thinking block) with its reply; false trains only the reply, what
     follows the closing `</think>` (see data_pipeline/tokenize.py)."""
-    packing: bool = False
+    pretrain_blocks: str = "packed"
+    """Raw text (`training.objective=pretrain`) into samples: packed makes each document (and its end-of-text token)
+    a sample, a longer one cut into `max_length` pieces, trained padding-free so no token attends across documents;
+    concat joins all documents with the end-of-text token and cuts the stream into `max_length` blocks, as the classic
+    `run_clm.py` does (attention crosses documents inside a block; the last, shorter block is kept). See
+    data_pipeline/text.py."""
+    packing: Optional[bool] = None
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
-    block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py)."""
+    block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py). null: on for raw text with
+    `pretrain_blocks=packed`, off otherwise."""
     packing_max_tokens: Optional[int] = None
     """With packing: micro-batches of at most this many tokens, filled by best-fit decreasing bin packing (over 98%
     full), instead of `training.per_device_train_batch_size` samples each; at least `data.max_length`. null: off."""
 
     def __post_init__(self) -> None:
+        if len(self.sources) == 0:
+            raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
+        # Parsed once per run; a bad entry fails here, naming data.sources[i]. Not a field: not a config key.
+        self.specs: list[SourceSpec] = parse_sources(self.sources)
+        # Raw text for continued pre-training, or chat data: one run trains one objective (RunConfig checks which).
+        self.raw_text = self.specs[0].format == TEXT_FORMAT
+        for index, spec in enumerate(self.specs):
+            if (spec.format == TEXT_FORMAT) != self.raw_text:
+                kinds = ("chat", "raw text") if self.raw_text else ("raw text", "chat")
+                raise ValueError(
+                    f"data.sources[{index}] ({spec.path!r}) is {kinds[0]} but data.sources[0] is {kinds[1]}: "
+                    "continued pre-training (raw text) and SFT (chat) are separate runs; give one kind of source"
+                )
+        _check_choice("data.pretrain_blocks", self.pretrain_blocks, PRETRAIN_BLOCKS)
+        # What `packing` resolves to; the field keeps what the user set (null included).
+        self.padding_free = (
+            self.packing if self.packing is not None else self.raw_text and self.pretrain_blocks == "packed"
+        )
         if self.packing_max_tokens is not None:
-            if not self.packing:
+            if not self.padding_free:
                 raise ValueError("data.packing_max_tokens is set but data.packing=false: set data.packing=true")
             if self.packing_max_tokens < self.max_length:
                 raise ValueError(
                     f"data.packing_max_tokens={self.packing_max_tokens} is below data.max_length={self.max_length}: "
                     "a sample of max_length tokens would fit no micro-batch; raise it to at least data.max_length"
                 )
-        if len(self.sources) == 0:
-            raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
-        # Parsed once per run; a bad entry fails here, naming data.sources[i]. Not a field: not a config key.
-        self.specs: list[SourceSpec] = parse_sources(self.sources)
         _check_choice("data.on_error", self.on_error, ON_ERROR_CHOICES)
         _check_choice("data.truncation", self.truncation, TRUNCATIONS)
         _check_choice("data.system_message", self.system_message, SYSTEM_MESSAGES)
@@ -310,12 +351,30 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
         raise ValueError(
             f"missing mandatory config values: {missing} (set them on the command line, e.g. {missing[0]}=...)"
         )
+    _text_sources_for_pretrain(cfg)
     if cfg.training.get("hub_token"):
         raise ValueError(
             "training.hub_token: set the HF_TOKEN environment variable instead; a token in the config "
             "would be saved in config.yaml, training_args.bin and the tracker's run config"
         )
     return OmegaConf.to_object(cfg)
+
+
+def _text_sources_for_pretrain(cfg: DictConfig) -> None:
+    """Under `training.objective=pretrain` a source without a format reads as raw text (`format: text`): a JSONL of
+    `{"text": ...}` records needs no mapping. Written into the composed config, so the saved config.yaml says so."""
+    if cfg.training.get(OBJECTIVE_KEY) != "pretrain":
+        return
+    sources = []
+    for entry in cfg.data.sources:
+        if isinstance(entry, DictConfig):
+            entry = OmegaConf.to_container(entry, resolve=True)
+        elif isinstance(entry, str):
+            entry = {"path": entry}
+        if isinstance(entry, dict) and entry.get("format") in (None, "auto"):
+            entry = {**entry, "format": TEXT_FORMAT}
+        sources.append(entry)  # anything else is refused by parse_sources, naming data.sources[i]
+    cfg.data.sources = sources
 
 
 def _one_output_dir(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -332,6 +391,18 @@ def _one_output_dir(cfg: DictConfig, overrides: Sequence[str]) -> None:
         )
     cfg.output_dir = training_dir
     cfg.training.output_dir = "${output_dir}"
+
+    def __post_init__(self) -> None:
+        pretrain = self.training.objective == "pretrain"
+        if pretrain != self.data.raw_text:
+            spec = self.data.specs[0]
+            raise ValueError(
+                f"training.objective=pretrain trains on raw text, but data.sources[0] ({spec.path!r}) has format "
+                f"{spec.format}: give .txt files or records with a 'text' field (format: text)"
+                if pretrain
+                else f"data.sources[0] ({spec.path!r}) is raw text (format text): continued pre-training on it takes "
+                "training.objective=pretrain; SFT takes chat data"
+            )
 
 
 def inert_training_settings(training: TrainingConfig) -> list[str]:
@@ -394,6 +465,7 @@ def to_training_arguments(training: TrainingConfig) -> TrainingArguments:
     """`training.*` as the Trainer's arguments, with the two values a machine decides: CPU-only training where
     there is no GPU, and no tqdm bar where stdout is not a terminal (unless `training.disable_tqdm` is set)."""
     kwargs = dataclasses.asdict(training)
+    del kwargs[OBJECTIVE_KEY]  # ours, not the Trainer's
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # the Trainer refuses bf16 on a GPU-less machine otherwise
     if kwargs["disable_tqdm"] is None and not sys.stdout.isatty():

@@ -1,9 +1,10 @@
 """`data.sources` entries, checked: what the config schema validates and the data pipeline reads.
 
 A source entry is a path, a glob, a directory (its `*.jsonl`, `*.json`, `*.jsonl.gz` and `*.json.gz` files,
-sorted), or a mapping `{path, weight, max_samples, format, fields}`; `parse_sources` checks each one into a
-`SourceSpec` and names `data.sources[i]` in every error. Finding and reading the files is
-`data_pipeline.sources`' concern.
+sorted; with `format: text` its `*.txt` and `*.txt.gz` files too), or a mapping `{path, weight, max_samples, format,
+fields}`; `parse_sources` checks each one into a `SourceSpec` and names `data.sources[i]` in every error. A `.txt`
+path with `format: auto` reads as `text` (raw text, for continued pre-training).
+Finding and reading the files is `data_pipeline.sources`' concern.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMATS = ("auto", "chatml", "sharegpt", "alpaca", "prompt_completion")
+# `text`: raw text for continued pre-training (`training.objective=pretrain`), every other one a chat format.
+TEXT_FORMAT = "text"
+FORMATS = ("auto", "chatml", "sharegpt", "alpaca", "prompt_completion", TEXT_FORMAT)
+# Files that hold one raw-text document each.
+TEXT_SUFFIXES = (".txt", ".txt.gz")
 # The record keys a `fields` mapping may rename to, i.e. the canonical column names of every format.
 CANONICAL_FIELDS = (
     "messages",
@@ -27,6 +32,7 @@ CANONICAL_FIELDS = (
     "history",
     "prompt",
     "completion",
+    "text",
 )
 ON_ERROR_CHOICES = ("raise", "skip")
 SOURCE_KEYS = ("path", "weight", "max_samples", "format", "fields")
@@ -41,7 +47,8 @@ class SourceSpec:
         weight: sampling weight; 2.5 keeps every record twice plus a seeded half of them once more, 0.5 keeps a
             seeded half. Deterministic with the seed.
         max_samples: keep at most this many valid records (the first ones, in file order) before weighting.
-        format: `auto` detects the format per record; any other value of `FORMATS` forces it.
+        format: `auto` detects the chat format per record; any other value of `FORMATS` forces it; `text` reads raw
+            text (a `.txt` file is one document, a JSONL/JSON record's `text` field is one).
         fields: canonical column name -> the column name used by this source, e.g. `{"messages": "dialog"}`.
     """
 
@@ -73,7 +80,7 @@ def parse_sources(entries: list[Any]) -> list[SourceSpec]:
 def _parse_source(index: int, entry: Any) -> SourceSpec:
     where = f"data.sources[{index}]"
     if isinstance(entry, (str, Path)):
-        return SourceSpec(path=str(entry))
+        entry = {"path": str(entry)}
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: expected a path or a mapping with 'path', got {type(entry).__name__}")
     entry = dict(entry)
@@ -92,6 +99,8 @@ def _parse_source(index: int, entry: Any) -> SourceSpec:
     record_format = entry.get("format") or "auto"
     if record_format not in FORMATS:
         raise ValueError(f"{where}.format={record_format!r} is not one of {list(FORMATS)}")
+    if record_format == "auto" and path.endswith(TEXT_SUFFIXES):
+        record_format = TEXT_FORMAT
     fields = entry.get("fields") or {}
     if not isinstance(fields, Mapping):
         raise ValueError(f"{where}.fields: expected a mapping canonical name -> column name, got {fields!r}")
@@ -99,6 +108,8 @@ def _parse_source(index: int, entry: Any) -> SourceSpec:
     for canonical, column in fields.items():
         if canonical not in CANONICAL_FIELDS:
             raise ValueError(f"{where}.fields: {canonical!r} is not a canonical field; use one of {CANONICAL_FIELDS}")
+        if canonical == "text" and record_format != TEXT_FORMAT:
+            raise ValueError(f"{where}.fields.text: raw text only (format: text, or training.objective=pretrain)")
         if not isinstance(column, str) or not column:
             raise ValueError(f"{where}.fields.{canonical}: the source column name must be a string, got {column!r}")
     return SourceSpec(path, float(weight), max_samples, record_format, fields)

@@ -12,6 +12,11 @@ labels, drop (and count) samples left with no trainable token, split off a deter
 the distinct records, then repeat the training rows of up-weighted sources. Validation rows are never
 repeated, and a record is never both in training and validation.
 
+Raw text (`format: text` sources, `training.objective=pretrain`) takes the same steps with documents for records:
+each is tokenised and closed with the end-of-text token instead of rendered as a dialogue, and after the split and
+repetition each part is cut into samples of at most `data.max_length` tokens (`data_pipeline.text`), every token
+labelled; the same cache, report and `prepare` command serve both.
+
 Only finding the records runs in this process: conversion and tokenisation are `datasets.map` steps across
 `data.num_proc` workers that hand Arrow tables to each other (the canonical dialogue as one JSON string per
 record), and the accounting, filtering, split and repetition are column operations on the results.
@@ -39,14 +44,15 @@ from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
 from config.schema import DataConfig, RunConfig, load_run_config
-from config.sources import ON_ERROR_CHOICES, SourceSpec
+from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec
 from core.files import build_once
 from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
 from data_pipeline.cache import dataset_fingerprint
-from data_pipeline.schema import MESSAGES_KEY, TOOLS_KEY, to_canonical
+from data_pipeline.schema import MESSAGES_KEY, TEXT_KEY, TOOLS_KEY, to_canonical, to_text
 from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
 from data_pipeline.stats import DatasetStats, SourceStats
 from data_pipeline.templates import load_chat_tokenizer
+from data_pipeline.text import PRETRAIN_BLOCKS_PACKED, cut_into_blocks, encode_documents
 from data_pipeline.tokenize import (
     CONVERSATION_KEY,
     NUM_TRAINABLE_KEY,
@@ -111,15 +117,19 @@ def load_canonical(
         num_proc: conversion workers.
 
     Returns:
-        The canonical rows in file and line order (`conversation` JSON, `source_id`, `origin`, and the number of
-        `copies` each gets in training) and the accounting.
+        The canonical rows in file and line order (`conversation` JSON, or the document's `text` for raw-text
+        sources, `source_id`, `origin`, and the number of `copies` each gets in training) and the accounting.
 
     Raises:
         DataFormatError: a bad record under `raise`, or a file that cannot be read to its end.
-        ValueError: a bad `on_error`, or files that hold no record at all.
+        ValueError: a bad `on_error`, files that hold no record at all, or raw-text and chat sources together.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
+    formats = {spec.format == TEXT_FORMAT for spec in specs}
+    if len(formats) > 1:
+        raise ValueError("data.sources: raw text (format text) and chat sources cannot be trained in one run")
+    content_key = TEXT_KEY if formats == {True} else CONVERSATION_KEY
     files = [
         _SourceFile(path, spec, f"{index}:{path}")
         for index, spec in enumerate(specs)
@@ -132,7 +142,9 @@ def load_canonical(
     raw = _raw_rows(files)
     if not len(raw):
         raise ValueError(f"data.sources: no record in {', '.join(str(file.path) for file in files)}")
-    converted = _arrow_map(raw, partial(_convert_batch, files=files, source_ids=source_ids), num_proc, "Checking")
+    converted = _arrow_map(
+        raw, partial(_convert_batch, files=files, source_ids=source_ids, content_key=content_key), num_proc, "Checking"
+    )
     del raw
     columns = converted.with_format("arrow").select_columns([FILE_ID_KEY, LINE_KEY, REASON_KEY, PROBLEM_KEY])[:]
     file_ids = columns[FILE_ID_KEY].to_numpy()
@@ -156,7 +168,7 @@ def load_canonical(
     if len(indices) < len(converted):
         converted = converted.select(indices)
     canonical = converted.add_column(COPIES_KEY, np.concatenate([np.zeros(0, np.int64), *copies]))
-    return canonical.select_columns([CONVERSATION_KEY, SOURCE_ID_KEY, ORIGIN_KEY, COPIES_KEY]), stats
+    return canonical.select_columns([content_key, SOURCE_ID_KEY, ORIGIN_KEY, COPIES_KEY]), stats
 
 
 @dataclass(frozen=True)
@@ -197,9 +209,12 @@ def _raw_rows(files: list[_SourceFile]) -> Dataset:
     return Dataset(InMemoryTable(table))
 
 
-def _convert_batch(batch: pa.Table, files: list[_SourceFile], source_ids: dict[str, int]) -> pa.Table:
-    """Parse, check and convert raw records: the canonical JSON, or the reason and problem of a bad record."""
-    conversations, origins, reasons, problems, dropped, sample_sources = [], [], [], [], [], []
+def _convert_batch(
+    batch: pa.Table, files: list[_SourceFile], source_ids: dict[str, int], content_key: str = CONVERSATION_KEY
+) -> pa.Table:
+    """Parse, check and convert raw records: the canonical JSON (the document's text under `TEXT_KEY`), or the
+    reason and problem of a bad record."""
+    contents, origins, reasons, problems, dropped, sample_sources = [], [], [], [], [], []
     for raw, file_id, line in zip(
         batch.column(RAW_KEY).to_pylist(),
         batch.column(FILE_ID_KEY).to_pylist(),
@@ -208,24 +223,25 @@ def _convert_batch(batch: pa.Table, files: list[_SourceFile], source_ids: dict[s
     ):
         file = files[file_id]
         sample_sources.append(source_ids[str(file.path)])
+        origins.append(f"{file.path}:{line}")
         try:
             record = parse_record(file.path, line, raw)
-            canonical, dropped_columns = to_canonical(record, file.path, line, file.spec.format, file.spec.fields)
+            if content_key == TEXT_KEY:
+                content, dropped_columns = to_text(record, file.path, line, file.spec.fields)
+            else:
+                canonical, dropped_columns = to_canonical(record, file.path, line, file.spec.format, file.spec.fields)
+                # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps
+                # Arrow from having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
+                content = json.dumps(
+                    {key: canonical[key] for key in (MESSAGES_KEY, TOOLS_KEY) if key in canonical}, ensure_ascii=False
+                )
         except DataFormatError as e:
-            conversations.append(None)
-            origins.append(f"{file.path}:{line}")
+            contents.append(None)
             reasons.append(e.reason)
             problems.append(e.problem)
             dropped.append([])
             continue
-        # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps
-        # Arrow from having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
-        conversations.append(
-            json.dumps(
-                {key: canonical[key] for key in (MESSAGES_KEY, TOOLS_KEY) if key in canonical}, ensure_ascii=False
-            )
-        )
-        origins.append(canonical[ORIGIN_KEY])
+        contents.append(content)
         reasons.append(None)
         problems.append(None)
         dropped.append(dropped_columns)
@@ -234,7 +250,7 @@ def _convert_batch(batch: pa.Table, files: list[_SourceFile], source_ids: dict[s
             FILE_ID_KEY: batch.column(FILE_ID_KEY),
             LINE_KEY: batch.column(LINE_KEY),
             SOURCE_ID_KEY: pa.array(sample_sources, pa.int32()),
-            CONVERSATION_KEY: pa.array(conversations, pa.string()),
+            content_key: pa.array(contents, pa.string()),
             ORIGIN_KEY: pa.array(origins, pa.string()),
             REASON_KEY: pa.array(reasons, pa.string()),
             PROBLEM_KEY: pa.array(problems, pa.string()),
@@ -287,20 +303,26 @@ def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceS
 
 
 def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    """Read, tokenise, account and split, without any cache (see `build_datasets`)."""
-    check_assistant_mask(tokenizer)
+    """Read, tokenise, account and split, without any cache (see `build_datasets`); raw text is split by document,
+    then each part is cut into blocks."""
+    if not data.raw_text:
+        check_assistant_mask(tokenizer)
     num_proc, validation_split_percentage = data.num_proc, data.validation_split_percentage
     canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc)
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
-    tokenized = _arrow_map(
-        canonical,
-        partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
-        num_proc,
-        "Tokenising",
-    )
-    _account(tokenized, stats, data.truncation)
-    kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
+    if data.raw_text:
+        kept = _arrow_map(canonical, partial(encode_documents, tokenizer=tokenizer), num_proc, "Tokenising")
+        _account_documents(kept, stats, data)
+    else:
+        tokenized = _arrow_map(
+            canonical,
+            partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
+            num_proc,
+            "Tokenising",
+        )
+        _account(tokenized, stats, data.truncation)
+        kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
     if validation_split_percentage > 0:
         split = kept.train_test_split(test_size=validation_split_percentage / 100.0, seed=seed)
         train, validation = split["train"], split["test"]
@@ -309,6 +331,10 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     copies = _column(train, COPIES_KEY)
     if (copies > 1).any():
         train = train.select(np.repeat(np.arange(len(train)), copies))
+    if data.raw_text:
+        stats.pretrain_blocks = data.pretrain_blocks
+        train = _blocks(train, data, stats)
+        validation = _blocks(validation, data, stats) if validation is not None else None
     for part in (train, validation) if validation is not None else (train,):
         samples = np.bincount(_column(part, SOURCE_ID_KEY), minlength=len(stats.sources))
         for source, count in zip(stats.sources.values(), samples.tolist(), strict=True):
@@ -318,6 +344,35 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     columns = [*MODEL_INPUT_KEYS, *SAMPLE_KEYS]
     validation = validation.select_columns(columns) if validation is not None else None
     return PreparedData(train.select_columns(columns), validation, stats)
+
+
+def _blocks(documents: Dataset, data: DataConfig, stats: DatasetStats) -> Dataset:
+    """One part's encoded documents, in order, as samples of at most `data.max_length` tokens."""
+    table = documents.with_format("arrow").select_columns([INPUT_IDS_KEY, SOURCE_ID_KEY, ORIGIN_KEY])[:]
+    blocks, short_blocks = cut_into_blocks(table, data.max_length, data.pretrain_blocks)
+    stats.short_blocks += short_blocks
+    return Dataset(InMemoryTable(blocks))
+
+
+def _account_documents(documents: Dataset, stats: DatasetStats, data: DataConfig) -> None:
+    """Per source: the documents kept, their tokens (all trained), and those longer than `data.max_length` that
+    `pretrain_blocks=packed` cuts into several samples."""
+    columns = documents.with_format("arrow").select_columns([INPUT_IDS_KEY, SOURCE_ID_KEY])[:]
+    source_ids = columns[SOURCE_ID_KEY].to_numpy()
+    lengths = pc.list_value_length(columns[INPUT_IDS_KEY]).to_numpy()
+    cut = (lengths > data.max_length) & (data.pretrain_blocks == PRETRAIN_BLOCKS_PACKED)
+
+    def per_source(values: np.ndarray) -> list[int]:
+        return np.bincount(source_ids, weights=values, minlength=len(stats.sources)).astype(np.int64).tolist()
+
+    sums = zip(
+        stats.sources.values(), per_source(np.ones(len(lengths))), per_source(lengths), per_source(cut), strict=True
+    )
+    for source, n_kept, n_tokens, n_cut in sums:
+        source.kept += n_kept
+        source.tokens += n_tokens
+        source.trainable_tokens += n_tokens
+        source.split_documents += n_cut
 
 
 def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[Path, bool]:
@@ -336,6 +391,8 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         "seed": seed,
         "on_error": data.on_error,
     }
+    if data.raw_text:  # the sources' `text` format is keyed with them; how documents become samples is keyed here
+        options["pretrain_blocks"] = data.pretrain_blocks
     directory = Path(data.cache_dir) / dataset_fingerprint(files, tokenizer, options)
     built = build_once(directory, lambda temporary: build_prepared(data, tokenizer, seed).save(temporary))
     return directory, built

@@ -21,6 +21,10 @@ turn is answered by an assistant turn (two user turns in a row are ambiguous and
 with `tool_calls` is followed by tool results, which are followed by another tool result or an assistant turn.
 A dialogue ends with an assistant turn: a trailing user or tool turn would teach nothing and is rejected rather
 than silently cut. Every error is a `DataFormatError` with the file, line and a `reason` used for counting.
+
+Raw text (`format: text`, continued pre-training) is not a dialogue: `to_text` gives one document's text, the
+whole of a `.txt` file or a record's `text` field (renamed by the source's `fields`, e.g. `{text: body}`); an
+empty document is refused as `empty_text`.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from core.keys import ORIGIN_KEY
-from data_pipeline.sources import DataFormatError
+from data_pipeline.sources import DataFormatError, is_text_file
 
 MESSAGES_KEY, TOOLS_KEY, SOURCE_KEY, TRAIN_KEY = "messages", "tools", "source", "train"
+TEXT_KEY = "text"
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_ROLE_ALIASES = {"developer": "system", "function": "tool"}
 SHAREGPT_ROLES = {
@@ -131,6 +136,42 @@ def to_canonical(
     if tools:
         canonical[TOOLS_KEY] = tools
     return canonical, sorted(set(record) - set(FORMAT_KEYS[detected]))
+
+
+def to_text(record: Any, path: Path, line: int, fields: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """One raw-text document: a `.txt` file's text (`parse_record` gives it as a str), or a record's `text` field.
+
+    Args:
+        record: the parsed record.
+        path: the file it came from; a `.txt` file is its own document.
+        line: its line, for errors.
+        fields: `{"text": <this source's column>}` to read the text from another column.
+
+    Returns:
+        The text and the names of the record's other columns (dropped, counted by the caller).
+
+    Raises:
+        DataFormatError: not an object, no string `text` field, or an empty (whitespace only) document.
+    """
+    where = _Where(path, line)
+    if is_text_file(path):
+        text, dropped = record, []
+    else:
+        if not isinstance(record, dict):
+            raise where.error("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
+        column = (fields or {}).get(TEXT_KEY, TEXT_KEY)
+        if column not in record:
+            raise where.error(
+                "missing_field",
+                f"missing field {column!r} (raw text: records need a '{TEXT_KEY}' field, or the source's "
+                f"`fields: {{{TEXT_KEY}: <column>}}`)",
+            )
+        text, dropped = record[column], sorted(key for key in record if key != column)
+        if not isinstance(text, str):
+            raise where.error("bad_text", f"{column!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise where.error("empty_text", "empty document: nothing to train on")
+    return text, dropped
 
 
 def _require(record: dict[str, Any], key: str, where: _Where) -> Any:

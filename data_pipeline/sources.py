@@ -1,8 +1,10 @@
 """Where records come from: `data.sources` entries, the files they name, and reading those files line by line.
 
 A source entry is checked into a `config.sources.SourceSpec` by the config schema; here its path becomes files:
-the file itself, a sorted glob, or a directory's `*.jsonl`, `*.json`, `*.jsonl.gz` and `*.json.gz` files. Files
-are JSONL or a JSON array, either of them optionally gzip-compressed; a UTF-8 BOM is accepted.
+the file itself, a sorted glob, or a directory's `*.jsonl`, `*.json`, `*.jsonl.gz` and `*.json.gz` files (and, for
+a `format: text` source, its `*.txt` and `*.txt.gz` files). Files are JSONL or a JSON array, either of them
+optionally gzip-compressed; a UTF-8 BOM is accepted. A `.txt` file (raw text, for continued pre-training) is one
+record: the whole file, one document.
 
 Reading never hides a problem: `iter_records` yields each record with its line number, or a `DataFormatError`
 for a line that is not valid UTF-8 or JSON, so the caller either stops on it (`data.on_error=raise`) or counts
@@ -21,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from config.sources import SourceSpec
+from config.sources import TEXT_FORMAT, TEXT_SUFFIXES, SourceSpec
 
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -45,10 +47,12 @@ def resolve_files(spec: SourceSpec, index: int) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+        suffixes = DATA_SUFFIXES + TEXT_SUFFIXES if spec.format == TEXT_FORMAT else DATA_SUFFIXES
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
         if not files:
             raise FileNotFoundError(
-                f"data.sources[{index}]: directory {spec.path!r} holds no {'/'.join(DATA_SUFFIXES)} file"
+                f"data.sources[{index}]: directory {spec.path!r} holds no {'/'.join(suffixes)} file"
+                + ("" if spec.format == TEXT_FORMAT else " ({path: <dir>, format: text} reads its .txt files)")
             )
         return files
     if glob.has_magic(spec.path):
@@ -89,13 +93,17 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
     """Yield `(line_number, JSON bytes)` for each record of a file, unparsed: `parse_record` reads one.
 
     The bytes of a JSONL line are not checked here, so that the (costly) parsing can run in worker processes; a
-    JSON array is parsed here, as its records can only be found by parsing it.
+    JSON array is parsed here, as its records can only be found by parsing it. A `.txt` file is one record, its
+    whole text at line 1.
 
     Raises:
         DataFormatError: a JSON array that is broken or not valid UTF-8 (the rest cannot be counted).
     """
     data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     data = data.removeprefix(UTF8_BOM)
+    if is_text_file(path):
+        yield 1, data
+        return
     if data.lstrip().startswith(b"["):
         try:
             text = data.decode("utf-8")
@@ -111,11 +119,13 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def parse_record(path: str | Path, line_number: int, raw: bytes) -> Any:
-    """The JSON value of one record from `iter_raw_records`.
+    """The JSON value of one record from `iter_raw_records`; a `.txt` file's text as a str.
 
     Raises:
         DataFormatError: the bytes are not valid UTF-8 or not valid JSON, located at `path:line_number`.
     """
+    if is_text_file(path):
+        return decode_text_file(path, raw)
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -124,6 +134,23 @@ def parse_record(path: str | Path, line_number: int, raw: bytes) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})", "invalid_json") from e
+
+
+def is_text_file(path: str | Path) -> bool:
+    """A raw-text file (`.txt`, `.txt.gz`): one document, not JSON."""
+    return str(path).endswith(TEXT_SUFFIXES)
+
+
+def decode_text_file(path: str | Path, raw: bytes) -> str:
+    """The text of a `.txt` file's bytes.
+
+    Raises:
+        DataFormatError: not valid UTF-8, located at the line of the first bad byte.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, text_line(raw[: e.start]), f"invalid UTF-8 ({e.reason})", "invalid_utf8") from e
 
 
 def read_records(path: Path) -> Iterator[tuple[int, Any]]:

@@ -5,6 +5,11 @@ counted reason (a broken line, a bad record, `max_samples`, down-sampling by `we
 `tokens` and `trainable_tokens` count the kept records once; `samples` counts the training and validation rows
 the source gives after up-sampling by `weight`. `dropped_columns` counts, per column name, the records whose
 column was not part of their format. `source_metric_names` names each source in per-source metric keys.
+
+Raw text (continued pre-training) is counted the same way with documents for records: `tokens` and
+`trainable_tokens` are equal (every token is trained), `samples` counts the blocks a source's documents became,
+`split_documents` the documents cut into several samples, and `short_blocks` the `concat` blocks shorter than
+`data.max_length` (the last of each stream: kept, not dropped).
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class SourceStats:
     reasoning_not_rendered: int = 0
     """Of those, the turns whose reasoning the chat template leaves out of its rendering, so it is not trained
     (DeepSeek-R1's template drops the thinking of every assistant turn)."""
+    split_documents: int = 0
+    """Raw text: documents longer than `data.max_length` cut into several samples (`data.pretrain_blocks=packed`),
+    none of their tokens dropped."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
@@ -51,6 +59,10 @@ class DatasetStats:
     sources: dict[str, SourceStats] = field(default_factory=dict)
     train_samples: int = 0
     validation_samples: int = 0
+    pretrain_blocks: str | None = None
+    """Raw text: how documents became samples (`data.pretrain_blocks`); None for chat data."""
+    short_blocks: int = 0
+    """Raw text, `concat`: blocks shorter than `data.max_length`, one at the end of each part's stream at most."""
 
     def summary(self) -> str:
         """A readable table: one row per source, a total, then the drop reasons and dropped columns."""
@@ -87,6 +99,15 @@ class DatasetStats:
                     f"assistant turns left untrained in {name}: {s.untrained_turns} (the chat template renders "
                     "them differently once later turns follow)"
                 )
+            if s.split_documents:
+                lines.append(
+                    f"documents of {name} longer than data.max_length, cut into several samples: {s.split_documents}"
+                )
+        if self.pretrain_blocks is not None:
+            lines.append(
+                f"raw text: records are documents, every token trained, pretrain_blocks={self.pretrain_blocks}"
+                + (f"; {self.short_blocks} block(s) shorter than max_length kept" if self.short_blocks else "")
+            )
         lines.append(f"train samples: {self.train_samples}  validation samples: {self.validation_samples}")
         return "\n".join(lines)
 

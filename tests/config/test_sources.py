@@ -19,7 +19,8 @@ from tests.helpers import write_chats
         ({"path": "a", "weight": 0}, r"data.sources\[0\].weight=0 must be a number > 0"),
         ({"path": "a", "max_samples": 0}, r"data.sources\[0\].max_samples=0"),
         ({"path": "a", "format": "csv"}, r"data.sources\[0\].format='csv' is not one of"),
-        ({"path": "a", "fields": {"text": "body"}}, r"data.sources\[0\].fields: 'text' is not a canonical field"),
+        ({"path": "a", "fields": {"body": "text"}}, r"data.sources\[0\].fields: 'body' is not a canonical field"),
+        ({"path": "a", "fields": {"text": "body"}}, r"data.sources\[0\].fields.text: raw text only \(format: text"),
         ({"path": "a", "sample": 2}, r"data.sources\[0\]: unknown key\(s\) \['sample'\]"),
     ],
 )

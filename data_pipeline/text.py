@@ -1,0 +1,104 @@
+"""Raw text for continued pre-training (`training.objective=pretrain`): documents into samples of at most
+`data.max_length` tokens, every token labelled.
+
+A document (a `.txt` file, or a record's `text` field: `data_pipeline.schema.to_text`) is encoded as the tokenizer
+encodes any text (with its BOS where it writes one, as Llama's does) and closed with the end-of-text token
+(`eos_token`), so the model learns where a document ends. `data.pretrain_blocks` then says how documents become
+samples:
+
+- `packed` (default): each document is a sample; one longer than `max_length` is cut into `max_length` pieces, each
+  its own sample (the last one shorter), so nothing is dropped. `data.packing` null resolves to on: a micro-batch is
+  one padding-free row whose position ids restart at every sample, so no token attends to another document, and
+  the loss of a packed micro-batch is the sum of each document's loss alone.
+- `concat`: the documents of a split, in order, joined into one stream and cut into blocks of exactly
+  `max_length` tokens, as transformers' `run_clm.py` (`group_texts`) does; attention crosses the documents of a
+  block, their end-of-text tokens between them. The stream's last block keeps the remainder, shorter, rather than
+  dropping it (counted as `short_blocks` in stats.json). A block is attributed to the source and record (`origin`)
+  of its first token, for per-source metrics and for naming a bad step's samples.
+
+Labels are the input ids: the loss covers every token a sample can predict (all but its first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from transformers import PreTrainedTokenizerBase
+
+from config.schema import PRETRAIN_BLOCKS
+from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
+from data_pipeline.schema import TEXT_KEY
+
+PRETRAIN_BLOCKS_PACKED, PRETRAIN_BLOCKS_CONCAT = PRETRAIN_BLOCKS
+
+
+def end_of_text_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that closes every document.
+
+    Raises:
+        ValueError: the tokenizer has no `eos_token`.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no eos_token: raw-text documents are closed with it so the model learns "
+            "where one ends; load a tokenizer that has one (model.tokenizer_name_or_path)"
+        )
+    return tokenizer.eos_token_id
+
+
+def encode_documents(batch: pa.Table, tokenizer: PreTrainedTokenizerBase) -> pa.Table:
+    """`datasets.map(batched=True)` adapter: each row's `text` replaced by its `input_ids`, closed by the
+    end-of-text token (not twice where the tokenizer writes it itself). The other columns pass through."""
+    eos = end_of_text_id(tokenizer)
+    # verbose=False: a long document is cut into blocks later, not an over-long model input to warn about.
+    texts = batch.column(TEXT_KEY).to_pylist()
+    encoded = tokenizer(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)
+    documents = [ids if ids and ids[-1] == eos else [*ids, eos] for ids in encoded[INPUT_IDS_KEY]]
+    return batch.drop_columns([TEXT_KEY]).append_column(INPUT_IDS_KEY, pa.array(documents, pa.list_(pa.int32())))
+
+
+def cut_into_blocks(documents: pa.Table, max_length: int, mode: str) -> tuple[pa.Table, int]:
+    """Samples of at most `max_length` tokens from encoded documents, as `mode` (`data.pretrain_blocks`) says.
+
+    Args:
+        documents: `input_ids` (each document, end-of-text included), `source_id` and `origin` per document, in
+            the order they are joined.
+        max_length: tokens per sample at most (`data.max_length`).
+        mode: `packed` (one sample per document, a longer one cut into pieces) or `concat` (one stream cut into
+            `max_length` blocks).
+
+    Returns:
+        The samples (`input_ids`, `attention_mask`, `labels`, `source_id`, `origin`) and the number of samples
+        shorter than `max_length` in a `concat` stream (its last block; 0 when it divides evenly, and for `packed`).
+    """
+    ids = documents.column(INPUT_IDS_KEY).combine_chunks()
+    lengths = pc.list_value_length(ids).to_numpy().astype(np.int64)
+    tokens = pc.list_flatten(ids).to_numpy()
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(doc_starts[-1])
+    if mode == PRETRAIN_BLOCKS_PACKED:
+        pieces = -(-lengths // max_length)
+        first_piece = np.concatenate([[0], np.cumsum(pieces)])[:-1]
+        document_of = np.repeat(np.arange(len(lengths)), pieces)
+        starts = doc_starts[document_of] + (np.arange(len(document_of)) - first_piece[document_of]) * max_length
+        short_blocks = 0
+    elif mode == PRETRAIN_BLOCKS_CONCAT:
+        starts = np.arange(0, total, max_length, dtype=np.int64)
+        document_of = np.searchsorted(doc_starts, starts, side="right") - 1
+        short_blocks = int(total % max_length != 0)
+    else:
+        raise ValueError(f"data.pretrain_blocks={mode!r} is not one of {list(PRETRAIN_BLOCKS)}")
+    # Either way the samples tile the token stream in order: each starts where the previous one ends.
+    offsets = pa.array(np.append(starts, total), type=pa.int32())
+    values = pa.array(tokens, type=pa.int32())
+    table = pa.table(
+        {
+            INPUT_IDS_KEY: pa.ListArray.from_arrays(offsets, values),
+            ATTENTION_MASK_KEY: pa.ListArray.from_arrays(offsets, pa.array(np.ones(total, np.int8))),
+            LABELS_KEY: pa.ListArray.from_arrays(offsets, values),
+            SOURCE_ID_KEY: documents.column(SOURCE_ID_KEY).take(pa.array(document_of)),
+            ORIGIN_KEY: documents.column(ORIGIN_KEY).take(pa.array(document_of)),
+        }
+    )
+    return table, short_blocks
