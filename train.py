@@ -17,6 +17,7 @@ import logging
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import deepspeed
 import hydra
@@ -58,6 +59,7 @@ from evaluation.heldout import (
     load_heldout,
 )
 from evaluation.samples import samples_markdown
+from modeling.adapter import add_adapter, check_adapter_supported, load_adapter_model, merge_adapter
 from modeling.loading import load_model, resolve_model_path
 from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress
 from observability.banner import end_summary, startup_banner
@@ -85,10 +87,20 @@ def plain_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreTra
     return load_model(run.model, model_path, bf16=False, deepspeed=False), load_chat_tokenizer(run, model_path)
 
 
-def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: Dataset | None) -> None:
+def trained_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Rank 0's unsharded copy of what was saved: the model, or the base with the saved adapter on it."""
+    if run.model.adapter == "none":
+        return plain_copy(run, run.output_dir)
+    base, _ = plain_copy(run, model_path)
+    return load_adapter_model(base, run.output_dir), load_chat_tokenizer(run, run.output_dir)
+
+
+def final_reports(
+    run: RunConfig, model_path: str, before: HeldoutResult | None, validation_set: Dataset | None
+) -> None:
     """Rank 0: the held-out before/after table and samples.md, from the saved model."""
     output_dir = Path(run.output_dir)
-    model, tokenizer = plain_copy(run, str(output_dir))
+    model, tokenizer = trained_copy(run, model_path)
     if before is not None:
         after = heldout_eval(run, model, tokenizer)
         comparison = format_comparison(before, after, run.heldout.show)
@@ -101,6 +113,14 @@ def final_reports(run: RunConfig, before: HeldoutResult | None, validation_set: 
         write_atomic(output_dir / "samples.md", samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens))
 
 
+class FineTuned(NamedTuple):
+    result: TrainOutput
+    validation_set: Dataset | None
+    """Rank 0's reports sample it."""
+    model: PreTrainedModel
+    """As trained: this rank's shard under ZeRO-3, the base and its adapter for an adapter run."""
+
+
 def fine_tune(
     run: RunConfig,
     run_config: dict,
@@ -109,17 +129,17 @@ def fine_tune(
     training_args: TrainingArguments,
     resilience: ResilienceCallback,
     resume_from: str | None,
-) -> tuple[TrainOutput, Dataset | None]:
-    """Every rank, inside the process group: data -> model -> train -> save -> verified export.
-
-    Returns the training result and the validation set (rank 0's reports sample it).
-    """
+) -> FineTuned:
+    """Every rank, inside the process group: data -> model -> train -> save -> verified export (and, for an
+    adapter run with `model.merge_adapter`, the merged model on rank 0)."""
     output_dir = Path(run.output_dir)
     with exit_on_user_error():
         train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
     logger.info("Data:\n%s", data_stats.summary())
 
     model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
+    with exit_on_user_error():
+        model = add_adapter(model, run.model, training_args.seed)
     data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     train_batch_sampler = token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed)
     trainer = SFTTrainer(
@@ -151,7 +171,11 @@ def fine_tune(
     trainer.save_model(str(output_dir))
     logger.info("Saved the final model and tokenizer to %s", output_dir.resolve())
     verify_export(model, output_dir, is_rank_zero(), zero3=is_deepspeed_zero3_enabled())
-    return result, validation_set
+    if run.model.merge_adapter:
+        unset_hf_deepspeed_config()  # the merge loads a plain copy of the base on rank 0, outside ZeRO-3
+        if is_rank_zero():
+            merge_adapter(model_path, output_dir, run.model.trust_remote_code)
+    return FineTuned(result, validation_set, model)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -169,6 +193,7 @@ def main(cfg: DictConfig) -> None:
         run = to_run_config(cfg, hydra_config.overrides.task)
         check_source_paths(run.data.specs + ([SourceSpec(run.heldout.file)] if run.heldout.file else []))
         check_deepspeed_config(run.deepspeed.config)
+        check_adapter_supported(run.model, fp16=run.training.fp16)
         output_dir = Path(run.output_dir)
         log_path = setup_logging(output_dir)
         run_config = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
@@ -195,12 +220,12 @@ def main(cfg: DictConfig) -> None:
         with library_prints_to_log():
             deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
-        result, validation_set = fine_tune(
+        result, validation_set, _ = fine_tune(
             run, run_config, model_path, tokenizer, training_args, resilience, resume_from
         )
         unset_hf_deepspeed_config()  # the reports below load a plain, unsharded copy
         if is_rank_zero():
-            final_reports(run, before, validation_set)
+            final_reports(run, model_path, before, validation_set)
         logger.info("Done:\n%s", end_summary(output_dir, result.metrics))
     finally:
         teardown()

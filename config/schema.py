@@ -116,6 +116,39 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
 
 
+ADAPTERS = ("none", "lora", "qlora")
+
+
+@dataclass
+class LoraConfig:
+    """`model.lora.*`: the LoRA adapter of `model.adapter=lora|qlora` (peft's `LoraConfig`)."""
+
+    r: int = 16
+    """Rank of each adapter's two matrices."""
+    alpha: float = 32.0
+    """Scale: the adapter's update is `alpha / r * B @ A`."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (suffixes, as peft matches them) that get an adapter; all-linear: every linear layer but the
+    LM head."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. a classification head)."""
+    train_embeddings: bool = False
+    """Train the input embeddings and the LM head in full, saved with the adapter: for tokens added to the
+    tokenizer, whose rows are untrained in the base."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r={self.r} must be >= 1")
+        if self.alpha <= 0:
+            raise ValueError(f"model.lora.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: name the layers to adapt, or all-linear")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "embedded:tiny-qwen2"
@@ -131,10 +164,20 @@ class ModelConfig:
     """Run Python code shipped with a hub model; off unless you trust its author."""
     cache_dir: str = ".cache/models"
     """Where embedded models are built once and reused."""
+    adapter: str = "none"
+    """none: full-parameter training; lora: a LoRA adapter on the frozen base (`model.lora.*`, peft); qlora: the
+    same on a 4-bit base (bitsandbytes, CUDA only). Adapter runs save the adapter in `output_dir`."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    merge_adapter: bool = False
+    """After an adapter run, also write the base with the adapter merged into `<output_dir>/merged`, verified
+    against the adapter model (modeling/adapter.py)."""
 
     def __post_init__(self) -> None:
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _check_choice("model.adapter", self.adapter, ADAPTERS)
+        if self.merge_adapter and self.adapter == "none":
+            raise ValueError("model.merge_adapter=true needs an adapter run: set model.adapter=lora")
 
 
 @dataclass
@@ -234,8 +277,10 @@ class LossConfig:
     ZeRO-3); reference: the model's full logits, then the DFT loss. Only for `loss.type=dft`."""
     alpha_warmup_steps: int = 0
     """Optimizer steps over which alpha rises linearly from 0 to `loss.alpha`; 0 keeps it constant."""
-    chunk_size: int = 1024
-    """Trainable tokens per chunk of logits in the fused loss: its extra memory is a few `[chunk, vocab]` blocks."""
+    chunk_size: Any = "auto"
+    """Trainable tokens per chunk of logits in the fused loss (its extra memory is one `[chunk, vocab]` float32
+    block), or `auto`: sized from the batch's shapes by `dft.loss.auto_chunk_size` (the block no larger than the
+    batch's hidden states, at least 256 tokens). Typed `Any` because OmegaConf has no `int | str` field."""
 
     def __post_init__(self) -> None:
         _check_choice("loss.type", self.type, LOSS_TYPES)
@@ -244,8 +289,9 @@ class LossConfig:
             raise ValueError(f"loss.alpha={self.alpha} must be in [0, 1]")
         if self.alpha_warmup_steps < 0:
             raise ValueError(f"loss.alpha_warmup_steps={self.alpha_warmup_steps} must be >= 0 (0: constant alpha)")
-        if self.chunk_size < 1:
-            raise ValueError(f"loss.chunk_size={self.chunk_size} must be >= 1 token")
+        chunk_is_count = isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
+        if self.chunk_size != "auto" and not (chunk_is_count and self.chunk_size >= 1):
+            raise ValueError(f"loss.chunk_size={self.chunk_size!r} must be auto or a whole number of tokens >= 1")
 
 
 @dataclass
@@ -320,6 +366,18 @@ class RunConfig:
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
+    def __post_init__(self) -> None:
+        pretrain = self.training.objective == "pretrain"
+        if pretrain != self.data.raw_text:
+            spec = self.data.specs[0]
+            raise ValueError(
+                f"training.objective=pretrain trains on raw text, but data.sources[0] ({spec.path!r}) has format "
+                f"{spec.format}: give .txt files or records with a 'text' field (format: text)"
+                if pretrain
+                else f"data.sources[0] ({spec.path!r}) is raw text (format text): continued pre-training on it takes "
+                "training.objective=pretrain; SFT takes chat data"
+            )
+
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -391,18 +449,6 @@ def _one_output_dir(cfg: DictConfig, overrides: Sequence[str]) -> None:
         )
     cfg.output_dir = training_dir
     cfg.training.output_dir = "${output_dir}"
-
-    def __post_init__(self) -> None:
-        pretrain = self.training.objective == "pretrain"
-        if pretrain != self.data.raw_text:
-            spec = self.data.specs[0]
-            raise ValueError(
-                f"training.objective=pretrain trains on raw text, but data.sources[0] ({spec.path!r}) has format "
-                f"{spec.format}: give .txt files or records with a 'text' field (format: text)"
-                if pretrain
-                else f"data.sources[0] ({spec.path!r}) is raw text (format text): continued pre-training on it takes "
-                "training.objective=pretrain; SFT takes chat data"
-            )
 
 
 def inert_training_settings(training: TrainingConfig) -> list[str]:
