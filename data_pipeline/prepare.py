@@ -214,7 +214,7 @@ def _convert_batch(
 ) -> pa.Table:
     """Parse, check and convert raw records: the canonical JSON (the document's text under `TEXT_KEY`), or the
     reason and problem of a bad record."""
-    contents, origins, reasons, problems, dropped, sample_sources = [], [], [], [], [], []
+    contents, origins, reasons, problems, dropped, sample_sources, lines = [], [], [], [], [], [], []
     for raw, file_id, line in zip(
         batch.column(RAW_KEY).to_pylist(),
         batch.column(FILE_ID_KEY).to_pylist(),
@@ -236,11 +236,13 @@ def _convert_batch(
                     {key: canonical[key] for key in (MESSAGES_KEY, TOOLS_KEY) if key in canonical}, ensure_ascii=False
                 )
         except DataFormatError as e:
+            lines.append(e.line)  # where in the record: a bad byte of a .txt document is on a line of its own
             contents.append(None)
             reasons.append(e.reason)
             problems.append(e.problem)
             dropped.append([])
             continue
+        lines.append(line)
         contents.append(content)
         reasons.append(None)
         problems.append(None)
@@ -248,7 +250,7 @@ def _convert_batch(
     return pa.table(
         {
             FILE_ID_KEY: batch.column(FILE_ID_KEY),
-            LINE_KEY: batch.column(LINE_KEY),
+            LINE_KEY: pa.array(lines, pa.int64()),
             SOURCE_ID_KEY: pa.array(sample_sources, pa.int32()),
             content_key: pa.array(contents, pa.string()),
             ORIGIN_KEY: pa.array(origins, pa.string()),
