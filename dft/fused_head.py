@@ -27,7 +27,7 @@ def fused_lm_head(
     labels: torch.Tensor,
     alpha: float,
     num_items_in_batch: torch.Tensor | int | None,
-    chunk_size: int,
+    chunk_size: int | str,
     token_groups: torch.Tensor | None = None,
     num_groups: int | None = None,
 ) -> Iterator[_FusedHeadResult]:

@@ -12,6 +12,8 @@ vocabulary. `N` is the number of trainable tokens of the whole optimizer step
 ranks by the Trainer) so that the update does not depend on how a step is
 split; without it, the micro-batch's own count is used.
 
+The fused loss sizes its chunks of logits itself by default (`chunk_size="auto"`, `auto_chunk_size`).
+
 Both functions can also split their statistics by a per-token group (`token_groups`, e.g. the data
 source of each token): `DFTStats.group_sums` then holds the same sums per group, computed from the
 per-token values the loss has anyway, so the fused path still builds no `[tokens, vocab]` block.
@@ -126,6 +128,43 @@ def _loss_denominator(num_valid: torch.Tensor, num_items_in_batch: torch.Tensor 
     return denominator.to(num_valid.device) if torch.is_tensor(denominator) else denominator
 
 
+AUTO_CHUNK_SIZE = "auto"
+AUTO_CHUNK_MIN_TOKENS = 256
+_LOGITS_BYTES = 4  # the chunk's logits are float32, whatever the model's dtype
+
+
+def auto_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, hidden_dtype: torch.dtype) -> int:
+    """Tokens per chunk of `fused_dft_loss` with `chunk_size="auto"`: `max(256, tokens * hidden * itemsize // (vocab
+    * 4))`, from the shapes alone, so the same batch shape always gets the same chunk (and the same float32 sums).
+
+    Memory budget: one chunk holds one float32 `[chunk, vocab]` block of logits (turned into the softmax and then the
+    logits' gradient in place), so the block is kept no larger than the batch's hidden states, `[tokens, hidden]` in
+    their own dtype, a tensor the step holds anyway. The naive head holds at least three float32 `[tokens, vocab]`
+    blocks at once (logits, softmax, their gradient), `3 * 4 * vocab / (hidden * itemsize)` times that budget: over
+    1,000 times at Qwen2.5-0.5B's float32 head (vocab 151,936, hidden 896), so the budget alone would allow a few
+    tokens per chunk at the sizes of `bench/loss_head.py`; it only exceeds the floor for long batches with a wide
+    hidden size (32,768 tokens x 4096 bf16 over 151,936 entries: 441 tokens).
+
+    Floor, 256 tokens: whatever its size, each chunk streams the `[vocab, hidden]` weight twice (logits, hidden
+    gradient) and the float32 weight gradient once in and out (`addmm_`), while its three matmuls do `6 * chunk *
+    hidden * vocab` flops: a chunk of c rows does about c / 3 flops per byte of those passes in float32, so small
+    chunks become bound by memory traffic and per-chunk overhead. At 256 rows the fused head's forward+backward
+    stayed within 1.15x of the time at 1024 at every size of `bench/loss_head.py` (docs/benchmarks.md), and its
+    extra peak (one 256-row block) is below 1/8 of the naive head's from about 800 tokens per batch up.
+
+    Args:
+        num_tokens: positions in the batch (all of them: the hidden states exist for each).
+        hidden_size: width of the hidden states.
+        vocab_size: rows of the LM-head weight.
+        hidden_dtype: dtype of the hidden states, for their bytes per element.
+
+    Returns:
+        The chunk size, in trainable tokens; at least `AUTO_CHUNK_MIN_TOKENS`.
+    """
+    budget_tokens = num_tokens * hidden_size * hidden_dtype.itemsize // (vocab_size * _LOGITS_BYTES)
+    return max(AUTO_CHUNK_MIN_TOKENS, budget_tokens)
+
+
 def _chunk_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,7 +277,7 @@ def fused_dft_loss(
     alpha: float,
     ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: torch.Tensor | int | None = None,
-    chunk_size: int = LossConfig.chunk_size,
+    chunk_size: int | str = LossConfig.chunk_size,
     logit_softcap: float | None = None,
     lm_head_bias: torch.Tensor | None = None,
     token_groups: torch.Tensor | None = None,
@@ -257,8 +296,8 @@ def fused_dft_loss(
         alpha: weight of the probability term; 0 gives cross-entropy.
         ignore_index: label value of tokens that are not trained.
         num_items_in_batch: denominator; the count of valid tokens when None.
-        chunk_size: valid tokens per chunk of logits: peak extra memory is a few `[chunk_size, vocab]` float32
-            blocks.
+        chunk_size: valid tokens per chunk of logits (peak extra memory is one `[chunk_size, vocab]` float32
+            block and its float32 temporaries), or `"auto"` (the default): `auto_chunk_size` of the batch's shapes.
         logit_softcap: when set, logits become `cap * tanh(logits / cap)` (Gemma-2) before the softmax.
         lm_head_bias: `[vocab]`, when the LM head has a bias.
         token_groups, num_groups: as for `dft_loss`; the group sums come from the per-token CE of the chunk
@@ -269,11 +308,9 @@ def fused_dft_loss(
         still connected to the graph: the hidden states, weight and bias get zero gradients, not None.
 
     Raises:
-        ValueError: on a non-positive `chunk_size` or `logit_softcap`, shapes that do not match, or
-            `token_groups` without `num_groups`.
+        ValueError: on a `chunk_size` that is neither `"auto"` nor a positive int, a non-positive
+            `logit_softcap`, shapes that do not match, or `token_groups` without `num_groups`.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}: must be a positive number of tokens")
     if logit_softcap is not None and logit_softcap <= 0:
         raise ValueError(f"logit_softcap={logit_softcap}: must be positive, or None for no soft-cap")
     if hidden_states.shape[:-1] != labels.shape or hidden_states.size(-1) != lm_head_weight.size(-1):
@@ -281,6 +318,12 @@ def fused_dft_loss(
             f"hidden_states {tuple(hidden_states.shape)}, lm_head_weight {tuple(lm_head_weight.shape)} and labels "
             f"{tuple(labels.shape)} do not match: expected [batch, seq, hidden], [vocab, hidden] and [batch, seq]"
         )
+    if chunk_size == AUTO_CHUNK_SIZE:
+        chunk_size = auto_chunk_size(
+            labels.numel(), hidden_states.size(-1), lm_head_weight.size(0), hidden_states.dtype
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: must be a positive number of tokens or {AUTO_CHUNK_SIZE!r}")
     _check_groups(token_groups, num_groups, labels)
     targets = shift_labels(labels, ignore_index).reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index

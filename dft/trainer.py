@@ -5,7 +5,8 @@ Features and their config keys (`loss.*`, passed as a `LossConfig`):
   `loss.type=ce`: the model's own cross-entropy, exactly as the stock Trainer computes it.
 - `loss.implementation=fused` (default): the model runs with its LM head swapped, for that call only,
   for `fused_dft_loss` (`dft.fused_head`), so the `[tokens, vocab]` logits are never built, under ZeRO-3 too.
-  `loss.implementation=reference`: full logits, then `dft_loss`. `loss.chunk_size`: fused chunk size.
+  `loss.implementation=reference`: full logits, then `dft_loss`. `loss.chunk_size`: tokens per chunk of the
+  fused loss, or `auto` (default: sized from the batch's shapes, `dft.loss.auto_chunk_size`).
 - `loss.alpha`, `loss.alpha_warmup_steps`: alpha rises linearly from 0 to `loss.alpha` over that many
   optimizer steps (0: constant); the value in use is logged as `dft_alpha`.
 - Exact normalisation: `N` is the Trainer's `num_items_in_batch`, the trainable tokens of the

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from config.schema import LossConfig
+from config.schema import LossConfig, load_run_config
 
 
-def test_defaults_are_the_fused_loss_with_a_constant_alpha() -> None:
+def test_defaults_are_the_fused_loss_with_a_constant_alpha_and_auto_chunks() -> None:
     config = LossConfig()
-    assert (config.implementation, config.alpha_warmup_steps, config.chunk_size) == ("fused", 0, 1024)
+    assert (config.implementation, config.alpha_warmup_steps, config.chunk_size) == ("fused", 0, "auto")
+
+
+@pytest.mark.parametrize(("override", "expected"), [("loss.chunk_size=auto", "auto"), ("loss.chunk_size=512", 512)])
+def test_chunk_size_takes_auto_or_a_token_count_from_the_command_line(override: str, expected: str | int) -> None:
+    assert load_run_config([override]).loss.chunk_size == expected
 
 
 @pytest.mark.parametrize(
@@ -21,7 +26,10 @@ def test_defaults_are_the_fused_loss_with_a_constant_alpha() -> None:
     [
         ({"implementation": "chunked"}, "loss.implementation='chunked' is not one of"),
         ({"alpha_warmup_steps": -1}, "loss.alpha_warmup_steps=-1 must be >= 0"),
-        ({"chunk_size": 0}, "loss.chunk_size=0 must be >= 1"),
+        ({"chunk_size": 0}, "loss.chunk_size=0 must be auto or a whole number of tokens >= 1"),
+        ({"chunk_size": "big"}, "loss.chunk_size='big' must be auto"),
+        ({"chunk_size": 2.5}, "loss.chunk_size=2.5 must be auto"),
+        ({"chunk_size": True}, "loss.chunk_size=True must be auto"),
     ],
 )
 def test_bad_values_are_refused(kwargs: dict, message: str) -> None:

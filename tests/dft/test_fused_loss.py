@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.keys import IGNORE_INDEX
-from dft.loss import dft_loss, fused_dft_loss
+from dft.loss import AUTO_CHUNK_MIN_TOKENS, auto_chunk_size, dft_loss, fused_dft_loss
 from tests.helpers import (
     LOSS_VOCAB,
     float32_bound,
@@ -316,7 +316,11 @@ def test_never_allocates_full_logits(with_groups: bool) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"chunk_size": 0}, "chunk_size=0"), ({"logit_softcap": 0.0}, "logit_softcap=0.0")],
+    [
+        ({"chunk_size": 0}, "chunk_size=0"),
+        ({"chunk_size": "big"}, "chunk_size='big'"),
+        ({"logit_softcap": 0.0}, "logit_softcap=0.0"),
+    ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     hidden, weight, _, labels = random_inputs(9)
@@ -361,3 +365,49 @@ def test_large_logits_stay_finite_and_exact() -> None:
     assert_float32_close("loss", loss, f64_loss)
     for name, ours, f64 in (("hidden", fused_h, f64_h), ("weight", fused_w, f64_w)):
         assert_float32_close(f"{name} gradient", ours.grad, f64.grad)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "expected"),
+    [
+        # bench/loss_head.py's sizes: the hidden states allow a few tokens of logits, so the floor decides.
+        ((512, 256, 16384), torch.float32, AUTO_CHUNK_MIN_TOKENS),
+        ((2048, 896, 151936), torch.float32, AUTO_CHUNK_MIN_TOKENS),
+        ((8192, 896, 151936), torch.float32, AUTO_CHUNK_MIN_TOKENS),
+        ((2048, 256, 65536), torch.float32, AUTO_CHUNK_MIN_TOKENS),
+        # A long batch of a wide model: the float32 logits of 441 tokens fit in the bf16 hidden states
+        # (32768 * 4096 * 2 // (151936 * 4) = 441); float32 hidden states are twice the bytes, so twice the chunk.
+        ((32768, 4096, 151936), torch.bfloat16, 441),
+        ((32768, 4096, 151936), torch.float32, 883),
+    ],
+)
+def test_auto_chunk_size_is_the_hidden_states_budget_with_a_floor(
+    shape: tuple[int, int, int], dtype: torch.dtype, expected: int
+) -> None:
+    assert auto_chunk_size(*shape, dtype) == expected
+
+
+def test_auto_chunk_matches_float64_and_runs_as_the_chunk_it_names() -> None:
+    # 2 x 300 positions of width 16 over 37 entries: 600 * 16 * 4 // (37 * 4) = 259 tokens per chunk, above the
+    # floor, so the budget is what decides, and about 420 trainable tokens make two chunks.
+    hidden, weight, _, labels = random_inputs(10, batch=2, seq=300)
+    chunk = auto_chunk_size(labels.numel(), hidden.size(-1), weight.size(0), hidden.dtype)
+    tokens = num_valid(labels)
+    assert chunk == 259 and chunk < tokens < 2 * chunk, (chunk, tokens)
+    auto_h, auto_w = leaves(hidden, weight)
+    named_h, named_w = leaves(hidden, weight)
+    f64_h, f64_w = leaves(hidden.double(), weight.double())
+    loss, stats = fused_dft_loss(auto_h, auto_w, labels, 1.0)  # chunk_size="auto", the default
+    named_loss, named_stats = fused_dft_loss(named_h, named_w, labels, 1.0, chunk_size=chunk)
+    f64_loss = float64_dft(f64_h, f64_w, labels, 1.0)
+    for value in (loss, named_loss, f64_loss):
+        value.backward()
+
+    # The sums here run over the trainable tokens (about 420 terms), longer than the vocabulary's 37.
+    bound = float32_bound(tokens)
+    assert_float32_close("auto-chunk loss", loss, f64_loss, bound)
+    assert_float32_close("auto-chunk hidden gradient", auto_h.grad, f64_h.grad, bound)
+    assert_float32_close("auto-chunk weight gradient", auto_w.grad, f64_w.grad, bound)
+    # "auto" resolves to a chunk size from the shapes alone: the very same computation as naming that size.
+    assert torch.equal(loss, named_loss) and torch.equal(auto_w.grad, named_w.grad)
+    assert torch.equal(stats.sum_nll, named_stats.sum_nll)
