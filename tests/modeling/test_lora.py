@@ -113,15 +113,14 @@ def test_merge_without_an_adapter_is_refused() -> None:
         ModelConfig(merge_adapter=True)
 
 
-def test_fused_loss_trains_a_fully_trained_head_like_the_full_logits() -> None:
-    """`train_embeddings` trains peft copies of the (tied) embedding and head: the fused loss must use and train
-    the copy, exactly as the full logits do. float32 sums over 2 * 7 tokens of 256-way softmaxes: 1e-5 is ~100x
-    float32's spacing and far below any difference a missed or wrong weight makes (O(1))."""
-    config = ModelConfig(adapter="lora", lora=LoraConfig(train_embeddings=True))
-    model = add_adapter(tiny_qwen2(), config, seed=0)
-    copies = [n for n in trainable_names(model) if "modules_to_save" in n]
-    assert copies, "train_embeddings trained no embedding copy"
-    generator = torch.Generator().manual_seed(0)
+# float32 sums over 2 x 6 trained tokens of small softmaxes: 1e-5 is ~100x float32's spacing, far below what a
+# weight the fused loss skipped or misread would change (O(1)).
+FUSED_BOUND = 1e-5
+
+
+def fused_and_reference(model: torch.nn.Module, seed: int) -> tuple[tuple[float, dict], tuple[float, dict]]:
+    """(loss, trainable gradients) of the fused DFT loss and of the full-logits one, on one random batch."""
+    generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=generator)
     labels = input_ids.clone()
     labels[:, :2] = -100
@@ -136,50 +135,40 @@ def test_fused_loss_trains_a_fully_trained_head_like_the_full_logits() -> None:
         loss.backward()
         return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    fused_loss, fused_grads = loss_and_grads(fused=True)
-    reference_loss, reference_grads = loss_and_grads(fused=False)
-    assert relative_error(fused_loss, reference_loss) < 1e-5
+    return loss_and_grads(fused=True), loss_and_grads(fused=False)
+
+
+def test_fused_loss_trains_a_fully_trained_head_like_the_full_logits() -> None:
+    """`train_embeddings` trains peft copies of the (tied) embedding and head: the fused loss must use and train
+    the copy, exactly as the full logits do."""
+    config = ModelConfig(adapter="lora", lora=LoraConfig(train_embeddings=True))
+    model = add_adapter(tiny_qwen2(), config, seed=0)
+    copies = [n for n in trainable_names(model) if "modules_to_save" in n]
+    assert copies, "train_embeddings trained no embedding copy"
+    (fused_loss, fused_grads), (reference_loss, reference_grads) = fused_and_reference(model, seed=0)
+    assert relative_error(fused_loss, reference_loss) < FUSED_BOUND
     for name in copies:
         assert reference_grads[name].abs().sum() > 0, f"{name} got no gradient from the full logits"
-        assert relative_error(fused_grads[name], reference_grads[name]) < 1e-5, name
+        assert relative_error(fused_grads[name], reference_grads[name]) < FUSED_BOUND, name
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_trains_its_adapter_through_the_fused_loss(family: str) -> None:
     """Each tiny family (embedded/families.py) under `all-linear` LoRA: the fused DFT loss and its adapter
-    gradients equal the full-logits ones (Gemma 2's final soft-cap included, applied inside the fused loss).
-    float32 over 2 x 7 tokens: 1e-5 is ~100x float32's spacing, far below what a skipped adapter would change."""
+    gradients equal the full-logits ones (Gemma 2's final soft-cap included, applied inside the fused loss)."""
     no_dropout = ModelConfig(adapter="lora", lora=LoraConfig(dropout=0.0))  # both passes must see the same model
     model = add_adapter(family_model(family, TINY_SIZE, 0, attn_implementation="eager"), no_dropout, seed=0)
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=generator)
-    labels = input_ids.clone()
-    labels[:, :2] = -100
     for parameter in model.parameters():  # lora_B starts at zero: make the adapter's path count
         if parameter.requires_grad:
             torch.nn.init.normal_(parameter, std=0.02, generator=generator)
-
-    def loss_and_grads(fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        if fused:
-            with fused_lm_head(model, labels, 1.0, None, 4):
-                loss = model(input_ids=input_ids).logits
-        else:
-            loss, _ = dft_loss(model(input_ids=input_ids).logits, labels, 1.0)
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    fused_loss, fused_grads = loss_and_grads(fused=True)
-    reference_loss, reference_grads = loss_and_grads(fused=False)
-    assert relative_error(fused_loss, reference_loss) < 1e-5
+    (fused_loss, fused_grads), (reference_loss, reference_grads) = fused_and_reference(model, seed=1)
+    assert relative_error(fused_loss, reference_loss) < FUSED_BOUND
     assert set(fused_grads) == set(reference_grads) and all(".lora_" in n for n in fused_grads)
-    assert (
-        relative_error(
-            torch.cat([g.flatten() for g in fused_grads.values()]),
-            torch.cat([g.flatten() for g in reference_grads.values()]),
-        )
-        < 1e-5
+    flat_fused, flat_reference = (
+        torch.cat([g.flatten() for g in grads.values()]) for grads in (fused_grads, reference_grads)
     )
+    assert relative_error(flat_fused, flat_reference) < FUSED_BOUND
 
 
 def test_fused_loss_refuses_a_lora_head() -> None:
