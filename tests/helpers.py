@@ -122,6 +122,20 @@ FAMILY_MATRIX_REFERENCE = (
 )
 
 
+# A LoRA run of the family matrix's 16 samples, 12 steps (tests/modeling/test_lora*.py).
+LORA_RUN = (
+    *FAMILY_MATRIX_RUN,
+    NO_HELDOUT,
+    "model.adapter=lora",
+    "model.lora.r=8",
+    "training.gradient_accumulation_steps=4",  # 4 micro-batches of 4: every step trains on all 16 samples
+    "training.learning_rate=3e-3",  # 6x the full fine-tune rate (adapters take more); 12 steps move the loss ~16%
+    "training.activation_checkpointing=true",
+    "loss.type=dft",
+    "loss.implementation=fused",
+)
+
+
 def fine_tune_in_process(overrides: list[str]) -> Any:
     """train.py's own `fine_tune` (data -> model -> train -> save -> verified export) for `overrides`, in this
     process: no held-out reports, no process-group start or teardown (a caller under a launcher starts it).
@@ -379,6 +393,22 @@ def run_train(output_dir: Path | None, *overrides: str, timeout: int = 600) -> s
     whatever its status."""
     command = [sys.executable, "train.py", *([f"output_dir={output_dir}"] if output_dir else []), *overrides]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+RUN_TO_EXIT_TIMEOUT_S = 180
+
+
+def run_to_exit(command: list[str], output_dir: Path) -> tuple[int, str]:
+    """Run `command` from the repo root, one thread, to its end whatever its status: (status, output)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        process = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TO_EXIT_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as e:
+        log = describe_run(str(e.output), [output_dir / "logs"])
+        pytest.fail(f"{command} did not finish in {RUN_TO_EXIT_TIMEOUT_S} s\n{log}")
+    return process.returncode, process.stdout + process.stderr
 
 
 def run_ok(output_dir: Path | None, *overrides: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from cluster.distributed import USER_ERROR_EXIT
 from modeling.adapter import ADAPTER_WEIGHTS
-from tests.cluster.test_resilience import run_to_exit
 from tests.helpers import (
     COMPARABLE_RUN,
     EVERY_STEP,
@@ -26,6 +25,7 @@ from tests.helpers import (
     make_interrupted_copy,
     read_nonfinite_log,
     run_script,
+    run_to_exit,
     step_losses,
 )
 

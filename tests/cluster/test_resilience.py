@@ -31,6 +31,7 @@ from tests.helpers import (
     describe_run,
     read_nonfinite_log,
     run_script,
+    run_to_exit,
 )
 
 TIMEOUT_S = 180
@@ -38,18 +39,6 @@ TIMEOUT_S = 180
 
 def train_command(output_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "train.py", NO_HELDOUT, f"output_dir={output_dir}", *overrides]
-
-
-def run_to_exit(command: list[str], output_dir: Path) -> tuple[int, str]:
-    """Run `command` to its end, whatever its status: (status, output)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        process = subprocess.run(
-            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{command} did not finish in {TIMEOUT_S} s\n{describe_run(str(e.output), [output_dir / 'logs'])}")
-    return process.returncode, process.stdout + process.stderr
 
 
 @pytest.mark.slow

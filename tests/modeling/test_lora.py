@@ -32,8 +32,7 @@ from modeling.adapter import (
 )
 from observability.artifacts import read_metrics
 from tests.helpers import (
-    FAMILY_MATRIX_RUN,
-    NO_HELDOUT,
+    LORA_RUN,
     TINY_SIZE,
     fine_tune_in_process,
     relative_error,
@@ -181,18 +180,6 @@ def test_fused_loss_refuses_a_lora_head() -> None:
 
 
 # --- train.py's fine_tune with an adapter, one rank ---------------------------------------------------------------
-
-LORA_RUN = (
-    *FAMILY_MATRIX_RUN,
-    NO_HELDOUT,
-    "model.adapter=lora",
-    "model.lora.r=8",
-    "training.gradient_accumulation_steps=4",  # 4 micro-batches of 4: every step trains on all 16 samples
-    "training.learning_rate=3e-3",  # 6x the full fine-tune rate (adapters take more); 12 steps move the loss ~16%
-    "training.activation_checkpointing=true",
-    "loss.type=dft",
-    "loss.implementation=fused",
-)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from modeling.adapter import ADAPTER_WEIGHTS, MERGED_DIR
 from observability.artifacts import read_metrics
-from tests.helpers import FAMILY_MATRIX_RECIPE, REPO_ROOT, run_on_two_deepspeed_ranks
-from tests.modeling.lora_zero3_check import FROZEN_REPORT
-from tests.modeling.test_lora import LORA_RUN
+from tests.helpers import FAMILY_MATRIX_RECIPE, LORA_RUN, REPO_ROOT, run_on_two_deepspeed_ranks
+
+FROZEN_REPORT = "frozen_check.json"  # written by lora_zero3_check.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
