@@ -36,7 +36,7 @@ from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
 from cluster.resume import check_resume_compatible, resolve_resume_checkpoint, saved_model
 from config.deepspeed import check_deepspeed_config
-from config.schema import RunConfig, inert_training_settings, register_configs, to_run_config, to_training_arguments
+from config.schema import RunConfig, register_configs, start_up_warnings, to_run_config, to_training_arguments
 from config.sources import SourceSpec
 from core.files import write_atomic
 from core.keys import IGNORE_INDEX
@@ -203,7 +203,7 @@ def main(cfg: DictConfig) -> None:
         resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
         check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
         if is_rank_zero():
-            for setting in inert_training_settings(run.training):
+            for setting in start_up_warnings(run):
                 logger.warning("%s", setting)
             if resume_from is None and (previous := saved_model(output_dir)) is not None:
                 logger.warning("%s already holds a trained model (%s): this run replaces it", output_dir, previous.name)

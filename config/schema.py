@@ -470,6 +470,19 @@ def inert_training_settings(training: TrainingConfig) -> list[str]:
     return inert
 
 
+def start_up_warnings(run: RunConfig) -> list[str]:
+    """What rank 0 warns about at start-up: the inert `training.*` values, and settings that run but rarely do
+    what the user wants."""
+    warnings = inert_training_settings(run.training)
+    if run.training.objective == "pretrain" and run.loss.type == "dft":
+        warnings.append(
+            "training.objective=pretrain with loss.type=dft: DFT scales each token's loss by the model's own "
+            "probability of it, so the tokens it does not know yet, the new domain's, learn least; continued "
+            "pre-training normally uses loss.type=ce (conf/experiment/pretrain_demo.yaml does)"
+        )
+    return warnings
+
+
 def _plain(value: Any) -> Any:
     # TrainingArguments types step counts as float (a share of the run below 1): show a whole number as typed.
     return int(value) if isinstance(value, float) and value.is_integer() else value

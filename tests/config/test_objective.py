@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.schema import DataConfig, load_run_config, to_training_arguments
+from config.schema import DataConfig, load_run_config, start_up_warnings, to_training_arguments
 from tests.helpers import SAMPLE_SOURCES
 
 PRETRAIN = "training.objective=pretrain"
@@ -68,3 +68,11 @@ def test_bad_objective_settings_fail_at_start_up_naming_the_key(overrides: list[
 def test_a_txt_source_is_text_whatever_the_objective_and_chat_data_stays_chat() -> None:
     assert [spec.format for spec in DataConfig(sources=["a.txt", "b.txt.gz"]).specs] == ["text", "text"]
     assert DataConfig(sources=SAMPLE_SOURCES).raw_text is False
+
+
+def test_pretraining_with_the_dft_loss_is_warned_about() -> None:
+    (warning,) = start_up_warnings(load_run_config([PRETRAIN, "data.sources=[notes.txt]"]))
+    assert warning.startswith("training.objective=pretrain with loss.type=dft") and "loss.type=ce" in warning
+    assert start_up_warnings(load_run_config([PRETRAIN, "data.sources=[notes.txt]", "loss.type=ce"])) == []
+    assert start_up_warnings(load_run_config(["experiment=pretrain_demo"])) == []
+    assert start_up_warnings(load_run_config([])) == []  # SFT with DFT is the point of the project
