@@ -45,10 +45,13 @@ Sizes (`--sizes`, default all): `full` is the issue's 8192 tokens x hidden 896 x
 head; about 1.1 TFLOP per matmul, tens of minutes on 2 cores), `medium` the same head on 2048 tokens, `small`
 512 x 256 x 16,384, `vocab64k` 2048 x 256 x 65,536 (issue 17).
 
-Run: `.venv/bin/python bench/loss_head.py --sizes small medium` (about 20 minutes on 2 busy cores; `full` alone
-takes about an hour). Prints a table, writes `bench/results/loss_head.json` (rows of the sizes run now replace those
-of earlier runs; other sizes are kept) and writes the table, with the issue's goals checked against the measured
-numbers, into `docs/benchmarks.md` under its own heading (`--docs-only` rewrites that section from the JSON).
+Run: `.venv/bin/python bench/loss_head.py --sizes small medium vocab64k` (about 10 minutes on 2 cores; `full`
+alone takes about an hour, and `--sizes full --variants fused_dft_loss` about 5 minutes). The rows of 2026-12-03 came
+from `--sizes small vocab64k --repeats 3`, `--sizes medium`, `--sizes medium --variants fused_dft_loss --repeats 2`
+and `--sizes full --variants fused_dft_loss`. Prints a table, writes `bench/results/loss_head.json` (rows run now
+replace the same rows of earlier runs; other rows are kept, each with its date) and writes the table, with the
+issues' goals checked against the measured numbers, into `docs/benchmarks.md` under its own heading (`--docs-only`
+rewrites that section from the JSON).
 """
 
 from __future__ import annotations
@@ -553,17 +556,21 @@ def write_docs_section(result: dict) -> None:
 
 
 def merge_results(new_rows: list[dict]) -> dict:
-    """Earlier rows of the sizes (or variants) not run now are kept, so one size or variant can be rerun alone."""
+    """Earlier rows of the sizes (or variants) not run now are kept, so one size or variant can be rerun alone; so
+    is an earlier measured row whose rerun was skipped for lack of memory (its own date says when it ran)."""
     old = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.exists() else {"rows": [], "dates": {}}
+    old_measured = {(r["size"], r["variant"], r["chunk"]) for r in old["rows"] if "skipped" not in r}
+    # A row skipped now (too little free memory) does not replace the same row measured earlier.
+    new_rows = [r for r in new_rows if "skipped" not in r or (r["size"], r["variant"], r["chunk"]) not in old_measured]
     rerun = {(r["size"], r["variant"], r["chunk"]) for r in new_rows}
     kept = [r for r in old["rows"] if (r["size"], r["variant"], r["chunk"]) not in rerun]
-    for row in kept:  # rows written before the extra peak and per-row dates existed
-        row.setdefault("date", old["dates"][row["size"]])
+    rows = kept + new_rows
+    for row in rows:  # rows written before the extra peak and per-row dates existed
+        row.setdefault("date", old["dates"].get(row["size"]))
         row.setdefault("chunk_tokens", row["chunk"])
         row.setdefault("gradient_buffers_mib", gradient_buffers_bytes(row["tokens"], row["hidden"], row["vocab"]) / MIB)
         if "skipped" not in row:
             row.setdefault("extra_peak_mib", row["peak_mib"] - row["gradient_buffers_mib"])
-    rows = kept + new_rows
     order = [(variant, chunk) for variant, chunk in VARIANTS]
     rows.sort(key=lambda r: (list(SIZES).index(r["size"]), order.index((r["variant"], r["chunk"]))))
     dates = {

@@ -148,9 +148,11 @@ def auto_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int, hidden_d
     Floor, 256 tokens: whatever its size, each chunk streams the `[vocab, hidden]` weight twice (logits, hidden
     gradient) and the float32 weight gradient once in and out (`addmm_`), while its three matmuls do `6 * chunk *
     hidden * vocab` flops: a chunk of c rows does about c / 3 flops per byte of those passes in float32, so small
-    chunks become bound by memory traffic and per-chunk overhead. At 256 rows the fused head's forward+backward
-    stayed within 1.15x of the time at 1024 at every size of `bench/loss_head.py` (docs/benchmarks.md), and its
-    extra peak (one 256-row block) is below 1/8 of the naive head's from about 800 tokens per batch up.
+    chunks become bound by memory traffic and per-chunk overhead. At 256 rows the fused head's forward+backward took
+    1.07-1.15x the time at 1024 at the sizes of `bench/loss_head.py`, and its extra peak over the gradient buffers
+    was 0.014-0.064x the naive head's from 2048 tokens up (docs/benchmarks.md, 2026-12-03). At 512 x 256 x 16,384 it
+    is 0.43x, and no chunk size reaches 1/8 there (measured: 0.18x at 64 tokens, 0.16x at 16, 0.10x at 1 token but
+    ten times slower): the chunk's fixed temporaries and allocator slack alone are about the 13 MiB allowed.
 
     Args:
         num_tokens: positions in the batch (all of them: the hidden states exist for each).
