@@ -1,0 +1,468 @@
+"""Training throughput on CPU: this project's Trainer against TRL's `SFTTrainer`, same model, data and settings
+(issue 17, item 3).
+
+Model: a Qwen2 (`embedded.families`, random init, built locally) with Qwen2.5's vocabulary of 151,936 entries and
+a tied head, hidden 256, 4 layers (4 heads, 2 KV heads), MLP 1024: 43M parameters, 39M of them the embedding, so
+the LM head and its loss are most of the work, as in a small model of a real family.
+
+Data: synthetic samples of token ids drawn uniformly from the whole vocabulary, built here rather than tokenized:
+the bundled tokenizer has 320 entries, and a tokenizer's ids only pick embedding rows, while every logit row spans
+the whole vocabulary either way. Lengths follow a chat-like skew (80% of 32-96 tokens, 20% of 160-320), the first
+third of each sample is prompt (label -100), the rest is trained. One `datasets.Dataset` of `input_ids`,
+`attention_mask` and `labels` feeds both sides; TRL keeps a given `labels` column as it is. The bundled tokenizer
+only gives the pad token.
+
+Both sides: the same float32 random init (seed 0), `per_device_train_batch_size` samples a step in the Trainer's
+seeded random order (the same order on both: both are `transformers.Trainer`s with the same seed and dataset), one
+pass over the data, AdamW at a constant learning rate of 1e-4, no gradient accumulation, no checkpoint saving,
+logging every step, torch's default threads. Rows:
+
+- precision: `fp32`, or `bf16+ckpt`: `bf16=True` (autocast; float32 master weights) and activation checkpointing
+  (`gradient_checkpointing=True`, non-reentrant) on both sides.
+- layout: `padded` (the padding collators: `DataCollatorForSeq2Seq` in train.py, TRL's own) or `packed`
+  (padding-free, one row per micro-batch with position ids restarting per sample: `data.packing=true`, TRL's
+  `padding_free=True`).
+- loss: `dft` (the project's fused DFT, `loss.type=dft`; TRL `loss_type="dft"`), `ce` (the project's `loss.type=ce`,
+  the model's own cross-entropy on full logits; TRL `loss_type="nll"`), and `fused ce`: the project's fused head at
+  alpha 0, cross-entropy without full logits, so that DFT and CE can be compared without also comparing a full-logits
+  head with a fused one. TRL has no full-logits path in its SFTTrainer: both its losses go through its chunked
+  log-prob head (`add_fused_lm_head`), which on CPU (no Triton) scores every position, padding and prompt included.
+
+The project side is train.py's `SFTTrainer` (`DFTTrainer` with the run's mixins), built with the collators and loss
+config `fine_tune` gives it; TRL's side is `trl.SFTTrainer` with an `SFTConfig` of the same settings.
+
+Measures, each row in a fresh Python process: tokens/s = the samples' real (non-padding) tokens, all of which one
+pass trains on, over the wall time of `trainer.train()` read by this script's clock (`time.perf_counter` around the
+call: data loading, every optimizer step and the first step's warm-up included, on both sides alike); peak RSS of
+the whole process (`VmHWM`: imports, model, optimizer state and training) and the peak during `train()` over the RSS
+just before it; and the logged loss of every step.
+
+Run: `.venv/bin/python -m bench.train_throughput` (about 15-25 minutes on 2 cores; needs the `bench` extra) prints
+the table, writes `bench/results/train_throughput.json` and the section of `docs/benchmarks.md`; project and TRL rows
+alternate, so load from other jobs falls on both. `--smoke` runs every row at a tiny size for 2 steps, all in one
+child process, and writes nothing unless `--json` names a file (tests/bench/test_train_throughput.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loss_head import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_PATH = REPO_ROOT / "bench" / "results" / "train_throughput.json"
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+SECTION_HEADING = "## Training throughput: project vs TRL (CPU)"
+MIB = 2**20
+RESULT_PREFIX = "train_throughput row: "  # the Trainers print their logs to stdout too
+SEED = 0
+LEARNING_RATE = 1e-4
+PROJECT, TRL = "project", "TRL"
+DFT, CE, FUSED_CE = "dft", "ce", "fused ce"
+PRECISIONS = {"fp32": (False, False), "bf16+ckpt": (True, True)}  # (bf16 autocast, activation checkpointing)
+LAYOUTS = ("padded", "packed")
+# Per cell, project and TRL alternate, each loss next to its TRL counterpart.
+ARMS = ((PROJECT, DFT), (TRL, DFT), (PROJECT, CE), (TRL, CE), (PROJECT, FUSED_CE))
+# The goals of issue 17 item 3, for each project row against the TRL row of the same loss.
+GOAL_SPEEDUP, GOAL_RSS = 3.0, 0.6
+# Which TRL row a project loss is compared with.
+TRL_COUNTERPART = {DFT: DFT, CE: CE, FUSED_CE: CE}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The model's and the data's sizes."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    steps: int
+    batch_size: int
+    short_lengths: tuple[int, int]
+    long_lengths: tuple[int, int]
+    long_share: float = 0.2
+
+
+FULL = Scale(151936, 256, 1024, 4, steps=8, batch_size=8, short_lengths=(32, 96), long_lengths=(160, 320))
+SMOKE = Scale(512, 32, 64, 2, steps=2, batch_size=2, short_lengths=(4, 8), long_lengths=(12, 16))
+
+
+def samples(scale: Scale) -> list[dict[str, list[int]]]:
+    """`steps * batch_size` samples: uniform token ids, skewed lengths, the first third prompt (label -100)."""
+    import torch
+
+    from core.keys import IGNORE_INDEX
+
+    generator = torch.Generator().manual_seed(SEED)
+    rows = []
+    for _ in range(scale.steps * scale.batch_size):
+        low, high = (
+            scale.long_lengths if torch.rand((), generator=generator) < scale.long_share else scale.short_lengths
+        )
+        length = int(torch.randint(low, high + 1, (), generator=generator))
+        input_ids = torch.randint(0, scale.vocab_size, (length,), generator=generator).tolist()
+        prompt = length // 3
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": [1] * length,
+                "labels": [IGNORE_INDEX] * prompt + input_ids[prompt:],
+            }
+        )
+    return rows
+
+
+def build_model(scale: Scale) -> Any:
+    from embedded.families import FamilySize, family_config, random_init
+
+    size = FamilySize(
+        vocab_size=scale.vocab_size,
+        hidden_size=scale.hidden_size,
+        intermediate_size=scale.intermediate_size,
+        num_hidden_layers=scale.num_hidden_layers,
+        max_position_embeddings=1024,
+    )
+    config = family_config("qwen2", size)
+    config._attn_implementation = "sdpa"
+    return random_init(config, SEED)
+
+
+def training_settings(scale: Scale, precision: str, output_dir: str) -> dict[str, Any]:
+    """The `TrainingArguments` fields both sides set alike (TRL's `SFTConfig` takes them too)."""
+    bf16, checkpointing = PRECISIONS[precision]
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": scale.batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": scale.steps,
+        "learning_rate": LEARNING_RATE,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": SEED,
+        "bf16": bf16,
+        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def project_trainer(spec: dict, scale: Scale, model: Any, dataset: Any, tokenizer: Any, output_dir: str) -> Any:
+    """train.py's `SFTTrainer` with the collator and loss config `fine_tune` would give it for these settings."""
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from config.schema import LossConfig
+    from core.keys import IGNORE_INDEX
+    from data_pipeline.collate import SampleIdCollator
+    from data_pipeline.packing import PaddingFreeCollator
+    from train import SFTTrainer
+
+    loss = {
+        DFT: LossConfig(type="dft"),
+        CE: LossConfig(type="ce"),
+        FUSED_CE: LossConfig(type="dft", alpha=0.0),
+    }[spec["loss"]]
+    collator = (
+        PaddingFreeCollator()
+        if spec["layout"] == "packed"
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    )
+    return SFTTrainer(
+        model=model,
+        args=TrainingArguments(**training_settings(scale, spec["precision"], output_dir)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=SampleIdCollator(collator),
+        loss=loss,
+    )
+
+
+def trl_trainer(spec: dict, scale: Scale, model: Any, dataset: Any, tokenizer: Any, output_dir: str) -> Any:
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(
+        **training_settings(scale, spec["precision"], output_dir),
+        loss_type="dft" if spec["loss"] == DFT else "nll",
+        padding_free=spec["layout"] == "packed",
+        max_length=None,  # the samples are shorter than any limit; padding_free without packing refuses one
+    )
+    return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+
+def measure_row(spec: dict, scale: Scale) -> dict:
+    """One row, in this process: build, train one pass, and read the clock, the RSS and the logged losses."""
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from embedded.paths import TOKENIZER_DIR
+
+    datasets.disable_progress_bars()
+    rows = samples(scale)
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    losses: list[float] = []
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    model = build_model(scale)
+    with tempfile.TemporaryDirectory() as output_dir:
+        build = project_trainer if spec["side"] == PROJECT else trl_trainer
+        trainer = build(spec, scale, model, dataset, tokenizer, output_dir)
+        trainer.add_callback(LossRecorder())
+        peak_reset = reset_peak_rss()
+        before_train = rss_bytes()
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        train_peak = peak_rss_bytes() - before_train if peak_reset else None
+    tokens = sum(len(row["input_ids"]) for row in rows)
+    trained = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
+    return {
+        **spec,
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_rss_mib": peak_rss_bytes() / MIB,
+        "train_peak_over_start_mib": None if train_peak is None else train_peak / MIB,
+        "losses": losses,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_children(specs: list[dict], smoke: bool) -> list[dict]:
+    """`specs` measured in one fresh process (a JSON line each on its stdout)."""
+    command = [sys.executable, "-m", "bench.train_throughput", "--child", json.dumps({"specs": specs, "smoke": smoke})]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    load_before = os.getloadavg()[0]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{specs} failed:\n{completed.stderr[-4000:]}")
+    results = [
+        json.loads(line[len(RESULT_PREFIX) :])
+        for line in completed.stdout.splitlines()
+        if line.startswith(RESULT_PREFIX)
+    ]
+    return [{**row, "load_average_1min": [load_before, os.getloadavg()[0]]} for row in results]
+
+
+def all_specs() -> list[dict]:
+    return [
+        {"precision": precision, "layout": layout, "side": side, "loss": loss}
+        for precision in PRECISIONS
+        for layout in LAYOUTS
+        for side, loss in ARMS
+    ]
+
+
+def first_loss_bound(precision: str, vocab_size: int) -> float:
+    """Relative bound on the first-step loss difference between the two sides: the same model, data and loss in
+    float32 differ only by summation order, `4 * eps * sqrt(vocab)` over the log-softmax; under bf16 autocast TRL's
+    head multiplies in bf16 and ours in float32 (autocast off in the fused loss), so the logits differ by about one
+    bf16 rounding (eps 2**-8), and the losses by that order."""
+    eps = 2.0**-23 if precision == "fp32" else 2.0**-8
+    return 4 * eps * (math.sqrt(vocab_size) if precision == "fp32" else 1.0)
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Each project row against the TRL row of the same precision, layout and loss (CE for the fused CE)."""
+    by_key = {(r["precision"], r["layout"], r["side"], r["loss"]): r for r in rows}
+    out = []
+    for row in rows:
+        if row["side"] != PROJECT:
+            continue
+        trl = by_key.get((row["precision"], row["layout"], TRL, TRL_COUNTERPART[row["loss"]]))
+        if trl is None:
+            continue
+        first, trl_first = row["losses"][0], trl["losses"][0]
+        out.append(
+            {
+                "precision": row["precision"],
+                "layout": row["layout"],
+                "loss": row["loss"],
+                "speedup": row["tokens_per_s"] / trl["tokens_per_s"],
+                "rss_ratio": row["peak_rss_mib"] / trl["peak_rss_mib"],
+                "first_loss_relative_difference": abs(first - trl_first) / abs(trl_first),
+                # fused CE against TRL's CE: the same loss value; the full-logits CE too.
+                "first_loss_bound": first_loss_bound(row["precision"], row["vocab_size"]),
+            }
+        )
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| precision | layout | loss | side | tokens/s | train() s | peak RSS MiB | peak in train() over start MiB "
+        "| first loss | last loss |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        train_peak = row["train_peak_over_start_mib"]
+        lines.append(
+            f"| {row['precision']} | {row['layout']} | {row['loss']} | {row['side']} | {row['tokens_per_s']:,.0f} "
+            f"| {row['seconds']:.1f} | {row['peak_rss_mib']:,.0f} "
+            f"| {'-' if train_peak is None else f'{train_peak:,.0f}'} | {row['losses'][0]:.6g} "
+            f"| {row['losses'][-1]:.6g} |"
+        )
+    return "\n".join(lines)
+
+
+def format_goals(compared: list[dict]) -> str:
+    lines = [
+        f"| precision | layout | project loss vs TRL | tokens/s ratio (goal >= {GOAL_SPEEDUP:g}) "
+        f"| peak RSS ratio (goal <= {GOAL_RSS:g}) | first loss, relative difference (bound) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for c in compared:
+        versus = f"{c['loss']} vs {TRL_COUNTERPART[c['loss']]}"
+        speed = f"{c['speedup']:.2f}x {'met' if c['speedup'] >= GOAL_SPEEDUP else 'NOT met'}"
+        rss = f"{c['rss_ratio']:.2f}x {'met' if c['rss_ratio'] <= GOAL_RSS else 'NOT met'}"
+        same = c["first_loss_relative_difference"] <= c["first_loss_bound"]
+        first = (
+            f"{c['first_loss_relative_difference']:.1e} ({c['first_loss_bound']:.0e}) {'same' if same else 'DIFFERENT'}"
+        )
+        lines.append(f"| {c['precision']} | {c['layout']} | {versus} | {speed} | {rss} | {first} |")
+    return "\n".join(lines)
+
+
+def format_curves(rows: list[dict]) -> str:
+    lines = ["| precision | layout | loss | side | loss at each step |", "|---|---|---|---|---|"]
+    for row in rows:
+        curve = ", ".join(f"{value:.5g}" for value in row["losses"])
+        lines.append(f"| {row['precision']} | {row['layout']} | {row['loss']} | {row['side']} | {curve} |")
+    return "\n".join(lines)
+
+
+def write_docs_section(result: dict) -> None:
+    """Add or replace this benchmark's section of docs/benchmarks.md, leaving other sections as they are."""
+    rows = result["rows"]
+    loads = [x for r in rows for x in r["load_average_1min"]]
+    scale = result["scale"]
+    section = [
+        SECTION_HEADING,
+        "",
+        f"Measured {result['date']} with `{result['command']}` on {result['machine']} ({result['versions']}), "
+        f"torch's default {rows[0]['threads']} threads. Model: Qwen2, vocabulary {scale['vocab_size']:,} (tied "
+        f"head), hidden {scale['hidden_size']}, {scale['num_hidden_layers']} layers, MLP "
+        f"{scale['intermediate_size']}, {rows[0]['parameters'] / 1e6:.1f}M parameters, random init; "
+        f"{scale['steps']} steps of {scale['batch_size']} samples ({rows[0]['tokens']:,} tokens, "
+        f"{rows[0]['trained_tokens']:,} trained), synthetic token ids over the whole vocabulary (see the script's "
+        "docstring for why, and for every setting both sides share). Each row ran in a fresh process, project "
+        "and TRL rows alternating. tokens/s: the samples' real tokens over the wall time of `trainer.train()` on "
+        "the script's clock; peak RSS: the process's `VmHWM` (imports, model, optimizer and training). "
+        "Raw numbers and loss curves: `bench/results/train_throughput.json`.",
+        "",
+        f"The machine was shared with other jobs: 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
+        f"{os.cpu_count()} cores around the rows (about 2 is this benchmark alone), so tokens/s can be off by tens "
+        "of percent; alternating the sides spreads the load over both. Memory does not depend on load.",
+        "",
+        format_table(rows),
+        "",
+        "Issue 17's goals, each project row against TRL's row of the same precision, layout and loss (the fused CE "
+        "and the full-logits CE both against TRL's `nll`):",
+        "",
+        format_goals(result["comparisons"]),
+        "",
+        "Loss curves (the logged loss of each step):",
+        "",
+        format_curves(rows),
+        "",
+    ]
+    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line == SECTION_HEADING), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
+        text = "\n".join(lines) + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
+    DOCS_PATH.write_text(text)
+
+
+def versions() -> str:
+    import torch
+    import transformers
+    import trl
+
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        + (f"TRL {trl.__version__}")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 steps, one child; writes only --json")
+    parser.add_argument("--json", type=Path, help="where to write the results (default: bench/results/, not in smoke)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        job = json.loads(args.child)
+        scale = SMOKE if job["smoke"] else FULL
+        for spec in job["specs"]:
+            print(RESULT_PREFIX + json.dumps({**measure_row(spec, scale), **dataclasses.asdict(scale)}), flush=True)
+        return
+
+    scale = SMOKE if args.smoke else FULL
+    specs = all_specs()
+    if args.smoke:
+        rows = run_children(specs, smoke=True)
+    else:
+        rows = []
+        for spec in specs:
+            rows += run_children([spec], smoke=False)
+            row = rows[-1]
+            print(
+                f"{spec}: {row['tokens_per_s']:,.0f} tokens/s, {row['peak_rss_mib']:,.0f} MiB, "
+                f"losses {row['losses'][0]:.6g} -> {row['losses'][-1]:.6g}",
+                file=sys.stderr,
+                flush=True,
+            )
+    compared = comparisons(rows)
+    print(format_table(rows))
+    print(format_goals(compared))
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": ".venv/bin/python -m bench.train_throughput" + (" --smoke" if args.smoke else ""),
+        "machine": f"{platform.machine()} Linux, {os.cpu_count()} cores, {memory_gib:.0f} GiB",
+        "versions": versions(),
+        "scale": dataclasses.asdict(scale),
+        "rows": rows,
+        "comparisons": compared,
+    }
+    path = args.json or (None if args.smoke else RESULTS_PATH)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.smoke:
+        write_docs_section(result)
+
+
+if __name__ == "__main__":
+    main()
