@@ -29,7 +29,6 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedToke
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 from transformers.trainer_utils import TrainOutput
 
-from cluster.atomic_save import AtomicCheckpointMixin
 from cluster.check import refuse_bad_overrides
 from cluster.distributed import accept_launcher_local_rank, exit_on_user_error, teardown
 from cluster.export import verify_export
@@ -42,13 +41,12 @@ from core.files import write_atomic
 from core.keys import IGNORE_INDEX
 from core.ranks import is_rank_zero, launch_world_size
 from data_pipeline.collate import SampleIdCollator
-from data_pipeline.loader import TokenBudgetLoaderMixin, token_budget_sampler
+from data_pipeline.loader import token_budget_sampler
 from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
-from dft.trainer import DFTTrainer
 from evaluation.heldout import (
     HELDOUT_JSON,
     HELDOUT_TEXT,
@@ -65,16 +63,10 @@ from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_se
 from observability.banner import end_summary, startup_banner
 from observability.rank_logging import library_prints_to_log, setup_logging
 from observability.trackers import tracker_callbacks
-from observability.training_metrics import RankMetricsMixin, ThroughputMetricsMixin
+from trainer.sft_trainer import SFTTrainer
 
 logger = logging.getLogger("train")
 register_configs()
-
-
-class SFTTrainer(AtomicCheckpointMixin, RankMetricsMixin, ThroughputMetricsMixin, TokenBudgetLoaderMixin, DFTTrainer):
-    """The run's Trainer: the DFT loss and its metrics (`dft.trainer`), with atomic checkpoints
-    (`cluster.atomic_save`), per-rank sums and throughput (`observability.training_metrics`) and token-budget
-    micro-batches (`data_pipeline.loader`)."""
 
 
 def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HeldoutResult:

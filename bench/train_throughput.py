@@ -28,8 +28,9 @@ logging every step, torch's default threads. Rows:
   head with a fused one. TRL has no full-logits path in its SFTTrainer: both its losses go through its chunked
   log-prob head (`add_fused_lm_head`), which on CPU (no Triton) scores every position, padding and prompt included.
 
-The project side is train.py's `SFTTrainer` (`DFTTrainer` with the run's mixins), built with the collators and loss
-config `fine_tune` gives it; TRL's side is `trl.SFTTrainer` with an `SFTConfig` of the same settings.
+The project side is train.py's `SFTTrainer` (`trainer.sft_trainer`: `DFTTrainer` with the run's mixins), built
+with the collators and loss config `fine_tune` gives it; TRL's side is `trl.SFTTrainer` with an `SFTConfig` of
+the same settings.
 
 Measures, each row in a fresh Python process: tokens/s = the samples' real (non-padding) tokens, all of which one
 pass trains on, over the wall time of `trainer.train()` read by this script's clock (`time.perf_counter` around the
@@ -174,7 +175,7 @@ def project_trainer(spec: dict, scale: Scale, model: Any, dataset: Any, tokenize
     from core.keys import IGNORE_INDEX
     from data_pipeline.collate import SampleIdCollator
     from data_pipeline.packing import PaddingFreeCollator
-    from train import SFTTrainer
+    from trainer.sft_trainer import SFTTrainer
 
     loss = {
         DFT: LossConfig(type="dft"),

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data_pipeline",),  # sources -> canonical dialogues -> tokens with labels -> batches
     ("dft", "observability"),  # the loss and its Trainer; logs, metrics, trackers, banner
     ("cluster", "evaluation"),  # checkpoints, resume, resilience, export, preflight; held-out evaluation
+    ("trainer",),  # the run's Trainer, assembled from the mixins above
     ("train", "bench"),  # entry points
 )
 LAYER_OF = {folder: index for index, folders in enumerate(LAYERS) for folder in folders}
