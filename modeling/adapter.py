@@ -153,10 +153,6 @@ def adapter_saved_name(parameter_name: str, adapter_name: str = "default") -> st
     return parameter_name.replace("modules_to_save.", "").replace(f".{adapter_name}.", ".")
 
 
-def is_adapter_run(output_dir: str | Path) -> bool:
-    return (Path(output_dir) / "adapter_config.json").is_file()
-
-
 def load_adapter_model(base: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
     """The base with a saved adapter on it, for inference."""
     import peft
