@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -70,8 +71,9 @@ def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: b
         attn_implementation=attn,
         trust_remote_code=model_cfg.trust_remote_code,
         quantization_config=quantization,
-        # 4-bit weights are quantized as they load, on this rank's GPU.
-        device_map={"": torch.cuda.current_device()} if quantization is not None and not deepspeed else None,
+        # 4-bit weights are quantized as they load, on this rank's GPU (the launcher's LOCAL_RANK: the Trainer has
+        # not picked the device yet).
+        device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantization is not None and not deepspeed else None,
     )
     # Under ZeRO-3 each rank holds a shard; ds_numel is the full size.
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
