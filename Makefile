@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	@if [ -z "$(HAS_GPU)" ]; then echo "No GPU found: installing the CPU build ($(CPU_TORCH))"; \
 		$(PYTHON) -m pip install --quiet "$(CPU_TORCH)"; fi
-	$(PYTHON) -m pip install --quiet -e ".[dev,trackers]"
+	$(PYTHON) -m pip install --quiet -e ".[dev,trackers,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)  ## Create .venv and install the project (CPU torch when there is no GPU)
