@@ -377,9 +377,13 @@ def write_docs_section(result: dict) -> None:
         "the script's clock; peak RSS: the process's `VmHWM` (imports, model, optimizer and training). "
         "Raw numbers and loss curves: `bench/results/train_throughput.json`.",
         "",
-        f"The machine was shared with other jobs: 1-minute load average {min(loads):.1f}-{max(loads):.1f} on "
-        f"{os.cpu_count()} cores around the rows (about 2 is this benchmark alone), so tokens/s can be off by tens "
-        "of percent; alternating the sides spreads the load over both. Memory does not depend on load.",
+        f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores around the rows: "
+        "about 2 is this benchmark alone; above that other jobs ran, and tokens/s can be off by tens of percent "
+        "(alternating the sides spreads such load over both). Memory does not depend on load.",
+        "",
+        "`loss.type=ce` is the stock Trainer's cross-entropy on full logits, by design, so its rows build the "
+        "`[tokens, vocab]` logits and miss the goals; the fused CE rows (`loss.type=dft loss.alpha=0`: every DFT "
+        "weight is 1) are the same loss through the fused head, the comparison to make against DFT.",
         "",
         format_table(rows),
         "",
