@@ -83,7 +83,7 @@ def trained_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreT
     """Rank 0's unsharded copy of what was saved: the model, or the base with the saved adapter on it."""
     if run.model.adapter == "none":
         return plain_copy(run, run.output_dir)
-    base, _ = plain_copy(run, model_path)
+    base = load_model(run.model, model_path, bf16=False, deepspeed=False)
     return load_adapter_model(base, run.output_dir), load_chat_tokenizer(run, run.output_dir)
 
 

@@ -364,8 +364,7 @@ def _account_documents(documents: Dataset, stats: DatasetStats, data: DataConfig
     lengths = pc.list_value_length(columns[INPUT_IDS_KEY]).to_numpy()
     cut = (lengths > data.max_length) & (data.pretrain_blocks == PRETRAIN_BLOCKS_PACKED)
 
-    def per_source(values: np.ndarray) -> list[int]:
-        return np.bincount(source_ids, weights=values, minlength=len(stats.sources)).astype(np.int64).tolist()
+    per_source = partial(_per_source, source_ids, len(stats.sources))
 
     sums = zip(
         stats.sources.values(), per_source(np.ones(len(lengths))), per_source(lengths), per_source(cut), strict=True
@@ -424,6 +423,11 @@ def _column(dataset: Dataset, name: str) -> np.ndarray:
     return dataset.with_format("arrow")[name].to_numpy()
 
 
+def _per_source(source_ids: np.ndarray, num_sources: int, values: np.ndarray) -> list[int]:
+    """`values` (one per sample) summed per source, as whole numbers: the per-source counts of stats.json."""
+    return np.bincount(source_ids, weights=values, minlength=num_sources).astype(np.int64).tolist()
+
+
 def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
     """Per source: kept, truncated, tokens and trainable tokens, and the samples dropped: with nothing to train, or
     too long (`data.truncation=drop`)."""
@@ -437,8 +441,7 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
     reasoning_not_rendered = columns[REASONING_NOT_RENDERED_KEY].to_numpy()
     kept = trainable > 0
 
-    def per_source(values: np.ndarray) -> list[int]:
-        return np.bincount(source_ids, weights=values, minlength=len(stats.sources)).astype(np.int64).tolist()
+    per_source = partial(_per_source, source_ids, len(stats.sources))
 
     sums = zip(
         stats.sources.values(),

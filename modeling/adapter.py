@@ -14,6 +14,7 @@ optimizer updates them in full precision.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 import tempfile
@@ -55,8 +56,6 @@ def check_adapter_supported(
         return
     cuda = torch.cuda.is_available() if cuda is None else cuda
     bf16_supported = (cuda and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported
-    import importlib.util
-
     if importlib.util.find_spec("peft") is None:
         raise ValueError(f"model.adapter={model_cfg.adapter} needs peft: pip install 'peft>=0.21,<0.23'")
     if model_cfg.adapter == "qlora":
@@ -127,7 +126,7 @@ def add_adapter(model: PreTrainedModel, model_cfg: ModelConfig, seed: int) -> Pr
         adapted = peft.get_peft_model(model, config, autocast_adapter_dtype=True)
     except ValueError as error:
         raise ValueError(f"model.lora.target_modules={list(lora.target_modules)}: {error}") from error
-    trainable, total = count_parameters(adapted)
+    trainable, _ = count_parameters(adapted)
     if trainable == 0:
         raise ValueError(f"model.lora: nothing to train (target_modules={list(lora.target_modules)})")
     return adapted
@@ -204,6 +203,12 @@ def _copy_tokenizer_files(source: Path, destination: Path) -> None:
             shutil.copy2(path, destination / path.name)
 
 
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The architecture of `config` on the meta device: its parameters' names and shapes, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def merge_tolerance(dtype: torch.dtype) -> float:
     """Bound on the relative norm of the logit difference between the merged model and the adapter model.
 
@@ -227,8 +232,7 @@ def check_merged(
 ) -> None:
     """The merged model reloads with the base architecture's parameter names and shapes (from its config, on the
     meta device: no weights) and the adapter model's logits on `probe` within `merge_tolerance(dtype)`."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(base_config, trust_remote_code=trust_remote_code)
+    skeleton = meta_model(base_config, trust_remote_code)
     base_shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     merged_shapes = {name: tuple(p.shape) for name, p in merged.named_parameters()}

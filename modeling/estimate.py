@@ -28,10 +28,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from config.schema import ModelConfig, load_run_config
-from modeling.adapter import add_adapter, count_parameters
+from modeling.adapter import add_adapter, count_parameters, meta_model
 from modeling.loading import resolve_model_path
 
 GIB = 1024**3
@@ -56,15 +56,10 @@ class ModeEstimate:
         return self.weights_bytes + self.training_state_bytes
 
 
-def meta_model(model_path: str, trust_remote_code: bool) -> torch.nn.Module:
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
 def estimate(model_cfg: ModelConfig, model_path: str) -> list[ModeEstimate]:
     """Full, LoRA and QLoRA model-state bytes for this architecture and `model.lora.*`."""
-    base = meta_model(model_path, model_cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+    base = meta_model(config, model_cfg.trust_remote_code)
     total = sum(p.numel() for p in base.parameters())
     quantizable = sum(
         module.weight.numel()

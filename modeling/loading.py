@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from config.schema import ModelConfig
 from embedded.base_model import resolve_embedded_model
 from embedded.paths import TOKENIZER_DIR, is_embedded
-from modeling.adapter import quantization_config
+from modeling.adapter import count_parameters, quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: b
         # not picked the device yet).
         device_map={"": int(os.environ.get("LOCAL_RANK", 0))} if quantization is not None and not deepspeed else None,
     )
-    # Under ZeRO-3 each rank holds a shard; ds_numel is the full size.
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    _, n_params = count_parameters(model)
     attn = model.config._attn_implementation
     logger.info("Loaded %s: %s parameters, dtype %s, attention %s", Path(model_path).name, f"{n_params:,}", dtype, attn)
     return model

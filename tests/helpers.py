@@ -136,6 +136,10 @@ LORA_RUN = (
 )
 
 
+# What tests/modeling/lora_zero3_check.py writes in its run directory: the frozen weights it compared.
+LORA_FROZEN_REPORT = "frozen_check.json"
+
+
 def fine_tune_in_process(overrides: list[str]) -> Any:
     """train.py's own `fine_tune` (data -> model -> train -> save -> verified export) for `overrides`, in this
     process: no held-out reports, no process-group start or teardown (a caller under a launcher starts it).

@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import fine_tune_in_process
-
-FROZEN_REPORT = "frozen_check.json"
+from tests.helpers import LORA_FROZEN_REPORT, fine_tune_in_process
 
 
 def main() -> None:
@@ -48,7 +46,7 @@ def main() -> None:
     if rank_zero:
         dtypes = sorted({str(p.dtype) for p in model.parameters() if not p.requires_grad})
         report = {"checked": checked, "changed": changed, "trainable": trainable, "frozen_dtypes": dtypes}
-        (cli.out / FROZEN_REPORT).write_text(json.dumps(report, indent=2))
+        (cli.out / LORA_FROZEN_REPORT).write_text(json.dumps(report, indent=2))
     dist.barrier()
     dist.destroy_process_group()
 

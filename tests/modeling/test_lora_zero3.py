@@ -14,9 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from modeling.adapter import ADAPTER_WEIGHTS, MERGED_DIR
 from observability.artifacts import read_metrics
-from tests.helpers import FAMILY_MATRIX_RECIPE, LORA_RUN, REPO_ROOT, run_on_two_deepspeed_ranks
-
-FROZEN_REPORT = "frozen_check.json"  # written by lora_zero3_check.py
+from tests.helpers import FAMILY_MATRIX_RECIPE, LORA_FROZEN_REPORT, LORA_RUN, REPO_ROOT, run_on_two_deepspeed_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -30,7 +28,7 @@ def test_lora_under_zero3_on_two_ranks(tmp_path: Path) -> None:
 
     losses = [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
     assert len(losses) == 12 and losses[-1] < 0.9 * losses[0], losses
-    report = json.loads((output_dir / FROZEN_REPORT).read_text())
+    report = json.loads((output_dir / LORA_FROZEN_REPORT).read_text())
     assert report["checked"] > 0 and report["changed"] == [], report["changed"]
     assert report["trainable"] and all(".lora_" in name for name in report["trainable"]), report["trainable"]
     assert report["frozen_dtypes"] == ["torch.bfloat16"], report  # the bf16 recipe really ran
