@@ -17,9 +17,10 @@ each is tokenised and closed with the end-of-text token instead of rendered as a
 repetition each part is cut into samples of at most `data.max_length` tokens (`data_pipeline.text`), every token
 labelled; the same cache, report and `prepare` command serve both.
 
-Only finding the records runs in this process: conversion and tokenisation are `datasets.map` steps across
-`data.num_proc` workers that hand Arrow tables to each other (the canonical dialogue as one JSON string per
-record), and the accounting, filtering, split and repetition are column operations on the results.
+Only finding the records runs in this process: conversion and tokenisation are Arrow-batch maps across
+`data.num_proc` forked workers (`data_pipeline.parallel`) that hand Arrow tables to each other (the canonical
+dialogue as one JSON string per record), and the accounting, filtering, split and repetition are column operations
+on the results.
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ import logging
 import math
 import random
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +47,7 @@ from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec
 from core.files import build_once
 from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
 from data_pipeline.cache import dataset_fingerprint
+from data_pipeline.parallel import map_arrow_batches
 from data_pipeline.schema import MESSAGES_KEY, TEXT_KEY, TOOLS_KEY, to_canonical, to_text
 from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
 from data_pipeline.stats import DatasetStats, SourceStats
@@ -78,8 +78,6 @@ _SKIP_WARNINGS_PER_SOURCE = 3
 # Columns of the conversion step: each record's bytes and place, then its canonical JSON or why it is bad.
 RAW_KEY, FILE_ID_KEY, LINE_KEY = "raw", "file_id", "line"
 REASON_KEY, PROBLEM_KEY, DROPPED_COLUMNS_KEY = "error_reason", "error", "dropped_columns"
-# Fewer rows than this per worker are not worth a process.
-_ROWS_PER_WORKER = 1000
 
 
 @dataclass
@@ -142,7 +140,7 @@ def load_canonical(
     raw = _raw_rows(files)
     if not len(raw):
         raise ValueError(f"data.sources: no record in {', '.join(str(file.path) for file in files)}")
-    converted = _arrow_map(
+    converted = map_arrow_batches(
         raw, partial(_convert_batch, files=files, source_ids=source_ids, content_key=content_key), num_proc, "Checking"
     )
     del raw
@@ -178,17 +176,6 @@ class _SourceFile:
     path: Path
     spec: SourceSpec
     salt: str
-
-
-def _arrow_map(dataset: Dataset, function: Callable[[pa.Table], Any], num_proc: int, desc: str) -> Dataset:
-    """`dataset.map(function, batched=True)` with Arrow batches in and out, so columns never become Python lists,
-    over at most `num_proc` processes: one per `_ROWS_PER_WORKER` rows, and this process alone rather than a
-    pool of one, which only adds copies."""
-    workers = min(num_proc, max(len(dataset) // _ROWS_PER_WORKER, 1))
-    mapped = dataset.with_format("arrow").map(
-        function, batched=True, num_proc=workers if workers > 1 else None, desc=desc
-    )
-    return mapped.with_format(None)
 
 
 def _raw_rows(files: list[_SourceFile]) -> Dataset:
@@ -314,10 +301,10 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
     if data.raw_text:
-        kept = _arrow_map(canonical, partial(encode_documents, tokenizer=tokenizer), num_proc, "Tokenising")
+        kept = map_arrow_batches(canonical, partial(encode_documents, tokenizer=tokenizer), num_proc, "Tokenising")
         _account_documents(kept, stats, data)
     else:
-        tokenized = _arrow_map(
+        tokenized = map_arrow_batches(
             canonical,
             partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
             num_proc,
