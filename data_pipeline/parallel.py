@@ -16,6 +16,7 @@ An exception in a worker stops the others and is raised here as it was raised th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ BATCH_SIZE = 1000
 ROWS_PER_WORKER = 1000
 PROGRESS_LOG_SECONDS = 30.0
 _POLL_SECONDS = 0.2
+_TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 # What the forked workers inherit: set just before the fork, cleared after.
 _job: _Job | None = None
@@ -94,6 +96,8 @@ def map_arrow_batches(dataset: Dataset, function: Callable[[pa.Table], pa.Table]
     if not rows:
         raise ValueError(f"{desc}: no rows to map")
     workers = max(1, min(num_proc, rows // ROWS_PER_WORKER))
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1  # not on Linux clusters; on such a platform one process is slower, not wrong
     directory = Path(tempfile.mkdtemp(prefix="map-", dir=get_temporary_cache_files_directory()))
     _job = _Job(dataset, function, directory)
     job = _job
@@ -133,8 +137,9 @@ def _run_forked(job: _Job, bounds: list[int], progress: _Progress) -> None:
         for worker in range(len(bounds) - 1)
     ]
     try:
-        for process in processes:
-            process.start()
+        with _one_tokenizer_thread_per_worker():
+            for process in processes:
+                process.start()
         running = list(processes)
         while running and all(process.exitcode in (None, 0) for process in processes):
             multiprocessing.connection.wait([process.sentinel for process in running], timeout=_POLL_SECONDS)
@@ -159,6 +164,22 @@ def _run_forked(job: _Job, bounds: list[int], progress: _Progress) -> None:
                 f"a data preparation worker ({worker + 1} of {len(processes)}) ended with exit code "
                 f"{process.exitcode} without an error (killed, out of memory?)"
             )
+
+
+@contextlib.contextmanager
+def _one_tokenizer_thread_per_worker() -> Iterator[None]:
+    """N workers each tokenise on one core: the Rust tokenizer's own thread pool in each would oversubscribe the
+    cores. Set for the fork only (this process keeps its setting), which also spares each worker the tokenizers
+    library's "process just got forked" warning when this process has used its threads already."""
+    before = os.environ.get(_TOKENIZERS_PARALLELISM)
+    os.environ[_TOKENIZERS_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_TOKENIZERS_PARALLELISM]
+        else:
+            os.environ[_TOKENIZERS_PARALLELISM] = before
 
 
 class _Progress:

@@ -124,3 +124,20 @@ def test_preparation_gives_the_same_rows_and_report_on_any_worker_count(
         train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
         prepared[num_proc] = (train.to_dict(), validation.to_dict(), stats.to_dict())
     assert prepared[1] == prepared[3]
+
+
+def _parallelism_setting(batch: pa.Table) -> pa.Table:
+    setting = os.environ.get("TOKENIZERS_PARALLELISM", "unset")
+    return pa.table({"value": batch.column("value"), "setting": pa.array([setting] * len(batch))})
+
+
+def test_forked_workers_tokenise_on_one_thread_each_and_this_process_keeps_its_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    mapped = map_arrow_batches(_rows(), _parallelism_setting, 2, "Tokenising")
+    assert set(mapped["setting"]) == {"false"}
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    map_arrow_batches(_rows(), _parallelism_setting, 2, "Tokenising")
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
