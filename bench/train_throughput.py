@@ -59,9 +59,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.loss_head import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+if TYPE_CHECKING:
+    from embedded.families import FamilySize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "train_throughput.json"
@@ -102,33 +105,56 @@ FULL = Scale(151936, 256, 1024, 4, steps=8, batch_size=8, short_lengths=(32, 96)
 SMOKE = Scale(512, 32, 64, 2, steps=2, batch_size=2, short_lengths=(4, 8), long_lengths=(12, 16))
 
 
-def samples(scale: Scale) -> list[dict[str, list[int]]]:
-    """`steps * batch_size` samples: uniform token ids, skewed lengths, the first third prompt (label -100)."""
+def random_sample(
+    generator: Any, vocab_size: int, short_lengths: tuple[int, int], long_lengths: tuple[int, int], long_share: float
+) -> dict[str, list[int]]:
+    """One sample: uniform token ids, a length from `long_lengths` with probability `long_share` (else
+    `short_lengths`), the first third prompt (label -100)."""
     import torch
 
     from core.keys import IGNORE_INDEX
 
+    low, high = long_lengths if torch.rand((), generator=generator) < long_share else short_lengths
+    length = int(torch.randint(low, high + 1, (), generator=generator))
+    input_ids = torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+    prompt = length // 3
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * length,
+        "labels": [IGNORE_INDEX] * prompt + input_ids[prompt:],
+    }
+
+
+def samples(scale: Scale) -> list[dict[str, list[int]]]:
+    """`steps * batch_size` samples (`random_sample`), seeded."""
+    import torch
+
     generator = torch.Generator().manual_seed(SEED)
-    rows = []
-    for _ in range(scale.steps * scale.batch_size):
-        low, high = (
-            scale.long_lengths if torch.rand((), generator=generator) < scale.long_share else scale.short_lengths
-        )
-        length = int(torch.randint(low, high + 1, (), generator=generator))
-        input_ids = torch.randint(0, scale.vocab_size, (length,), generator=generator).tolist()
-        prompt = length // 3
-        rows.append(
-            {
-                "input_ids": input_ids,
-                "attention_mask": [1] * length,
-                "labels": [IGNORE_INDEX] * prompt + input_ids[prompt:],
-            }
-        )
-    return rows
+    return [
+        random_sample(generator, scale.vocab_size, scale.short_lengths, scale.long_lengths, scale.long_share)
+        for _ in range(scale.steps * scale.batch_size)
+    ]
+
+
+def qwen2_model(
+    size: FamilySize, attn_implementation: str = "sdpa", rope_theta: float | None = None, device: str = "cpu"
+) -> Any:
+    """A float32 Qwen2 of `size`, random init (seed `SEED`), built on `device`
+    (initialising on the GPU takes seconds where a 1.5B model takes minutes on a few CPU cores)."""
+    import torch
+
+    from embedded.families import family_config, random_init
+
+    config = family_config("qwen2", size)
+    config._attn_implementation = attn_implementation
+    if rope_theta is not None:
+        config.rope_parameters = {**config.rope_parameters, "rope_theta": rope_theta}
+    with torch.device(device):
+        return random_init(config, SEED)
 
 
 def build_model(scale: Scale) -> Any:
-    from embedded.families import FamilySize, family_config, random_init
+    from embedded.families import FamilySize
 
     size = FamilySize(
         vocab_size=scale.vocab_size,
@@ -137,19 +163,19 @@ def build_model(scale: Scale) -> Any:
         num_hidden_layers=scale.num_hidden_layers,
         max_position_embeddings=1024,
     )
-    config = family_config("qwen2", size)
-    config._attn_implementation = "sdpa"
-    return random_init(config, SEED)
+    return qwen2_model(size)
 
 
-def training_settings(scale: Scale, precision: str, output_dir: str) -> dict[str, Any]:
+def training_settings(
+    steps: int, batch_size: int, precision: str, output_dir: str, use_cpu: bool = True
+) -> dict[str, Any]:
     """The `TrainingArguments` fields both sides set alike (TRL's `SFTConfig` takes them too)."""
     bf16, checkpointing = PRECISIONS[precision]
     return {
         "output_dir": output_dir,
-        "per_device_train_batch_size": scale.batch_size,
+        "per_device_train_batch_size": batch_size,
         "gradient_accumulation_steps": 1,
-        "max_steps": scale.steps,
+        "max_steps": steps,
         "learning_rate": LEARNING_RATE,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
@@ -157,7 +183,7 @@ def training_settings(scale: Scale, precision: str, output_dir: str) -> dict[str
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": [],
-        "use_cpu": True,
+        "use_cpu": use_cpu,
         "seed": SEED,
         "bf16": bf16,
         "gradient_checkpointing": checkpointing,
@@ -167,8 +193,16 @@ def training_settings(scale: Scale, precision: str, output_dir: str) -> dict[str
     }
 
 
-def project_trainer(spec: dict, scale: Scale, model: Any, dataset: Any, tokenizer: Any, output_dir: str) -> Any:
-    """train.py's `SFTTrainer` with the collator and loss config `fine_tune` would give it for these settings."""
+def project_trainer(
+    spec: dict,
+    settings: dict[str, Any],
+    model: Any,
+    dataset: Any,
+    tokenizer: Any,
+    train_batch_sampler: Any = None,
+) -> Any:
+    """train.py's `SFTTrainer` with the collator and loss config `fine_tune` would give it for these settings
+    (`train_batch_sampler`: `data.packing_max_tokens`'s `TokenBudgetBatchSampler`, as `fine_tune` passes it)."""
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     from config.schema import LossConfig
@@ -189,31 +223,48 @@ def project_trainer(spec: dict, scale: Scale, model: Any, dataset: Any, tokenize
     )
     return SFTTrainer(
         model=model,
-        args=TrainingArguments(**training_settings(scale, spec["precision"], output_dir)),
+        args=TrainingArguments(**settings),
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=SampleIdCollator(collator),
         loss=loss,
+        train_batch_sampler=train_batch_sampler,
     )
 
 
-def trl_trainer(spec: dict, scale: Scale, model: Any, dataset: Any, tokenizer: Any, output_dir: str) -> Any:
+def trl_trainer(
+    spec: dict, settings: dict[str, Any], model: Any, dataset: Any, tokenizer: Any, **config_fields: Any
+) -> Any:
+    """TRL's `SFTTrainer` with the same settings; `config_fields` are further `SFTConfig` fields."""
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
-        **training_settings(scale, spec["precision"], output_dir),
+        **settings,
         loss_type="dft" if spec["loss"] == DFT else "nll",
         padding_free=spec["layout"] == "packed",
         max_length=None,  # the samples are shorter than any limit; padding_free without packing refuses one
+        **config_fields,
     )
     return SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+
+
+def loss_recorder(losses: list[float]) -> Any:
+    """A `TrainerCallback` that appends each logged training loss to `losses`."""
+    from transformers import TrainerCallback
+
+    class LossRecorder(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return LossRecorder()
 
 
 def measure_row(spec: dict, scale: Scale) -> dict:
     """One row, in this process: build, train one pass, and read the clock, the RSS and the logged losses."""
     import datasets
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     from embedded.paths import TOKENIZER_DIR
 
@@ -222,17 +273,12 @@ def measure_row(spec: dict, scale: Scale) -> dict:
     dataset = datasets.Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     losses: list[float] = []
-
-    class LossRecorder(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
     model = build_model(scale)
     with tempfile.TemporaryDirectory() as output_dir:
         build = project_trainer if spec["side"] == PROJECT else trl_trainer
-        trainer = build(spec, scale, model, dataset, tokenizer, output_dir)
-        trainer.add_callback(LossRecorder())
+        settings = training_settings(scale.steps, scale.batch_size, spec["precision"], output_dir)
+        trainer = build(spec, settings, model, dataset, tokenizer)
+        trainer.add_callback(loss_recorder(losses))
         peak_reset = reset_peak_rss()
         before_train = rss_bytes()
         start = time.perf_counter()
@@ -255,9 +301,9 @@ def measure_row(spec: dict, scale: Scale) -> dict:
     }
 
 
-def run_children(specs: list[dict], smoke: bool) -> list[dict]:
-    """`specs` measured in one fresh process (a JSON line each on its stdout)."""
-    command = [sys.executable, "-m", "bench.train_throughput", "--child", json.dumps({"specs": specs, "smoke": smoke})]
+def run_children(specs: list[dict], smoke: bool, module: str = "bench.train_throughput") -> list[dict]:
+    """`specs` measured in one fresh process of `module --child` (a JSON line each on its stdout)."""
+    command = [sys.executable, "-m", module, "--child", json.dumps({"specs": specs, "smoke": smoke})]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     load_before = os.getloadavg()[0]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
@@ -397,9 +443,15 @@ def write_docs_section(result: dict) -> None:
         format_curves(rows),
         "",
     ]
+    replace_docs_section(SECTION_HEADING, section)
+
+
+def replace_docs_section(heading: str, section: list[str]) -> None:
+    """Put `section` (its lines, `heading` first) in place of docs/benchmarks.md's section of that heading, or at
+    the end when there is none; other sections stay as they are."""
     text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
     lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line == SECTION_HEADING), None)
+    start = next((i for i, line in enumerate(lines) if line == heading), None)
     if start is not None:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         lines[start:end] = section
