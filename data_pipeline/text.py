@@ -48,7 +48,7 @@ def end_of_text_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def encode_documents(batch: pa.Table, tokenizer: PreTrainedTokenizerBase) -> pa.Table:
-    """`datasets.map(batched=True)` adapter: each row's `text` replaced by its `input_ids`, closed by the
+    """One Arrow batch of documents: each row's `text` replaced by its `input_ids`, closed by the
     end-of-text token (not twice where the tokenizer writes it itself). The other columns pass through."""
     eos = end_of_text_id(tokenizer)
     # verbose=False: a long document is cut into blocks later, not an over-long model input to warn about.

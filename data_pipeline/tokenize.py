@@ -523,7 +523,7 @@ def _assistant_mask(
 
 
 def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions) -> pa.Table:
-    """`datasets.map(batched=True)` adapter on an Arrow-formatted dataset.
+    """One Arrow batch of canonical dialogues tokenised (`data_pipeline.parallel.map_arrow_batches` runs it).
 
     Each row's `conversation` is canonical JSON (messages, tools); it is replaced by the tokenised columns and
     the other columns pass through untouched.
