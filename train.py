@@ -19,7 +19,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
-import deepspeed
 import hydra
 from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
@@ -30,7 +29,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unse
 from transformers.trainer_utils import TrainOutput
 
 from cluster.check import refuse_bad_overrides
-from cluster.distributed import accept_launcher_local_rank, exit_on_user_error, teardown
+from cluster.distributed import accept_launcher_local_rank, exit_on_user_error, init_deepspeed_distributed, teardown
 from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
 from cluster.resume import check_resume_compatible, resolve_resume_checkpoint, saved_model
@@ -210,7 +209,7 @@ def main(cfg: DictConfig) -> None:
     if training_args.deepspeed:
         # zero.Init reads the world size from deepspeed.comm, unset under use_cpu; keep the short collective timeout.
         with library_prints_to_log():
-            deepspeed.init_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
+            init_deepspeed_distributed(timeout=timedelta(seconds=training_args.ddp_timeout))
     try:
         result, validation_set, _ = fine_tune(
             run, run_config, model_path, tokenizer, training_args, resilience, resume_from

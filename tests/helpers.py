@@ -463,6 +463,10 @@ def run_script(
         pytest.fail(f"{' '.join(command)} did not finish in {timeout:.0f} s\n{describe_run(output, log_dirs)}")
     if process.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited with {process.returncode}\n{describe_run(output, log_dirs)}")
+    if "MASTER_PORT" in env:
+        # DeepSpeed's CPU all-reduce buffers (cluster.distributed.init_deepspeed_distributed): 67 MB of RAM each.
+        left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
+        assert not left, f"{' '.join(command)} left shared memory behind: {[str(path) for path in left]}"
     return output
 
 

@@ -21,6 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from cluster.distributed import init_deepspeed_distributed
 from config.schema import LossConfig
 from core.keys import IGNORE_INDEX
 from dft.trainer import DFTTrainer
@@ -128,7 +129,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = samples()
     expected_loss, expected = expected_step(data)
-    deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
+    init_deepspeed_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     before = {name: p.detach() for name, p in tiny_qwen2(SEED).named_parameters()}
     report: dict = {"world_size": dist.get_world_size()}
     for implementation in ("reference", "fused"):

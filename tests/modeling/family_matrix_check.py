@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import deepspeed
 import torch.distributed as dist
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from cluster.distributed import init_deepspeed_distributed
 from tests.helpers import family_matrix_overrides, fine_tune_in_process
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the DeepSpeed launcher
     parser.add_argument("families", nargs="+")
     cli = parser.parse_args()
-    deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
+    init_deepspeed_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     for family in cli.families:
         fine_tune_in_process(family_matrix_overrides(family, cli.model_cache, cli.out / family, distributed=True))
         unset_hf_deepspeed_config()

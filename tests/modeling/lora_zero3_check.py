@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
+from cluster.distributed import init_deepspeed_distributed
 from tests.helpers import LORA_FROZEN_REPORT, fine_tune_in_process
 
 
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the DeepSpeed launcher
     parser.add_argument("overrides", nargs="*")
     cli = parser.parse_args()
-    deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
+    init_deepspeed_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     model = fine_tune_in_process([*cli.overrides, f"output_dir={cli.out}"]).model
     rank_zero = dist.get_rank() == 0
     base_path = model.peft_config["default"].base_model_name_or_path
