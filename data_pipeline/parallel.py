@@ -53,7 +53,7 @@ class _Job:
         self.dataset = dataset.with_format("arrow")
         self.function = function
         self.directory = directory
-        self.rows_done = multiprocessing.get_context("fork").Value("q", 0)
+        self.rows_done = multiprocessing.Value("q", 0)  # shared memory: the forked workers add, this process reads
 
     def output_path(self, worker: int) -> Path:
         return self.directory / f"{worker:05d}.arrow"
