@@ -7,7 +7,7 @@ with the bundled tokenizer (`embedded/assets/tokenizer`, ChatML with `{% generat
 labels, truncation to `max_length` keeping the start, and samples without a trainable token dropped:
 
 - ours: `data_pipeline.prepare.build_datasets` with `data.cache_dir=null`, the in-memory build: read every record,
-  parse, validate and convert it, tokenise with assistant masks (both steps across `data.num_proc` processes),
+  parse, validate and convert it, tokenise with assistant masks (both steps across `data.num_proc` forked processes),
   drop and count, and the per-source stats; `on_error=raise`, no validation split (TRL has none), `datasets`
   caching disabled.
 - ours, derived masks: the same build with the template's `{% generation %}` markers removed, as released models
@@ -41,6 +41,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,11 +70,14 @@ PROFILE = (
     "converting the records 6%, finding the records' bytes in the preparing process 1%, and the rest the JSON "
     "hand-over between the two steps, Arrow writes and `datasets` overhead. Side by side in the same minutes (wall "
     "time, 1 worker): ours 15.6 s, the previous per-dialogue `apply_chat_template` path 34.5 s, TRL read + "
-    "prepare 54.3 s. With 2 workers the preparing process used 1.0-1.1 s of CPU (0.2 s finding the records, "
-    "0.8 s driving the two worker pools, under 0.1 s for the accounting, filtering and split, which are Arrow/numpy "
-    "column operations) and the workers 14-17 s together, against 14-16 s for the whole 1-worker run; in a py-spy "
-    "profile of the 2-worker run, `datasets.map`'s pool machinery (pickling shards and job arguments, progress "
-    "messages through its manager process) took about a tenth of the samples."
+    "prepare 54.3 s. With 2 workers (2026-12-03, 100k samples, two runs each, timing `data_pipeline.prepare`'s "
+    "steps; the workers are forked by `data_pipeline.parallel`): the preparing process used 1.8-1.9 s of CPU "
+    "(1.0-1.4 s finding the records, under 0.1 s starting and watching the workers, the rest the accounting, "
+    "filtering and stats, which are Arrow/numpy column operations), the workers 41-46 s together against 46-49 s "
+    "for the whole 1-worker run; the Checking step went from 2.6-2.8 s to 1.4-1.6 s and Tokenising from 41.5-43.9 s "
+    "to 19.5-21.5 s. Before, with `datasets.map(num_proc=2)` (50k samples): Checking took longer on 2 workers than "
+    "on 1 (1.82 s against 1.60 s) and Tokenising scaled 85%, for 78-81% in all; its pool pickled each shard and "
+    "the tokenizer to every job and passed progress through a manager process, about a tenth of a py-spy profile."
 )
 PIPELINES = ("ours", "ours_derived", "trl")
 OURS, OURS_DERIVED = "ours (read + prepare)", "ours, derived masks (read + prepare)"
@@ -248,20 +252,29 @@ def summarise(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
     for row in rows:
         one_worker = next(r for r in rows if r["pipeline"] == row["pipeline"] and r["workers"] == 1)
         row["scaling_vs_1_worker"] = row["tokens_per_s"] / one_worker["tokens_per_s"] / row["workers"]
+        # Each repeat's 1-worker and N-worker runs ran minutes apart, against fastest-of-all runs that may come from
+        # different moments of a machine whose speed drifts: the per-repeat ratio pairs like with like.
+        row["scaling_per_repeat"] = [
+            one / (row["workers"] * many)
+            for one, many in zip(one_worker["all_seconds"], row["all_seconds"], strict=True)
+        ]
+        row["scaling_per_repeat_median"] = statistics.median(row["scaling_per_repeat"])
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| pipeline | workers | seconds (best; all) | samples/s | tokens/s | tokens/s per worker | scaling 1→N |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| pipeline | workers | seconds (best; all) | samples/s | tokens/s | tokens/s per worker | scaling 1→N "
+        "(best) | scaling 1→N per repeat: median (each) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         repeats = ", ".join(f"{s:.1f}" for s in row["all_seconds"])
+        paired = ", ".join(f"{s:.0%}" for s in row["scaling_per_repeat"])
         lines.append(
             f"| {row['pipeline']} | {row['workers']} | {row['seconds']:.1f} ({repeats}) | {row['samples_per_s']:,.0f} "
             f"| {row['tokens_per_s']:,.0f} | {row['tokens_per_s_per_worker']:,.0f} "
-            f"| {row['scaling_vs_1_worker']:.0%} |"
+            f"| {row['scaling_vs_1_worker']:.0%} | {row['scaling_per_repeat_median']:.0%} ({paired}) |"
         )
     return "\n".join(lines)
 
@@ -301,7 +314,9 @@ def write_docs_section(table: str, results: dict) -> None:
             "`ours` is the whole in-memory build (read, validate, convert, tokenise with assistant masks, drop and "
             "count, stats); `TRL prepare` is `SFTTrainer._prepare_dataset` alone (`assistant_only_loss=True`, no "
             "packing) and `TRL read + prepare` adds `load_dataset('json')`. Scaling is tokens/s at N workers over "
-            "N times tokens/s at 1. Raw numbers: `bench/results/data_prepare_throughput.json`.",
+            "N times tokens/s at 1: of the fastest runs, and per repeat (the 1-worker and N-worker runs of one repeat "
+            "ran minutes apart; the machine's speed drifts more than that between repeats). "
+            "Raw numbers: `bench/results/data_prepare_throughput.json`.",
             *([""] + [results["note"]] if results.get("note") else []),
             "",
             results["profile"],
