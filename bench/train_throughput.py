@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -513,12 +514,20 @@ def main() -> None:
         "rows": rows,
         "comparisons": compared,
     }
-    path = args.json or (None if args.smoke else RESULTS_PATH)
+    save_result(result, args.json, args.smoke, RESULTS_PATH, write_docs_section)
+
+
+def save_result(
+    result: dict, json_path: Path | None, smoke: bool, results_path: Path, write_docs: Callable[[dict], None]
+) -> None:
+    """The JSON to `json_path` (else, outside smoke mode, to `results_path`), and the docs section outside smoke
+    mode: a smoke run's numbers mean nothing."""
+    path = json_path or (None if smoke else results_path)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.smoke:
-        write_docs_section(result)
+    if not smoke:
+        write_docs(result)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ from bench.train_throughput import (
     random_sample,
     replace_docs_section,
     run_children,
+    save_result,
     training_settings,
     trl_trainer,
 )
@@ -543,12 +544,7 @@ def main() -> None:
         "rows": rows,
         "comparisons": compared,
     }
-    path = args.json or (None if args.smoke else RESULTS_PATH)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.smoke:
-        write_docs_section(result)
+    save_result(result, args.json, args.smoke, RESULTS_PATH, write_docs_section)
 
 
 if __name__ == "__main__":
