@@ -35,12 +35,14 @@ benchmark's section of `docs/benchmarks.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -217,8 +219,21 @@ def run_in_subprocess(pipeline: str, corpus: Path, num_proc: int) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1"}
     # The cores are shared: the load average says how much of them other jobs took around this run.
     load_before = os.getloadavg()[0]
-    completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO_ROOT, env=env)
-    run = json.loads(completed.stdout.strip().splitlines()[-1])
+    # A session of its own, killed whole once the child ends: `datasets.map`'s pool workers outlived a child that the
+    # kernel killed for memory and held its output pipe open, which hung the benchmark (seen in TRL's run).
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(
+            command, stdout=stdout, stderr=stderr, text=True, cwd=REPO_ROOT, env=env, start_new_session=True
+        )
+        returncode = child.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        stdout.seek(0)
+        stderr.seek(0)
+        lines, errors = stdout.read().strip().splitlines(), stderr.read()
+    if returncode != 0:
+        raise SystemExit(f"{' '.join(command)} exited with {returncode}:\n{errors[-3000:]}")
+    run = json.loads(lines[-1])
     return {**run, "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
