@@ -53,10 +53,10 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from bench.docs import replace_docs_section
 from embedded.paths import REPO_ROOT, TOKENIZER_DIR
 
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "data_prepare_throughput.json"
-DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Data preparation throughput (CPU)"
 
 MAX_LENGTH = 1024
@@ -313,46 +313,34 @@ def compare(rows: list[dict]) -> list[str]:
 def write_docs_section(table: str, results: dict) -> None:
     """Add or replace this benchmark's section of docs/benchmarks.md, leaving other sections as they are."""
     corpus, machine = results["corpus"], results["machine"]
-    section = "\n".join(
-        [
-            SECTION_HEADING,
-            "",
-            f"Measured {results['date']} with `bench/data_prepare_throughput.py --samples {corpus['samples']}` on "
-            f"{machine['cpus']} CPU cores ({machine['platform']}, Python {machine['python']}, "
-            f"datasets {machine['datasets']}, transformers {machine['transformers']}, TRL {machine['trl']}). "
-            f"Corpus: {corpus['samples']:,} synthetic ChatML dialogues (2-4 exchanges, mostly short turns with a "
-            f"long tail), {corpus['tokens']:,} tokens after truncation to {MAX_LENGTH} with the bundled tokenizer, "
-            f"{corpus['trainable_tokens']:,} of them trained (assistant-only), {corpus['truncated']} truncated, "
-            f"{corpus['dropped']} dropped for no trainable token; both pipelines kept the same rows and tokens. "
-            "Caching off, fresh process per run, `TOKENIZERS_PARALLELISM=false`, offline; each configuration ran "
-            f"{results['repeats']} times, interleaved, and the table shows the fastest (all times in brackets). "
-            "`ours` is the whole in-memory build (read, validate, convert, tokenise with assistant masks, drop and "
-            "count, stats); `TRL prepare` is `SFTTrainer._prepare_dataset` alone (`assistant_only_loss=True`, no "
-            "packing) and `TRL read + prepare` adds `load_dataset('json')`. Scaling is tokens/s at N workers over "
-            "N times tokens/s at 1: of the fastest runs, and per repeat (the 1-worker and N-worker runs of one repeat "
-            "ran minutes apart; the machine's speed drifts more than that between repeats). "
-            "Raw numbers: `bench/results/data_prepare_throughput.json`.",
-            *([""] + [results["note"]] if results.get("note") else []),
-            "",
-            results["profile"],
-            "",
-            table,
-            "",
-            *(f"- {line}" for line in results["comparison"]),
-            "",
-        ]
-    )
-    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    if SECTION_HEADING in lines:
-        start = lines.index(SECTION_HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        # Keep the blank line before the next section (splitlines drops the section's trailing one).
-        lines[start:end] = section.splitlines() + ([""] if end < len(lines) else [])
-        text = "\n".join(lines) + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOCS_PATH.write_text(text)
+    section = [
+        SECTION_HEADING,
+        "",
+        f"Measured {results['date']} with `bench/data_prepare_throughput.py --samples {corpus['samples']}` on "
+        f"{machine['cpus']} CPU cores ({machine['platform']}, Python {machine['python']}, "
+        f"datasets {machine['datasets']}, transformers {machine['transformers']}, TRL {machine['trl']}). "
+        f"Corpus: {corpus['samples']:,} synthetic ChatML dialogues (2-4 exchanges, mostly short turns with a "
+        f"long tail), {corpus['tokens']:,} tokens after truncation to {MAX_LENGTH} with the bundled tokenizer, "
+        f"{corpus['trainable_tokens']:,} of them trained (assistant-only), {corpus['truncated']} truncated, "
+        f"{corpus['dropped']} dropped for no trainable token; both pipelines kept the same rows and tokens. "
+        "Caching off, fresh process per run, `TOKENIZERS_PARALLELISM=false`, offline; each configuration ran "
+        f"{results['repeats']} times, interleaved, and the table shows the fastest (all times in brackets). "
+        "`ours` is the whole in-memory build (read, validate, convert, tokenise with assistant masks, drop and "
+        "count, stats); `TRL prepare` is `SFTTrainer._prepare_dataset` alone (`assistant_only_loss=True`, no "
+        "packing) and `TRL read + prepare` adds `load_dataset('json')`. Scaling is tokens/s at N workers over "
+        "N times tokens/s at 1: of the fastest runs, and per repeat (the 1-worker and N-worker runs of one repeat "
+        "ran minutes apart; the machine's speed drifts more than that between repeats). "
+        "Raw numbers: `bench/results/data_prepare_throughput.json`.",
+        *([""] + [results["note"]] if results.get("note") else []),
+        "",
+        results["profile"],
+        "",
+        table,
+        "",
+        *(f"- {line}" for line in results["comparison"]),
+        "",
+    ]
+    replace_docs_section(section)
 
 
 def _machine() -> dict:

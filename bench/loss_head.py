@@ -72,7 +72,6 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "loss_head.json"
-DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Loss head: memory and time"
 MIB, GIB = 2**20, 2**30
 
@@ -541,18 +540,10 @@ def write_docs_section(result: dict) -> None:
         *auto_goal_lines(rows),
         "",
     ]
-    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    old_headings = (SECTION_HEADING, "## DFT loss: memory and time (CPU)")
-    start = next((i for i, line in enumerate(lines) if line in old_headings), None)
-    if start is not None:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-        text = "\n".join(lines) + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-    DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    DOCS_PATH.write_text(text)
+    sys.path.insert(0, str(REPO_ROOT))  # as in measure_one: run as a script, bench/ is on the path, not the repo
+    from bench.docs import replace_docs_section
+
+    replace_docs_section(section, old_headings=("## DFT loss: memory and time (CPU)",))
 
 
 def merge_results(new_rows: list[dict]) -> dict:

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.docs import replace_docs_section
 from bench.loss_head import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 if TYPE_CHECKING:
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "train_throughput.json"
-DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Training throughput: project vs TRL (CPU)"
 MIB = 2**20
 RESULT_PREFIX = "train_throughput row: "  # the Trainers print their logs to stdout too
@@ -444,22 +444,7 @@ def write_docs_section(result: dict) -> None:
         format_curves(rows),
         "",
     ]
-    replace_docs_section(SECTION_HEADING, section)
-
-
-def replace_docs_section(heading: str, section: list[str]) -> None:
-    """Put `section` (its lines, `heading` first) in place of docs/benchmarks.md's section of that heading, or at
-    the end when there is none; other sections stay as they are."""
-    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line == heading), None)
-    if start is not None:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-        text = "\n".join(lines) + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-    DOCS_PATH.write_text(text)
+    replace_docs_section(section)
 
 
 def versions() -> str:

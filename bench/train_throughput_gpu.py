@@ -80,6 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.docs import replace_docs_section
 from bench.loss_head import peak_rss_bytes
 from bench.train_throughput import (
     CE,
@@ -96,7 +97,6 @@ from bench.train_throughput import (
     project_trainer,
     qwen2_model,
     random_sample,
-    replace_docs_section,
     run_children,
     save_result,
     training_settings,
@@ -457,7 +457,7 @@ def write_docs_section(result: dict) -> None:
         format_goals(result["comparisons"]),
         "",
     ]
-    replace_docs_section(SECTION_HEADING, section)
+    replace_docs_section(section)
 
 
 def versions() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import bench.train_throughput
+import bench.docs
 from bench.train_throughput_gpu import (
     ARMS,
     QWEN25_15B,
@@ -93,7 +93,7 @@ def test_smoke_mode_runs_every_gpu_row_on_cpu(tmp_path: Path, monkeypatch: pytes
     # The docs section a GPU run writes renders from these rows (a skipped Liger row included).
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\n## Other\n\nkept\n")
-    monkeypatch.setattr(bench.train_throughput, "DOCS_PATH", docs)
+    monkeypatch.setattr(bench.docs, "DOCS_PATH", docs)
     write_docs_section(result)
     text = docs.read_text()
     assert "## Other\n\nkept\n" in text and text.count(SECTION_HEADING) == 1

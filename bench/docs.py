@@ -1,0 +1,24 @@
+"""docs/benchmarks.md: each benchmark rewrites its own section there and leaves the others as they are."""
+
+from __future__ import annotations
+
+from embedded.paths import REPO_ROOT
+
+DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def replace_docs_section(section: list[str], old_headings: tuple[str, ...] = ()) -> None:
+    """Put `section` (its lines, its `## ` heading first, a blank line last) in place of the section under that
+    heading (or under one of `old_headings`, names it had before), or at the end of the file when there is none."""
+    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    headings = (section[0], *old_headings)
+    start = next((i for i, line in enumerate(lines) if line in headings), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
+        text = "\n".join(lines) + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(section)
+    DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DOCS_PATH.write_text(text)
