@@ -174,12 +174,16 @@ def flop_parameters(config: Any) -> int:
     """N of `6N`: the parameters each token multiplies in a Qwen2 of `config`, computed from the shape: every
     layer's (q/k/v with biases, o, the gated MLP, two RMSNorms), the final norm, and the LM head's weight; not the
     input embedding, a lookup (tied or not, the head's matmul is counted once, as the head)."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    q_width, kv_width = heads * head_dim, config.num_key_value_heads * head_dim
+    hidden = config.hidden_size
+    head_dim = _head_dim(config)
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     attention = hidden * q_width + q_width + 2 * (hidden * kv_width + kv_width) + q_width * hidden
     layer = attention + 3 * hidden * config.intermediate_size + 2 * hidden
     return config.num_hidden_layers * layer + hidden + config.vocab_size * hidden
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def mean_attended_context(sample_lengths: list[int]) -> float:
@@ -191,8 +195,7 @@ def mean_attended_context(sample_lengths: list[int]) -> float:
 def model_flops_per_token(config: Any, sample_lengths: list[int]) -> float:
     """Training FLOPs per token, forward and backward: `6 N + 12 L H C` (module docstring; PaLM appendix B with the
     sequence length replaced by the mean attended context C of these packed samples)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention_width = config.num_attention_heads * head_dim
+    attention_width = config.num_attention_heads * _head_dim(config)
     attention = 12 * config.num_hidden_layers * attention_width * mean_attended_context(sample_lengths)
     return 6 * flop_parameters(config) + attention
 
@@ -516,8 +519,10 @@ def main() -> None:
     scale = SMOKE if args.smoke else FULL
     specs = all_specs()
     runnable = [spec for spec in specs if skip_reason(spec, device) is None]
-    measured = run_children(runnable, smoke=True, module=MODULE) if args.smoke else []
-    if not args.smoke:
+    if args.smoke:
+        measured = run_children(runnable, smoke=True, module=MODULE)
+    else:
+        measured = []
         for spec in runnable:
             measured += run_children([spec], smoke=False, module=MODULE)
             row = measured[-1]

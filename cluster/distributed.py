@@ -39,7 +39,10 @@ def init_deepspeed_distributed(timeout: timedelta | None = None) -> None:
     """
     import deepspeed  # seconds to import: kept out of the commands that import this module for the exit helpers
 
-    deepspeed.init_distributed(timeout=timeout) if timeout is not None else deepspeed.init_distributed()
+    if timeout is None:
+        deepspeed.init_distributed()  # DeepSpeed's default timeout
+    else:
+        deepspeed.init_distributed(timeout=timeout)
     if not dist.is_initialized():
         return
     dist.barrier()

@@ -99,8 +99,7 @@ def map_arrow_batches(dataset: Dataset, function: Callable[[pa.Table], pa.Table]
     if "fork" not in multiprocessing.get_all_start_methods():
         workers = 1  # not on Linux clusters; on such a platform one process is slower, not wrong
     directory = Path(tempfile.mkdtemp(prefix="map-", dir=get_temporary_cache_files_directory()))
-    _job = _Job(dataset, function, directory)
-    job = _job
+    job = _job = _Job(dataset, function, directory)
     bounds = [rows * worker // workers for worker in range(workers + 1)]
     progress = _Progress(desc, rows, workers)
     try:
