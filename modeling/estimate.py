@@ -2,16 +2,23 @@
 
     python -m modeling.estimate model.name_or_path=/models/Qwen2.5-7B-Instruct model.lora.r=16 --gpus 8
 
-Takes train.py's overrides. The model is built on the meta device from its `config.json` and the adapter is
-added by peft itself, so the parameter counts are exact for the architecture and `model.lora.*`. The bytes follow
-mixed-precision AdamW as DeepSpeed runs it (the ZeRO paper's accounting):
+Takes train.py's overrides. Each mode's model is built on the meta device from its `config.json` and prepared
+by the code a run uses (`modeling.adapter.add_adapter`, so peft itself), and the bytes are read from the dtypes
+the prepared parameters are left in:
 
-- full: bf16 weights (2 bytes per parameter) and gradients (2), fp32 master weights, Adam m and v (12): 16.
-- lora: the frozen base in bf16 (2 per base parameter); each trainable parameter 16 (peft keeps the adapter in
-  fp32: weight, gradient, m and v, 4 each).
-- qlora: the base's linear layers in 4-bit NF4 with double quantization (0.5 byte, plus 1/64 byte of 8-bit block
-  scale and 4/16384 of fp32 second-level scale per weight: 0.516); embeddings, norms and the LM head stay bf16;
-  the adapter as for lora.
+- full: the model in bf16, as DeepSpeed loads it.
+- lora: the frozen base in bf16 under peft's adapter, which peft keeps in fp32 (`autocast_adapter_dtype`).
+- qlora: the base in bf16 with the linear layers transformers' bitsandbytes integration quantises (its own
+  rule: every `nn.Linear` but the output embedding and what the model keeps in fp32) marked 4-bit, then
+  `add_adapter` with `model.adapter=qlora`: peft's `prepare_model_for_kbit_training` casts every bf16 parameter
+  that is not 4-bit (embeddings, norms, biases, an untied LM head) to fp32, so those cost 4 bytes, not 2. A
+  4-bit weight is NF4 with double quantization: 0.5 byte, plus 1/64 byte of 8-bit block scale and 4/16384 of
+  fp32 second-level scale per weight, 0.516.
+
+Training state, per trainable parameter, as mixed-precision AdamW keeps it under DeepSpeed (the ZeRO paper's
+accounting): a gradient in the parameter's dtype, an fp32 master copy when the parameter is not fp32, and Adam's
+two fp32 moments: 2 + 4 + 8 = 14 bytes for a bf16 weight (16 with the weight itself), 4 + 8 = 12 for an fp32
+adapter weight.
 
 ZeRO-3 partitions all of these over the ranks, so a GPU holds about `model states / gpus`. Activations, the
 fused loss's chunk, CUDA's workspace and fragmentation come on top: they depend on the tokens per micro-batch
@@ -28,16 +35,24 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import get_keys_to_not_convert
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from config.schema import ModelConfig, load_run_config
 from modeling.adapter import add_adapter, count_parameters, meta_model
 from modeling.loading import resolve_model_path
 
 GIB = 1024**3
-MIXED_PRECISION_ADAM_BYTES = 16  # bf16 weight + bf16 grad + fp32 master, m, v
-BF16_BYTES = 2
+FP32_BYTES = 4
+ADAM_MOMENTS_BYTES = 8  # m and v, fp32
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+class Params4bit(torch.nn.Parameter):
+    """A weight bitsandbytes would hold in 4 bits, on the meta device. Named as bitsandbytes' class because that
+    name is what `peft.prepare_model_for_kbit_training` checks to leave a weight alone (peft/utils/other.py)."""
 
 
 @dataclass
@@ -48,41 +63,53 @@ class ModeEstimate:
     weights_bytes: float
     """Every weight as training holds it (the frozen base included)."""
     training_state_bytes: float
-    """Gradients, fp32 master weights and Adam's two moments of the trainable parameters (their bf16 copy is in
-    `weights_bytes` for a full run)."""
+    """Gradients, fp32 master weights and Adam's two moments of the trainable parameters (their own copy is in
+    `weights_bytes`)."""
 
     @property
     def model_states_bytes(self) -> float:
         return self.weights_bytes + self.training_state_bytes
 
 
+def mark_4bit_linears(model: PreTrainedModel) -> None:
+    """Mark, in place, the weights `from_pretrained` with a bitsandbytes 4-bit config quantises: the modules
+    transformers' `replace_with_bnb_linear` swaps (`nn.Linear` or `Conv1D`, not in `get_keys_to_not_convert` or
+    `_keep_in_fp32_modules`), biases excluded."""
+    skip = get_keys_to_not_convert(model) + list(model._keep_in_fp32_modules or ())
+    for name, module in model.named_modules():
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
+            module.weight = Params4bit(module.weight.data, requires_grad=False)
+
+
+def mode_estimate(mode: str, model: torch.nn.Module) -> ModeEstimate:
+    """The bytes of `model`'s parameters as prepared for training, by their dtypes (module docstring)."""
+    weights = state = 0.0
+    for parameter in model.parameters():
+        size, element = parameter.numel(), parameter.element_size()
+        weights += size * (NF4_DOUBLE_QUANT_BYTES if isinstance(parameter, Params4bit) else element)
+        if parameter.requires_grad:
+            master = FP32_BYTES if element < FP32_BYTES else 0
+            state += size * (element + master + ADAM_MOMENTS_BYTES)
+    trainable, total = count_parameters(model)
+    return ModeEstimate(mode, trainable, total, weights, state)
+
+
 def estimate(model_cfg: ModelConfig, model_path: str) -> list[ModeEstimate]:
     """Full, LoRA and QLoRA model-state bytes for this architecture and `model.lora.*`."""
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
-    base = meta_model(config, model_cfg.trust_remote_code)
-    total = sum(p.numel() for p in base.parameters())
-    quantizable = sum(
-        module.weight.numel()
-        for module in base.modules()
-        if isinstance(module, torch.nn.Linear) and module is not base.get_output_embeddings()
-    )
-    lora_cfg = dataclasses.replace(model_cfg, adapter="lora", merge_adapter=False)
-    # The base stays whole and frozen; `modules_to_save` train a copy of theirs, counted as trainable.
-    adapter_trainable, adapter_total = count_parameters(add_adapter(base, lora_cfg, seed=0))
-    full_bytes = total * MIXED_PRECISION_ADAM_BYTES
-    adapter_weights = adapter_trainable * 4
-    adapter_state = adapter_trainable * (MIXED_PRECISION_ADAM_BYTES - 4)
-    return [
-        ModeEstimate("full", total, total, total * BF16_BYTES, full_bytes - total * BF16_BYTES),
-        ModeEstimate("lora", adapter_trainable, adapter_total, total * BF16_BYTES + adapter_weights, adapter_state),
-        ModeEstimate(
-            "qlora",
-            adapter_trainable,
-            adapter_total,
-            quantizable * NF4_DOUBLE_QUANT_BYTES + (total - quantizable) * BF16_BYTES + adapter_weights,
-            adapter_state,
-        ),
-    ]
+
+    def bf16_base() -> PreTrainedModel:
+        return meta_model(config, model_cfg.trust_remote_code).to(torch.bfloat16)
+
+    rows = [mode_estimate("full", bf16_base())]
+    for adapter in ("lora", "qlora"):
+        base = bf16_base()
+        if adapter == "qlora":
+            mark_4bit_linears(base)
+        # `modules_to_save` train a copy of theirs, counted as trainable.
+        adapter_cfg = dataclasses.replace(model_cfg, adapter=adapter, merge_adapter=False)
+        rows.append(mode_estimate(adapter, add_adapter(base, adapter_cfg, seed=0)))
+    return rows
 
 
 def human_bytes(size: float) -> str:
