@@ -31,20 +31,18 @@ Measures:
 - tokens/s: the tokens of steps `warmup_steps + 1 .. steps` over the time between the end of step `warmup_steps`
   and the end of the last step, read by `time.perf_counter` after `torch.cuda.synchronize()` in a `TrainerCallback`
   (`on_step_end`, after the optimizer step). The first steps (allocator growth, kernel selection) are excluded.
-- MFU: model FLOPs per token x tokens/s / the GPU's peak dense bf16 FLOP/s. Model FLOPs per token (PaLM, Chowdhery
-  et al. 2022, appendix B: `6N + 12 L H Q T`) are `6 * N + 12 * L * H * C`: N the parameters every token multiplies
-  (all but the input embedding, plus the LM head's weight, which is the embedding's when tied), L layers, H = heads x
-  head dim (the hidden size here), and C the mean attended context per token where PaLM has the sequence length T:
-  a causal token at position p of its own sample attends to p + 1 keys, so packed samples of lengths s_i give
-  C = sum(s_i (s_i + 1) / 2) / sum(s_i) (`model_flops_per_token`). Forward + backward is 3x the forward's 2 FLOPs
-  per multiply-add. Activation checkpointing recomputes the forward in the backward (about 8N per token on the
-  hardware); MFU counts the model's FLOPs only, not that recompute (hardware FLOPs utilisation would).
+- MFU: model FLOPs per token x tokens/s / the GPU's peak dense bf16 FLOP/s, both from `observability/flops.py`,
+  which the Trainer's logged `mfu` uses too: `6 N_trainable + 4 N_frozen + 12 L H C` per token (PaLM's appendix
+  B count, frozen weights at 4N, the input embedding left out as a lookup, C the mean attended context of these
+  packed samples: `sum(s_i (s_i + 1) / 2) / sum(s_i)`). Every weight trains here, so it is `6N + 12 L H C`.
+  Activation checkpointing's recompute of the forward is not counted (model FLOPs, not hardware FLOPs).
 - Peak memory: `torch.cuda.max_memory_allocated()` and `max_memory_reserved()` of the row's process (model,
   optimizer state, activations), and the process's peak RSS.
 - The logged loss of every step.
 
-Peak FLOP/s come from `PEAK_BF16_FLOPS` by `torch.cuda.get_device_name()` (H100 SXM, H200: 989.4e12; H100 PCIe:
-756e12; A100: 312e12, dense); `--peak-tflops` overrides it, and an unknown GPU without it is refused.
+Peak FLOP/s come from `observability.flops.PEAK_BF16_FLOPS` by the device's name and memory (H100 SXM, H200:
+989.4e12; H100 PCIe: 756e12; H100 NVL, H200 NVL: 835.5e12; A100: 312e12, dense); `--peak-tflops` overrides it,
+and an unknown GPU or a MIG slice without it is refused.
 
 Run, on a machine with one CUDA GPU: `python -m bench.train_throughput_gpu` (a few minutes on an H100: six rows of
 45 steps, start-up is most of each row's time) prints the table, writes `bench/results/train_throughput_gpu.json`
@@ -103,6 +101,7 @@ from bench.train_throughput import (
     trl_trainer,
 )
 from embedded.families import FamilySize
+from observability.flops import cuda_peak_bf16_flops, flop_parameters, mean_attended_context, model_flops_per_token
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "bench" / "results" / "train_throughput_gpu.json"
@@ -122,14 +121,6 @@ ARMS = (
 )
 # Issue 17 item 4: the project's DFT against TRL+Liger's tokens/s, and the project rows' MFU.
 GOAL_SPEEDUP_VS_LIGER, GOAL_MFU = 1.0, 0.35
-# Dense bf16 tensor-core FLOP/s by device name: every listed substring must appear (case-insensitive); first match.
-# NVIDIA's data sheets give them with sparsity (2x); these are the dense halves.
-PEAK_BF16_FLOPS = (
-    (("H100", "PCIe"), 756e12),
-    (("H100", "HBM3"), 989.4e12),  # H100 SXM: "NVIDIA H100 80GB HBM3"
-    (("H200",), 989.4e12),  # H200 and GH200: the H100's compute, more memory
-    (("A100",), 312e12),
-)
 SMOKE_PEAK_TFLOPS = 1.0  # nominal, so that the MFU arithmetic runs on CPU; the MFU it gives means nothing
 
 
@@ -168,44 +159,6 @@ SMOKE = GpuScale(
     short_lengths=(4, 16),
     long_lengths=(17, 48),
 )
-
-
-def flop_parameters(config: Any) -> int:
-    """N of `6N`: the parameters each token multiplies in a Qwen2 of `config`, computed from the shape: every
-    layer's (q/k/v with biases, o, the gated MLP, two RMSNorms), the final norm, and the LM head's weight; not the
-    input embedding, a lookup (tied or not, the head's matmul is counted once, as the head)."""
-    hidden = config.hidden_size
-    head_dim = _head_dim(config)
-    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    attention = hidden * q_width + q_width + 2 * (hidden * kv_width + kv_width) + q_width * hidden
-    layer = attention + 3 * hidden * config.intermediate_size + 2 * hidden
-    return config.num_hidden_layers * layer + hidden + config.vocab_size * hidden
-
-
-def _head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def mean_attended_context(sample_lengths: list[int]) -> float:
-    """C: the mean over tokens of the keys each attends to under causal attention within its own sample, where a
-    token at position p (from 0) attends to p + 1: `sum(s (s + 1) / 2) / sum(s)` over the samples' lengths s."""
-    return sum(s * (s + 1) / 2 for s in sample_lengths) / sum(sample_lengths)
-
-
-def model_flops_per_token(config: Any, sample_lengths: list[int]) -> float:
-    """Training FLOPs per token, forward and backward: `6 N + 12 L H C` (module docstring; PaLM appendix B with the
-    sequence length replaced by the mean attended context C of these packed samples)."""
-    attention_width = config.num_attention_heads * _head_dim(config)
-    attention = 12 * config.num_hidden_layers * attention_width * mean_attended_context(sample_lengths)
-    return 6 * flop_parameters(config) + attention
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    """The dense bf16 peak of `device_name` from `PEAK_BF16_FLOPS`, or None for a GPU not in it."""
-    for parts, flops in PEAK_BF16_FLOPS:
-        if all(part.lower() in device_name.lower() for part in parts):
-            return flops
-    return None
 
 
 def gpu_samples(scale: GpuScale) -> list[dict[str, list[int]]]:
@@ -284,6 +237,8 @@ def measure_row(spec: dict, scale: GpuScale, device: str) -> dict:
         trainer.train()
     timed = [lengths[i] for indices in micro_batches[scale.warmup_steps : scale.steps] for i in indices]
     seconds = times[scale.steps] - times[scale.warmup_steps]
+    trainable, frozen = flop_parameters(model)
+    context = mean_attended_context(timed)
     cuda = device == "cuda"
     return {
         **spec,
@@ -293,9 +248,10 @@ def measure_row(spec: dict, scale: GpuScale, device: str) -> dict:
         "timed_samples": len(timed),
         "seconds": seconds,
         "tokens_per_s": sum(timed) / seconds,
-        "flop_parameters": flop_parameters(model.config),
-        "mean_attended_context": mean_attended_context(timed),
-        "model_flops_per_token": model_flops_per_token(model.config, timed),
+        "trainable_flop_parameters": trainable,
+        "frozen_flop_parameters": frozen,
+        "mean_attended_context": context,
+        "model_flops_per_token": model_flops_per_token(trainable, frozen, model.config, context),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
         "peak_rss_mib": peak_rss_bytes() / MIB,
@@ -446,8 +402,9 @@ def write_docs_section(result: dict) -> None:
         f"ones in the same order on both sides; {scale['steps']} steps, the clock running over the last "
         f"{trained['timed_steps']} ({trained['timed_tokens']:,} tokens, {trained['timed_samples']} samples, mean "
         f"attended context {trained['mean_attended_context']:.0f} tokens). Each row ran in a fresh process. "
-        "tokens/s, MFU (model FLOPs `6N + 12 L H C` per token, not the checkpointing recompute) and memory are "
-        "defined in `bench/train_throughput_gpu.py`'s docstring. Raw numbers and loss curves: "
+        "tokens/s, MFU (model FLOPs `6 N_trainable + 4 N_frozen + 12 L H C` per token, `observability/flops.py`, "
+        "not the checkpointing recompute) and memory are defined in `bench/train_throughput_gpu.py`'s docstring. "
+        "Raw numbers and loss curves: "
         "`bench/results/train_throughput_gpu.json`.",
         "",
         f"Issue 17's goals: project DFT >= {GOAL_SPEEDUP_VS_LIGER:.1f}x TRL+Liger DFT's tokens/s: {speed}; MFU >= "
@@ -483,13 +440,14 @@ def peak_flops_for(args: argparse.Namespace, device_name: str) -> tuple[float, s
         return args.peak_tflops * 1e12, "--peak-tflops"
     if args.smoke:
         return SMOKE_PEAK_TFLOPS * 1e12, "nominal, smoke run on CPU"
-    flops = peak_bf16_flops(device_name)
+    flops = cuda_peak_bf16_flops()
     if flops is None:
         sys.exit(
             f"bench.train_throughput_gpu: no peak bf16 FLOP/s known for the GPU {device_name!r} (PEAK_BF16_FLOPS in "
-            "bench/train_throughput_gpu.py): give its dense bf16 peak with --peak-tflops, e.g. --peak-tflops 989.4"
+            "observability/flops.py; a MIG slice has none): give its dense bf16 peak with --peak-tflops, e.g. "
+            "--peak-tflops 989.4"
         )
-    return flops, "data sheet, by device name"
+    return flops, "data sheet, by device name and memory"
 
 
 def main() -> None:

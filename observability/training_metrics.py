@@ -11,10 +11,12 @@ Both mixins go before the loss Trainer (`dft.trainer.DFTTrainer`) in a Trainer's
 - `ThroughputMetricsMixin`, per training logging interval: `tokens_per_second` and
   `trainable_tokens_per_second` (global) with their `_per_device` values, `step_time` (seconds per optimizer
   step), `peak_memory_gb` (max over ranks: allocated device memory on GPUs, process peak RSS on CPU), and on
-  GPUs `mfu`: `6 * N_params + 12 * layers * hidden * seq_len` FLOPs per token (forward and backward, the PaLM
-  appendix B estimate, `seq_len` the mean row length) times tokens/s per device, over the device's dense bf16
-  peak. The interval's clock runs from before its first step fetches its batches to the logging event: whole
-  optimizer steps, data loading included (evaluation and checkpoint saves fall between intervals).
+  GPUs whose peak is known `mfu`: model FLOPs per token (`6 N_trainable + 4 N_frozen + 12 L H C`, C the mean
+  attended context of the interval's samples, read from each micro-batch's mask or position ids) times tokens/s
+  per device, over the device's dense bf16 peak; formula and peak table in `observability/flops.py`, shared
+  with the GPU benchmark. The interval's clock runs from before its first step fetches its batches to the
+  logging event: whole optimizer steps, data loading included (evaluation and checkpoint saves fall between
+  intervals).
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from typing import Any
 import torch
 
 from core.metric_sums import GROUP_SUM_COLUMNS, INTERVAL_SUM_COLUMNS, TRAIN, IntervalSums
-
-# Dense bf16 peak FLOP/s by device name, for the MFU estimate (vendor datasheets, without sparsity).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "4090": 165e12}
+from observability.flops import (
+    attended_keys,
+    batch_sample_lengths,
+    cuda_peak_bf16_flops,
+    flop_parameters,
+    model_flops_per_token,
+)
 
 
 class RankMetricsMixin:
@@ -71,6 +77,9 @@ class ThroughputMetricsMixin:
 
     _interval_start: float | None = None
     _interval_first_step = 0
+    # This rank's sums over the interval's samples, for MFU's mean attended context C.
+    _attended_keys = 0
+    _attended_tokens = 0
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         # The interval's clock starts before its first optimizer step fetches its micro-batches, so it times whole
@@ -79,16 +88,19 @@ class ThroughputMetricsMixin:
         if self._interval_start is None:
             self._interval_start = time.perf_counter()
             self._interval_first_step = self.state.global_step
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batches:
+            lengths = batch_sample_lengths(batch)
+            self._attended_keys += attended_keys(lengths)
+            self._attended_tokens += sum(lengths)
+        return batches, num_items
 
     def log_interval_sums(self, mode: str, local: IntervalSums, total: IntervalSums, logs: dict[str, float]) -> None:
         if mode == TRAIN:
-            input_tokens = total.total("input_tokens")
-            mean_row_length = input_tokens / max(total.total("rows"), 1.0)
-            logs.update(self._throughput(total.total("num_tokens"), input_tokens, mean_row_length))
+            logs.update(self._throughput(total.total("num_tokens"), total.total("input_tokens")))
         super().log_interval_sums(mode, local, total, logs)
 
-    def _throughput(self, trainable_tokens: float, input_tokens: float, mean_row_length: float) -> dict[str, float]:
+    def _throughput(self, trainable_tokens: float, input_tokens: float) -> dict[str, float]:
         elapsed = max(time.perf_counter() - (self._interval_start or time.perf_counter()), 1e-9)
         steps = max(self.state.global_step - self._interval_first_step, 1)
         self._interval_start = None
@@ -97,7 +109,15 @@ class ThroughputMetricsMixin:
             peak_bytes = torch.cuda.max_memory_allocated()
         else:
             peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        peak = self.accelerator.gather(torch.tensor([float(peak_bytes)], device=self.args.device)).max().item()
+        local = torch.tensor(
+            [[float(peak_bytes), float(self._attended_keys), float(self._attended_tokens)]],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
+        self._attended_keys = self._attended_tokens = 0
+        gathered = self.accelerator.gather(local).reshape(-1, 3)
+        peak = gathered[:, 0].max().item()
+        keys, tokens = gathered[:, 1].sum().item(), gathered[:, 2].sum().item()
         metrics = {
             "tokens_per_second": input_tokens / elapsed,
             "tokens_per_second_per_device": input_tokens / elapsed / world,
@@ -106,20 +126,19 @@ class ThroughputMetricsMixin:
             "step_time": elapsed / steps,
             "peak_memory_gb": peak / 2**30,
         }
-        mfu = self._mfu(input_tokens / elapsed / world, mean_row_length)
+        mfu = self._mfu(input_tokens / elapsed / world, keys / max(tokens, 1.0))
         if mfu is not None:
             metrics["mfu"] = mfu
         return metrics
 
-    def _mfu(self, tokens_per_second_per_device: float, seq_len: float) -> float | None:
-        # A packed row counts as one sequence: its block-diagonal attention is over-counted.
+    def _mfu(self, tokens_per_second_per_device: float, mean_context: float) -> float | None:
+        """Model FLOPs utilisation (`observability.flops`), or None off CUDA or on a GPU of unknown peak."""
         if not torch.cuda.is_available():
             return None
-        name = torch.cuda.get_device_name(0)
-        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+        peak = cuda_peak_bf16_flops()
         if peak is None:
             return None
-        config = self.accelerator.unwrap_model(self.model).config
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-        flops_per_token = 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
-        return flops_per_token * tokens_per_second_per_device / peak
+        model = self.accelerator.unwrap_model(self.model)
+        trainable, frozen = flop_parameters(model)
+        config = model.config.get_text_config()
+        return model_flops_per_token(trainable, frozen, config, mean_context) * tokens_per_second_per_device / peak
