@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import IntervalStrategy, TrainOutput
 
 from cluster.check import refuse_bad_overrides
 from cluster.distributed import accept_launcher_local_rank, exit_on_user_error, init_deepspeed_distributed, teardown
@@ -127,6 +127,11 @@ def fine_tune(
     with exit_on_user_error():
         train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
     logger.info("Data:\n%s", data_stats.summary())
+    if validation_set is None and training_args.eval_strategy != IntervalStrategy.NO:
+        # The Trainer refuses an eval strategy without an eval dataset; with nothing held out there is nothing to do.
+        logger.info("No validation set (data.validation_split_percentage=0, or too little data): evaluation is off")
+        training_args.eval_strategy, training_args.eval_on_start = IntervalStrategy.NO, False
+        training_args.do_eval = False
 
     model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
     with exit_on_user_error():

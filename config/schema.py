@@ -108,6 +108,8 @@ LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
 CONSOLE_LINES = ("short", "full")
 TRUNCATIONS = ("keep_start", "keep_end", "drop")
 PRETRAIN_BLOCKS = ("packed", "concat")
+# How a `.txt` source becomes documents: the `sample_by` values of `datasets.load_dataset("text")`, its default first.
+SAMPLE_BY = SAMPLE_BY_LINE, SAMPLE_BY_PARAGRAPH, SAMPLE_BY_DOCUMENT = ("line", "paragraph", "document")
 SYSTEM_MESSAGES = ("keep", "merge")
 
 
@@ -186,7 +188,8 @@ class DataConfig:
     """Chat sources: each a file, glob or directory (JSONL or JSON array, gzip or not), or a mapping
     `{path, weight, max_samples, format, fields}` (see data_pipeline/sources.py). Records may be ChatML/OpenAI
     `messages`, ShareGPT `conversations`, Alpaca or `prompt`/`completion`, detected per record. With
-    `training.objective=pretrain`: raw text, `.txt` files (one document each) or records with a `text` field."""
+    `training.objective=pretrain`: raw text, `.txt` files (documents as `sample_by` says) or records with a `text`
+    field."""
     max_length: int = 512
     """Tokens per sample at most; longer ones are cut or dropped as `truncation` says (raw text: cut into blocks of
     this many tokens, nothing dropped; see `pretrain_blocks`)."""
@@ -220,6 +223,11 @@ class DataConfig:
     concat joins all documents with the end-of-text token and cuts the stream into `max_length` blocks, as the classic
     `run_clm.py` does (attention crosses documents inside a block; the last, shorter block is kept). See
     data_pipeline/text.py."""
+    sample_by: str = SAMPLE_BY_LINE
+    """Raw text: how a `.txt` source becomes documents, as `datasets.load_dataset("text", sample_by=...)` reads it:
+    line (default) makes each line a document (one article per line, as LLaMA-Factory's wiki_demo.txt); paragraph
+    the text between blank lines; document the whole file (a book). Blank rows are counted and left out. Each
+    document is closed with the end-of-text token."""
     packing: Optional[bool] = None
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py). null: on for raw text with
@@ -243,6 +251,7 @@ class DataConfig:
                     "continued pre-training (raw text) and SFT (chat) are separate runs; give one kind of source"
                 )
         _check_choice("data.pretrain_blocks", self.pretrain_blocks, PRETRAIN_BLOCKS)
+        _check_choice("data.sample_by", self.sample_by, SAMPLE_BY)
         # What `packing` resolves to; the field keeps what the user set (null included).
         self.padding_free = (
             self.packing if self.packing is not None else self.raw_text and self.pretrain_blocks == "packed"

@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,10 +40,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
+from datasets.fingerprint import get_temporary_cache_files_directory
 from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
-from config.schema import DataConfig, RunConfig, load_run_config
+from config.schema import SAMPLE_BY_LINE, DataConfig, RunConfig, load_run_config
 from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec
 from core.files import build_once
 from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
@@ -73,11 +75,17 @@ MODEL_INPUT_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY)
 SAMPLE_KEYS = (SOURCE_ID_KEY, ORIGIN_KEY)
 COPIES_KEY = "copies"
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
+# What the validation share is drawn from (`stats.json`'s `validation_split`): chat records, raw-text documents, or
+# the blocks they were cut into when the documents are too few for the share.
+VALIDATION_BY_RECORD, VALIDATION_BY_DOCUMENT, VALIDATION_BY_BLOCK = "records", "documents", "blocks"
 # Located warnings per source under `skip`; the counts cover the rest.
 _SKIP_WARNINGS_PER_SOURCE = 3
 # Columns of the conversion step: each record's bytes and place, then its canonical JSON or why it is bad.
 RAW_KEY, FILE_ID_KEY, LINE_KEY = "raw", "file_id", "line"
 REASON_KEY, PROBLEM_KEY, DROPPED_COLUMNS_KEY = "error_reason", "error", "dropped_columns"
+_RAW_SCHEMA = pa.schema([(RAW_KEY, pa.binary()), (FILE_ID_KEY, pa.int32()), (LINE_KEY, pa.int64())])
+# Record bytes gathered before they are written to the raw-records file: bounds the reading step's memory.
+_RAW_BATCH_BYTES = 16 << 20
 
 
 @dataclass
@@ -102,7 +110,11 @@ class PreparedData:
 
 
 def load_canonical(
-    specs: list[SourceSpec], on_error: str = "raise", seed: int = 0, num_proc: int = 1
+    specs: list[SourceSpec],
+    on_error: str = "raise",
+    seed: int = 0,
+    num_proc: int = 1,
+    sample_by: str = SAMPLE_BY_LINE,
 ) -> tuple[Dataset, DatasetStats]:
     """Read, check and sample every source.
 
@@ -113,6 +125,7 @@ def load_canonical(
         on_error: `raise` stops at the first bad record; `skip` counts it under its reason.
         seed: seeds the sampling by `weight`.
         num_proc: conversion workers.
+        sample_by: how a `.txt` file becomes documents (`data.sample_by`).
 
     Returns:
         The canonical rows in file and line order (`conversation` JSON, or the document's `text` for raw-text
@@ -137,7 +150,11 @@ def load_canonical(
     for file in files:
         stats.sources.setdefault(str(file.path), SourceStats())
     source_ids = {name: i for i, name in enumerate(stats.sources)}
-    raw = _raw_rows(files)
+    raw, blank_rows = _raw_rows(files, sample_by)
+    for file, blank in zip(files, blank_rows, strict=True):
+        if blank:  # datasets' text loader gives them as rows: counted as records, dropped for their lack of text
+            stats.sources[str(file.path)].records += blank
+            stats.sources[str(file.path)].drop("blank_row", blank)
     if not len(raw):
         raise ValueError(f"data.sources: no record in {', '.join(str(file.path) for file in files)}")
     converted = map_arrow_batches(
@@ -178,22 +195,38 @@ class _SourceFile:
     salt: str
 
 
-def _raw_rows(files: list[_SourceFile]) -> Dataset:
-    raw, file_ids, lines = [], [], []
-    for file_id, file in enumerate(files):
-        for line, record in iter_raw_records(file.path):
-            raw.append(record)
-            file_ids.append(file_id)
-            lines.append(line)
-    # Built in Arrow directly: `Dataset.from_dict` would infer and check the type of every value.
-    table = pa.table(
-        {
-            RAW_KEY: pa.array(raw, pa.binary()),
-            FILE_ID_KEY: pa.array(file_ids, pa.int32()),
-            LINE_KEY: pa.array(lines, pa.int64()),
-        }
-    )
-    return Dataset(InMemoryTable(table))
+def _raw_rows(files: list[_SourceFile], sample_by: str) -> tuple[Dataset, list[int]]:
+    """Every record's bytes, file and line, streamed batch by batch into an Arrow file under `datasets`' temporary
+    cache directory and memory-mapped from there: reading a corpus holds one batch, not the corpus. Also the
+    blank rows of each file (`.txt` rows of whitespace only), which are not records to convert."""
+    path = Path(tempfile.mkdtemp(prefix="raw-", dir=get_temporary_cache_files_directory())) / "raw.arrow"
+    blank_rows = [0] * len(files)
+    batch: tuple[list[bytes], list[int], list[int]] = ([], [], [])
+    batch_bytes = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _RAW_SCHEMA) as writer:
+
+        def write_batch() -> None:
+            raw, file_ids, lines = batch
+            # Built in Arrow directly: `Dataset.from_dict` would infer and check the type of every value.
+            columns = [pa.array(raw, pa.binary()), pa.array(file_ids, pa.int32()), pa.array(lines, pa.int64())]
+            writer.write_batch(pa.record_batch(columns, schema=_RAW_SCHEMA))
+            for column in batch:
+                column.clear()
+
+        for file_id, file in enumerate(files):
+            for line, record in iter_raw_records(file.path, sample_by):
+                if record is None:
+                    blank_rows[file_id] += 1
+                    continue
+                batch[0].append(record)
+                batch[1].append(file_id)
+                batch[2].append(line)
+                batch_bytes += len(record)
+                if batch_bytes >= _RAW_BATCH_BYTES:
+                    write_batch()
+                    batch_bytes = 0
+        write_batch()
+    return Dataset.from_file(str(path)), blank_rows
 
 
 def _convert_batch(
@@ -292,17 +325,18 @@ def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceS
 
 
 def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
-    """Read, tokenise, account and split, without any cache (see `build_datasets`); raw text is split by document,
-    then each part is cut into blocks."""
+    """Read, tokenise, account and split, without any cache (see `build_datasets`); raw text is cut into blocks
+    around the split (`_split_text`)."""
     if not data.raw_text:
         check_assistant_mask(tokenizer)
-    num_proc, validation_split_percentage = data.num_proc, data.validation_split_percentage
-    canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc)
+    num_proc, share = data.num_proc, data.validation_split_percentage / 100.0
+    canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc, data.sample_by)
     if not len(canonical):
         raise ValueError(f"data.sources: every record was dropped, nothing is left to tokenise:\n{stats.summary()}")
     if data.raw_text:
-        kept = map_arrow_batches(canonical, partial(encode_documents, tokenizer=tokenizer), num_proc, "Tokenising")
-        _account_documents(kept, stats, data)
+        documents = map_arrow_batches(canonical, partial(encode_documents, tokenizer=tokenizer), num_proc, "Tokenising")
+        _account_documents(documents, stats, data)
+        train, validation = _split_text(documents, share, seed, data, stats)
     else:
         tokenized = map_arrow_batches(
             canonical,
@@ -312,18 +346,8 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         )
         _account(tokenized, stats, data.truncation)
         kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
-    if validation_split_percentage > 0:
-        split = kept.train_test_split(test_size=validation_split_percentage / 100.0, seed=seed)
-        train, validation = split["train"], split["test"]
-    else:
-        train, validation = kept, None
-    copies = _column(train, COPIES_KEY)
-    if (copies > 1).any():
-        train = train.select(np.repeat(np.arange(len(train)), copies))
-    if data.raw_text:
-        stats.pretrain_blocks = data.pretrain_blocks
-        train = _blocks(train, data, stats)
-        validation = _blocks(validation, data, stats) if validation is not None else None
+        train, validation = _split(kept, share, seed, stats, VALIDATION_BY_RECORD)
+        train = _repeat(train)
     for part in (train, validation) if validation is not None else (train,):
         samples = np.bincount(_column(part, SOURCE_ID_KEY), minlength=len(stats.sources))
         for source, count in zip(stats.sources.values(), samples.tolist(), strict=True):
@@ -335,9 +359,53 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
     return PreparedData(train.select_columns(columns), validation, stats)
 
 
+def _split(dataset: Dataset, share: float, seed: int, stats: DatasetStats, unit: str) -> tuple[Dataset, Dataset | None]:
+    """A seeded `share` of `dataset`'s rows held out (rounded up to whole rows, as `train_test_split` does), or no
+    validation set when `share` is 0 or holding it out would leave no training row (a warning says so)."""
+    if share == 0:
+        return dataset, None
+    if math.ceil(share * len(dataset)) >= len(dataset):
+        logger.warning(
+            "data.validation_split_percentage=%g of %d %s leaves nothing to train on, so there is no validation set "
+            "(give more data, or set data.validation_split_percentage=0)",
+            100 * share,
+            len(dataset),
+            unit,
+        )
+        return dataset, None
+    split = dataset.train_test_split(test_size=share, seed=seed)
+    stats.validation_split = unit
+    return split["train"], split["test"]
+
+
+def _repeat(train: Dataset) -> Dataset:
+    """Training rows repeated by their `copies` (a source's `weight`); validation rows are never repeated."""
+    copies = _column(train, COPIES_KEY)
+    return train.select(np.repeat(np.arange(len(train)), copies)) if (copies > 1).any() else train
+
+
+def _split_text(
+    documents: Dataset, share: float, seed: int, data: DataConfig, stats: DatasetStats
+) -> tuple[Dataset, Dataset | None]:
+    """Encoded documents into training and validation blocks.
+
+    By document when the validation share comes to one document at least (no document then has blocks on both
+    sides): each part is cut into blocks on its own. Otherwise (a few long documents, a single book) the documents
+    are cut into blocks first and the share is drawn from the blocks, so one long `.txt` file still gets a
+    validation set; a training block is repeated by the `copies` of the document its first token belongs to.
+    """
+    stats.pretrain_blocks = data.pretrain_blocks
+    if share > 0 and len(documents) * share >= 1:
+        train, validation = _split(documents, share, seed, stats, VALIDATION_BY_DOCUMENT)
+        return _blocks(_repeat(train), data, stats), _blocks(validation, data, stats)
+    train, validation = _split(_blocks(documents, data, stats), share, seed, stats, VALIDATION_BY_BLOCK)
+    return _repeat(train), validation
+
+
 def _blocks(documents: Dataset, data: DataConfig, stats: DatasetStats) -> Dataset:
-    """One part's encoded documents, in order, as samples of at most `data.max_length` tokens."""
-    table = documents.with_format("arrow").select_columns([INPUT_IDS_KEY, SOURCE_ID_KEY, ORIGIN_KEY])[:]
+    """One part's encoded documents, in order, as samples of at most `data.max_length` tokens (each with its
+    document's `source_id`, `origin` and `copies`)."""
+    table = documents.with_format("arrow").select_columns([INPUT_IDS_KEY, *SAMPLE_KEYS, COPIES_KEY])[:]
     blocks, short_blocks = cut_into_blocks(table, data.max_length, data.pretrain_blocks)
     stats.short_blocks += short_blocks
     return Dataset(InMemoryTable(blocks))
@@ -379,8 +447,9 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         "seed": seed,
         "on_error": data.on_error,
     }
-    if data.raw_text:  # the sources' `text` format is keyed with them; how documents become samples is keyed here
+    if data.raw_text:  # the sources' `text` format is keyed with them; how text becomes samples is keyed here
         options["pretrain_blocks"] = data.pretrain_blocks
+        options["sample_by"] = data.sample_by
     directory = Path(data.cache_dir) / dataset_fingerprint(files, tokenizer, options)
     built = build_once(directory, lambda temporary: build_prepared(data, tokenizer, seed).save(temporary))
     return directory, built

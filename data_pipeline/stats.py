@@ -63,6 +63,9 @@ class DatasetStats:
     """Raw text: how documents became samples (`data.pretrain_blocks`); None for chat data."""
     short_blocks: int = 0
     """Raw text, `concat`: blocks shorter than `data.max_length`, one at the end of each part's stream at most."""
+    validation_split: str | None = None
+    """What the validation share was drawn from: `records` (chat), `documents` or `blocks` (raw text whose documents
+    are too few for the share); None without a validation set."""
 
     def summary(self) -> str:
         """A readable table: one row per source, a total, then the drop reasons and dropped columns."""
@@ -108,7 +111,8 @@ class DatasetStats:
                 f"raw text: records are documents, every token trained, pretrain_blocks={self.pretrain_blocks}"
                 + (f"; {self.short_blocks} block(s) shorter than max_length kept" if self.short_blocks else "")
             )
-        lines.append(f"train samples: {self.train_samples}  validation samples: {self.validation_samples}")
+        validation = f" (drawn from {self.validation_split})" if self.validation_split else ""
+        lines.append(f"train samples: {self.train_samples}  validation samples: {self.validation_samples}{validation}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from config.schema import PRETRAIN_BLOCKS
-from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
+from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.schema import TEXT_KEY
 
 PRETRAIN_BLOCKS_PACKED, PRETRAIN_BLOCKS_CONCAT = PRETRAIN_BLOCKS
@@ -62,15 +62,16 @@ def cut_into_blocks(documents: pa.Table, max_length: int, mode: str) -> tuple[pa
     """Samples of at most `max_length` tokens from encoded documents, as `mode` (`data.pretrain_blocks`) says.
 
     Args:
-        documents: `input_ids` (each document, end-of-text included), `source_id` and `origin` per document, in
-            the order they are joined.
+        documents: `input_ids` (each document, end-of-text included) and any other per-document columns (`source_id`,
+            `origin`, ...), in the order they are joined.
         max_length: tokens per sample at most (`data.max_length`).
         mode: `packed` (one sample per document, a longer one cut into pieces) or `concat` (one stream cut into
             `max_length` blocks).
 
     Returns:
-        The samples (`input_ids`, `attention_mask`, `labels`, `source_id`, `origin`) and the number of samples
-        shorter than `max_length` in a `concat` stream (its last block; 0 when it divides evenly, and for `packed`).
+        The samples (`input_ids`, `attention_mask`, `labels`, and each other column of `documents` taken from the
+        document of the sample's first token) and the number of samples shorter than `max_length` in a `concat`
+        stream (its last block; 0 when it divides evenly, and for `packed`).
     """
     ids = documents.column(INPUT_IDS_KEY).combine_chunks()
     lengths = pc.list_value_length(ids).to_numpy().astype(np.int64)
@@ -92,13 +93,13 @@ def cut_into_blocks(documents: pa.Table, max_length: int, mode: str) -> tuple[pa
     # Either way the samples tile the token stream in order: each starts where the previous one ends.
     offsets = pa.array(np.append(starts, total), type=pa.int32())
     values = pa.array(tokens, type=pa.int32())
+    per_document = documents.drop_columns([INPUT_IDS_KEY]).take(pa.array(document_of))
     table = pa.table(
         {
             INPUT_IDS_KEY: pa.ListArray.from_arrays(offsets, values),
             ATTENTION_MASK_KEY: pa.ListArray.from_arrays(offsets, pa.array(np.ones(total, np.int8))),
             LABELS_KEY: pa.ListArray.from_arrays(offsets, values),
-            SOURCE_ID_KEY: documents.column(SOURCE_ID_KEY).take(pa.array(document_of)),
-            ORIGIN_KEY: documents.column(ORIGIN_KEY).take(pa.array(document_of)),
+            **{name: per_document.column(name) for name in per_document.column_names},
         }
     )
     return table, short_blocks

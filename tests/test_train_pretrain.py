@@ -42,3 +42,54 @@ def test_pretrain_on_raw_text_then_sft_from_the_saved_model(tmp_path: Path) -> N
     sft_losses = [r["loss"] for r in read_metrics(tuned) if "loss" in r]
     assert len(sft_losses) == 3 and all(loss > 0 for loss in sft_losses)
     AutoModelForCausalLM.from_pretrained(tuned)
+
+
+def write_corpus(path: Path, lines: int = 400) -> Path:
+    """A plain-text corpus as users bring one: `lines` sentences, one per line, a blank line after every 20th."""
+    text = "".join(
+        f"Line {i} of the corpus says that the word r s t reversed is t s r.\n" + ("\n" if i % 20 == 19 else "")
+        for i in range(lines)
+    )
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.slow
+def test_one_text_file_trains_with_the_default_settings(tmp_path: Path) -> None:
+    # The default data settings hold out 5%: before, a .txt file was one document and the split of one document left
+    # training empty ("the resulting train set will be empty").
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    run_ok(
+        run,
+        "training.objective=pretrain",
+        f"data.sources=[{corpus}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "training.max_steps=2",
+    )
+    log = (run / "logs" / "rank0.log").read_text()
+    # 400 lines of text, each a document (the blank line after every 20th counted and left out); 5% held out.
+    assert "blank_row 20" in log
+    assert "train samples: 380  validation samples: 20 (drawn from documents)" in log
+    assert any("eval_loss" in record for record in read_metrics(run))
+
+
+@pytest.mark.slow
+def test_no_validation_share_trains_without_evaluation(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=40)
+    run = tmp_path / "run"
+    result = run_ok(
+        run,
+        "training.objective=pretrain",
+        f"data.sources=[{corpus}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.validation_split_percentage=0",
+        "training.max_steps=2",
+        "training.logging_steps=1",
+        NO_HELDOUT,
+    )
+    log = (run / "logs" / "rank0.log").read_text()
+    assert log.count("evaluation is off") == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not any("eval_loss" in record for record in read_metrics(run))
+    assert sum("loss" in record for record in read_metrics(run)) == 2

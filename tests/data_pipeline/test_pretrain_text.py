@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,12 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from config.schema import DataConfig, load_run_config
+from config.schema import SAMPLE_BY, DataConfig, load_run_config
+from config.sources import SourceSpec
 from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
 from data_pipeline.packing import PaddingFreeCollator
-from data_pipeline.prepare import build_datasets, main, prepare_dataset
-from data_pipeline.sources import DataFormatError
+from data_pipeline.prepare import build_datasets, load_canonical, main, prepare_dataset
+from data_pipeline.sources import DataFormatError, iter_raw_records
 from data_pipeline.stats import STATS_FILE, DatasetStats
 from data_pipeline.text import cut_into_blocks
 from tests.helpers import REPO_ROOT, VOCAB, data_config, float64_dft_sum, tiny_qwen2
@@ -29,6 +31,8 @@ DOCUMENTS = [
     "The fourth document goes on for a while: it has several sentences. Each of them adds tokens. "
     "By the end it is longer than the blocks these tests cut, so it cannot fit in one of them.",
 ]
+# LLaMA-Factory's pre-training samples (its PyPI sdist's data/ directory; see the README there).
+LLAMAFACTORY_DATA = Path(__file__).parent / "llamafactory"
 
 
 def write_documents(path: Path, documents: list[str], field: str = "text", **extra: object) -> Path:
@@ -49,7 +53,7 @@ def text_data(sources: list, **overrides: object) -> DataConfig:
 # --- Reading documents ------------------------------------------------------------------------------------------
 
 
-def test_a_txt_file_is_one_document_and_records_give_their_text_field(
+def test_a_txt_file_read_as_one_document_and_records_give_their_text_field(
     tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     notes = tmp_path / "notes.txt"
@@ -59,6 +63,7 @@ def test_a_txt_file_is_one_document_and_records_give_their_text_field(
     data = text_data(
         [str(notes), {"path": str(records), "fields": {"text": "body"}}, str(tmp_path / "more.txt.gz")],
         max_length=512,
+        sample_by="document",
     )
     train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
     assert validation is None
@@ -82,7 +87,8 @@ def test_a_txt_file_is_one_document_and_records_give_their_text_field(
 def test_a_directory_of_text_reads_its_txt_files(tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase) -> None:
     for index, text in enumerate(DOCUMENTS):
         (tmp_path / f"{index}.txt").write_text(text, encoding="utf-8")
-    train, _, stats = build_datasets(text_data([{"path": str(tmp_path)}], max_length=512), chatml_tokenizer, seed=0)
+    data = text_data([{"path": str(tmp_path)}], max_length=512, sample_by="document")
+    train, _, stats = build_datasets(data, chatml_tokenizer, seed=0)
     assert len(train) == len(DOCUMENTS) == len(stats.sources)
 
 
@@ -110,9 +116,10 @@ def test_bad_text_is_counted_under_skip_and_a_txt_file_names_the_line_of_a_bad_b
     tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     broken = tmp_path / "broken.txt"
-    broken.write_bytes(b"line one\nline two\ncaf\xe9 on line three\n")
-    with pytest.raises(DataFormatError, match=f"{broken}:3: invalid UTF-8"):
-        build_datasets(text_data([str(broken)]), chatml_tokenizer, seed=0)
+    broken.write_bytes(b"line one\n\nline three\ncaf\xe9 on line four\n")
+    for sample_by in SAMPLE_BY:  # the bad byte's line of the file, whichever line its document starts at
+        with pytest.raises(DataFormatError, match=f"{broken}:4: invalid UTF-8"):
+            build_datasets(text_data([str(broken)], sample_by=sample_by), chatml_tokenizer, seed=0)
 
     path = tmp_path / "docs.jsonl"
     path.write_bytes(
@@ -123,6 +130,66 @@ def test_bad_text_is_counted_under_skip_and_a_txt_file_names_the_line_of_a_bad_b
     assert len(train) == source.kept == 1
     assert source.dropped == {reason: 1 for reason, _, _ in BAD_TEXT_RECORDS}
     assert source.kept + sum(source.dropped.values()) == source.records == 1 + len(BAD_TEXT_RECORDS)
+
+
+# --- .txt files as datasets' text loader reads them --------------------------------------------------------------
+
+# Blank lines, whitespace-only lines, a run of three line breaks, CRLF and a lone CR, no final line break: every case
+# where line, paragraph and document reading differ.
+ODD_TEXT = (
+    b"Title line\r\n\r\nFirst paragraph, line one.\nLine two.\n\n\nSecond paragraph after three breaks.\n"
+    b"   \n\nThird\rparagraph with a lone CR.\n\n\t\n\nLast line, no final break"
+)
+
+
+def datasets_rows(path: Path, sample_by: str, cache_dir: Path) -> list[str]:
+    from datasets import load_dataset
+
+    return load_dataset("text", data_files=str(path), sample_by=sample_by, split="train", cache_dir=str(cache_dir))[
+        "text"
+    ]
+
+
+@pytest.mark.parametrize("sample_by", SAMPLE_BY)
+def test_txt_documents_are_the_rows_of_datasets_text_loader_less_the_blank_ones(tmp_path: Path, sample_by: str) -> None:
+    path = tmp_path / "odd.txt"
+    path.write_bytes(ODD_TEXT)
+    rows = datasets_rows(path, sample_by, tmp_path / "hf")
+    read = list(iter_raw_records(path, sample_by))
+    assert len(read) == len(rows)  # one record per row of datasets, in its order
+    assert [raw.decode() for _, raw in read if raw is not None] == [row for row in rows if row.strip()]
+    blank = sum(raw is None for _, raw in read)
+    assert blank == sum(not row.strip() for row in rows) and (blank > 0) == (sample_by != "document")
+    lines = ODD_TEXT.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    for line, raw in read:  # each document starts on the line it is named by
+        if raw is not None:
+            assert lines[line - 1].startswith(raw.split(b"\n")[0])
+
+    canonical, stats = load_canonical([SourceSpec(str(path), format="text")], sample_by=sample_by)
+    source = stats.sources[str(path)]
+    # Blank rows are records of the report, counted and left out: nothing disappears uncounted.
+    assert (source.records, len(canonical), source.dropped.get("blank_row", 0)) == (len(rows), len(rows) - blank, blank)
+
+
+def test_llamafactory_wiki_demo_is_thirty_articles_per_line_and_c4_demo_its_records(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    wiki = tmp_path / "wiki_demo.txt"
+    wiki.write_bytes(gzip.decompress((LLAMAFACTORY_DATA / "wiki_demo.txt.gz").read_bytes()))
+    c4 = tmp_path / "c4_demo.jsonl"
+    c4.write_bytes(gzip.decompress((LLAMAFACTORY_DATA / "c4_demo.jsonl.gz").read_bytes()))
+    for path, documents in ((wiki, 30), (c4, 300)):
+        train, _, stats = build_datasets(text_data([str(path)], max_length=512), chatml_tokenizer, seed=0)
+        source = stats.sources[str(path)]
+        assert source.records == source.kept == documents and not source.dropped
+        # Every document ends with its own end-of-text token: as many as documents (none inside a document here).
+        eos = sum(ids.count(chatml_tokenizer.eos_token_id) for ids in train[INPUT_IDS_KEY])
+        assert eos == documents
+        assert {origin.rsplit(":", 1)[1] for origin in train[ORIGIN_KEY]} == {str(i) for i in range(1, documents + 1)}
+    assert len(datasets_rows(wiki, "line", tmp_path / "hf")) == 30
+    # Read whole, as the project read every .txt before `data.sample_by`, the articles become one document.
+    _, _, whole = build_datasets(text_data([str(wiki)], sample_by="document"), chatml_tokenizer, seed=0)
+    assert whole.sources[str(wiki)].records == 1
 
 
 # --- Blocks -----------------------------------------------------------------------------------------------------
@@ -177,6 +244,43 @@ def test_the_split_is_by_document_and_weights_repeat_training_documents_only(
     assert len(validation) == len(validation_origins) == 4 and not train_origins & validation_origins
     assert len(train) == 2 * len(train_origins) == 72
     assert stats.sources[str(path)].samples == len(train) + len(validation)
+    assert stats.validation_split == "documents" and "drawn from documents" in stats.summary()
+
+
+@pytest.mark.parametrize("pretrain_blocks", ["packed", "concat"])
+def test_a_single_long_document_gets_its_validation_share_from_its_blocks(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase, pretrain_blocks: str
+) -> None:
+    # One document too few for a 5% share (0.05 of a document): before, the split of documents left training empty.
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(f"Line {i} of the book, a few words long." for i in range(400)), encoding="utf-8")
+    data = text_data(
+        [{"path": str(book), "weight": 2}],
+        max_length=32,
+        sample_by="document",
+        validation_split_percentage=5,
+        pretrain_blocks=pretrain_blocks,
+    )
+    train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
+    blocks = len(train) // 2 + len(validation)
+    assert blocks > 100 and len(validation) == math.ceil(0.05 * blocks)  # train_test_split's rounding
+    assert len(train) == 2 * (blocks - len(validation))  # the weight repeats training blocks only
+    assert not {tuple(ids) for ids in validation[INPUT_IDS_KEY]} & {tuple(ids) for ids in train[INPUT_IDS_KEY]}
+    assert stats.validation_split == "blocks" and f"validation samples: {len(validation)} (drawn from blocks)" in (
+        stats.summary()
+    )
+
+
+def test_data_too_small_to_hold_out_trains_without_a_validation_set(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase, caplog: pytest.LogCaptureFixture
+) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("One short note.", encoding="utf-8")
+    train, validation, stats = build_datasets(
+        text_data([str(note)], validation_split_percentage=5), chatml_tokenizer, seed=0
+    )
+    assert len(train) == 1 and validation is None and stats.validation_split is None
+    assert "leaves nothing to train on, so there is no validation set" in caplog.text
 
 
 # --- Packed documents do not attend to each other ---------------------------------------------------------------
