@@ -46,6 +46,7 @@ from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
+from data_pipeline.tokenize import TokenizeOptions
 from evaluation.heldout import (
     HELDOUT_JSON,
     HELDOUT_TEXT,
@@ -70,7 +71,14 @@ register_configs()
 
 def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HeldoutResult:
     dialogues = load_heldout(run.heldout.file, run.heldout.max_samples)
-    return evaluate_heldout(model, tokenizer, dialogues, run.heldout.max_new_tokens)
+    return evaluate_heldout(
+        model,
+        tokenizer,
+        dialogues,
+        run.heldout.max_new_tokens,
+        TokenizeOptions.from_data(run.data),
+        run.heldout.batch_size,
+    )
 
 
 def plain_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -101,7 +109,10 @@ def final_reports(
     # Raw text (training.objective=pretrain) has no prompt to reply to.
     if validation_set is not None and len(validation_set) > 0 and run.training.objective == "sft":
         rows = validation_set.select(range(min(run.heldout.show, len(validation_set))))
-        write_atomic(output_dir / "samples.md", samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens))
+        write_atomic(
+            output_dir / "samples.md",
+            samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens, run.heldout.batch_size),
+        )
 
 
 class FineTuned(NamedTuple):
@@ -204,7 +215,8 @@ def main(cfg: DictConfig) -> None:
             if resume_from is None and (previous := saved_model(output_dir)) is not None:
                 logger.warning("%s already holds a trained model (%s): this run replaces it", output_dir, previous.name)
 
-    model_path = resolve_model_path(run.model)
+    with exit_on_user_error():  # a released model that is not cached and cannot be fetched: one line
+        model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)
     before = heldout_eval(run, *plain_copy(run, model_path)) if run.heldout.file and is_rank_zero() else None
 

@@ -335,6 +335,9 @@ class HeldoutConfig:
     """ChatML JSONL whose dialogues end with the reference reply; null skips the before/after table."""
     max_samples: int = 60
     max_new_tokens: int = 16
+    batch_size: int = 16
+    """Prompts generated (and scored) together, left-padded: the same tokens as one at a time, several times
+    faster (docs/benchmarks.md)."""
     show: int = 8
     """Rows of generations printed in the before/after table."""
 

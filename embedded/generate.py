@@ -6,6 +6,7 @@ Writes, deterministically:
   data/sample/chat_letters.jsonl      ChatML `messages`, rotation and two-turn follow-ups
   data/sample/reverse_alpaca.json     Alpaca `instruction/input/output` JSON array, word reversal
   data/sample/heldout.jsonl           held-out dialogues of all three tasks, never trained on
+  data/addition/                      the released-model demo's additions (embedded/addition.py)
   embedded/assets/tokenizer/          the byte-level BPE with the ChatML template
 """
 
@@ -15,6 +16,7 @@ import json
 import random
 
 from core.files import write_atomic
+from embedded.addition import write_addition
 from embedded.paths import SAMPLE_DIR, TOKENIZER_DIR
 from embedded.tasks import Message, follow_up, reversal, rotation, sample_dialogue, to_alpaca
 from embedded.tokenizer import save_tokenizer, train_tokenizer
@@ -70,6 +72,7 @@ def main() -> None:
     write_atomic(SAMPLE_DIR / "heldout.jsonl", "".join(json.dumps(r) + "\n" for r in samples["heldout"]))
     write_atomic(SAMPLE_DIR / "reverse_alpaca.json", json.dumps(samples["alpaca"], indent=1) + "\n")
     save_tokenizer(train_tokenizer(tokenizer_corpus()), TOKENIZER_DIR)
+    write_addition()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ SHARED_KEYS = (
     "training.gradient_accumulation_steps",
 )
 PROBE_SAMPLES = 32
-VERDICT_MD, VERDICT_PNG = "verdict.md", "verdict.png"
+VERDICT_MD, VERDICT_PNG, VERDICT_JSON = "verdict.md", "verdict.png", "verdict.json"
 USER_ERROR = 2
 
 
@@ -313,12 +314,57 @@ def plot_verdict(results: list[RunResult], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def report(out: Path, arms: list[str], seeds: list[int], baseline: str) -> str:
+def verdict_record(results: list[RunResult], baseline: str) -> dict[str, Any]:
+    """The verdict's numbers, for programs and for the results files README quotes (`--results`)."""
+    return {
+        "baseline": baseline,
+        "runs": [
+            {
+                "arm": r.arm,
+                "seed": r.seed,
+                "heldout": None if r.heldout is None else {k: r.heldout[k] for k in ("prompts", "before", "after")},
+                "eval_nll": r.last_eval.get("eval_nll"),
+                "eval_avg_p_correct": r.last_eval.get("eval_avg_p_correct"),
+                "train_loss": r.end.get("train_loss"),
+                "tokens_per_second": r.tokens_per_second,
+                "train_runtime": r.end.get("train_runtime"),
+            }
+            for r in results
+        ],
+        "differences": [
+            {"arm": arm, "metric": name, "mean": mean, "min": low, "max": high}
+            for arm, name, mean, low, high in differences(results, baseline)
+        ],
+        "same_data_order": not data_order_problems(results),
+    }
+
+
+def provenance(argv: list[str]) -> dict[str, Any]:
+    """When, from which commit, with which command and on how loaded a machine a result was measured."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit.stdout.strip() or None,
+        "command": shlex.join(["python", "-m", "evaluation.compare", *argv]),
+        "load_average": os.getloadavg()[0],
+        "cpus": os.cpu_count(),
+    }
+
+
+def report(
+    out: Path, arms: list[str], seeds: list[int], baseline: str, results_dir: Path | None = None, argv: list[str] = ()
+) -> str:
+    """Write the verdict (markdown, JSON, plot) into `out`, and with `results_dir` its markdown and JSON there too,
+    with the provenance of the measurement."""
     results = [read_run(arm, seed, out / arm / f"seed{seed}") for seed in seeds for arm in arms]
     if baseline not in arms:
         baseline = arms[0]
     text = verdict_markdown(results, baseline)
-    write_atomic(out / VERDICT_MD, text)
+    record = verdict_record(results, baseline)
+    for directory in [out] + ([results_dir] if results_dir else []):
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / VERDICT_MD, text)
+        write_atomic(directory / VERDICT_JSON, json.dumps({**record, **provenance(list(argv))}, indent=2) + "\n")
     plot_verdict(results, out / VERDICT_PNG)
     return text
 
@@ -340,13 +386,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="ce", help="the arm the others are compared with (default ce)")
     parser.add_argument("--launcher", default="python", choices=("python", "single_node", "slurm"))
     parser.add_argument("--report-only", action="store_true", help="only read finished runs and write the verdict")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="also write verdict.md and verdict.json (with date, commit, command and load) here, e.g. docs/results/x",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides shared by every run")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     out = args.out if args.out.is_absolute() else REPO_ROOT / args.out
+    results_dir = (
+        None if args.results is None else args.results if args.results.is_absolute() else REPO_ROOT / args.results
+    )
     try:
         if args.report_only:
             arms, seeds = discover(out)
-            print(report(out, arms, seeds, args.baseline), end="")  # noqa: T201
+            print(report(out, arms, seeds, args.baseline, results_dir, argv), end="")  # noqa: T201
             return 0
         arms = parse_arms(args.arm)
         base_run = load_run_config(list(args.overrides))
@@ -366,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.launcher == "slurm":
             print(f"compare: jobs submitted; when they end: python -m evaluation.compare --report-only --out {out}")  # noqa: T201
             return 0
-        print(report(out, list(arms), seeds, args.baseline), end="")  # noqa: T201
+        print(report(out, list(arms), seeds, args.baseline, results_dir, argv), end="")  # noqa: T201
         print(f"compare: verdict in {out / VERDICT_MD}, plot in {out / VERDICT_PNG}")  # noqa: T201
         return 0
     except (ValueError, FileNotFoundError) as error:

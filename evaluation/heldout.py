@@ -1,25 +1,38 @@
-"""Held-out evaluation: greedy generations, exact match and assistant NLL.
+"""Held-out evaluation: greedy generations, exact match and the reference reply's NLL.
 
-A held-out file is ChatML JSONL whose last message in each dialogue is the
-reference assistant reply. For each dialogue the model generates a reply to
-the preceding messages (greedy, stopping at the tokenizer's end-of-turn) and
-the reply counts as correct when it equals the reference after stripping
-whitespace. The teacher-forced NLL is the mean cross-entropy of the reference
-reply's tokens (its assistant mask from the chat template). Both are reported
-before and after training, so a run shows whether the model got better on
-prompts it never saw.
+A held-out file is ChatML JSONL whose last message in each dialogue is the reference assistant reply. For each
+dialogue the model generates a reply to the preceding messages (greedy, from the chat template's generation
+prompt, stopping at the tokenizer's end-of-turn), and the reply counts as correct when it equals the reference
+after stripping whitespace. The teacher-forced NLL is the mean cross-entropy of the reference reply's tokens.
+
+Those tokens are the ones training would label: each dialogue goes through `data_pipeline.tokenize`'s
+`tokenize_dialogue` with the run's own options (`data.system_message`, `data.train_reasoning`) and every assistant
+turn but the last marked untrained, so the reply is found the same way for every template the data pipeline
+accepts: `{% generation %}` markers, or derived from the template by prefix rendering (every released template).
+A dialogue whose reply gets no token is refused with its line, never averaged in as zero.
+
+Generation is batched: prompts of similar length together, padded on the left (a decoder continues from the last
+position, so padding must come first), the tokenizer's padding side restored afterwards.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
+from data_pipeline.schema import TRAIN_KEY
 from data_pipeline.sources import read_records
+from data_pipeline.tokenize import TokenizeOptions, template_messages, tokenize_dialogue
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,66 +50,169 @@ class Generation:
 class HeldoutResult:
     accuracy: float
     nll: float
+    """Mean cross-entropy (nats) per reference reply token, over every dialogue's reply tokens."""
+    reply_tokens: int = 0
     generations: list[Generation] = field(default_factory=list)
+    seconds: float = 0.0
+    """Wall time of the pass (generation and NLL)."""
 
 
-def load_heldout(path: str | Path, max_samples: int) -> list[list[dict[str, str]]]:
+@dataclass(frozen=True)
+class HeldoutDialogue:
+    """One held-out dialogue, where it came from (`file:line`) and its messages (the last one the reference)."""
+
+    origin: str
+    messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EncodedDialogue:
+    origin: str
+    prompt_ids: list[int]
+    """The chat template's rendering of the messages before the reply, with its generation prompt."""
+    input_ids: list[int]
+    labels: list[int]
+    """The reference reply's tokens (and its end-of-turn token) as training labels them; IGNORE_INDEX elsewhere."""
+
+
+def load_heldout(path: str | Path, max_samples: int) -> list[HeldoutDialogue]:
     dialogues = []
     for line_number, record in read_records(Path(path)):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError(f"{path}:{line_number}: a held-out dialogue must end with an assistant message")
-        dialogues.append(messages)
+        dialogues.append(HeldoutDialogue(f"{path}:{line_number}", messages))
     return dialogues[:max_samples]
 
 
+def encode_heldout(
+    dialogue: HeldoutDialogue, tokenizer: PreTrainedTokenizerBase, options: TokenizeOptions
+) -> EncodedDialogue:
+    """The generation prompt and the labelled dialogue, with the reply's tokens found as training finds them.
+
+    Raises:
+        ValueError: the template leaves the reference reply without a token (named by its `file:line`).
+    """
+    *context, reference = dialogue.messages
+    # Only the final reply is scored: earlier assistant turns are context, as `loss: 0` turns are in training.
+    messages = [{**m, TRAIN_KEY: False} if m["role"] == "assistant" else m for m in context] + [reference]
+    # Held-out dialogues are scored whole: truncation is a training-time choice.
+    tokenized = tokenize_dialogue(messages, tokenizer, replace(options, max_length=10**9))
+    labels = tokenized[LABELS_KEY]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(
+            f"{dialogue.origin}: the chat template leaves the reference reply without a trained token, so its NLL "
+            f"cannot be measured (prompt {context[-1].get('content')!r}); check the template with "
+            "`python -m data_pipeline.inspect` on this file"
+        )
+    prompt = template_messages(context, tokenizer, options.merge_system)
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return EncodedDialogue(dialogue.origin, list(prompt_ids[INPUT_IDS_KEY]), tokenized[INPUT_IDS_KEY], labels)
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
 @torch.no_grad()
+def greedy_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Each prompt's greedy continuation up to the end-of-turn token, decoded; batched with left padding.
+
+    The prompts are taken in order of length so a batch pads little; the replies come back in the given order.
+    """
+    replies: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for batch in _batches(order, batch_size):
+            padded = tokenizer.pad({INPUT_IDS_KEY: [prompts[i] for i in batch]}, return_tensors="pt").to(model.device)
+            output = model.generate(
+                **padded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, padded[INPUT_IDS_KEY].shape[1] :]
+            for i, tokens in zip(batch, new_tokens, strict=True):
+                replies[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return replies
+
+
 def greedy_reply(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], max_new_tokens: int
 ) -> str:
-    """The model's greedy continuation of `prompt_ids` up to its end-of-turn token, decoded."""
-    prompt = torch.tensor([prompt_ids], device=model.device)
-    output = model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
+    """The model's greedy continuation of one prompt up to its end-of-turn token, decoded."""
+    return greedy_replies(model, tokenizer, [prompt_ids], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def reply_nll(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: list[EncodedDialogue], batch_size: int = 16
+) -> tuple[float, int]:
+    """The summed cross-entropy (nats) of every labelled token, and their count: teacher-forced, batched."""
+    total, count = 0.0, 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for batch in _batches(order, batch_size):
+        width = max(len(encoded[i].input_ids) for i in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # right padding: positions of the real tokens are unchanged
+            n = len(encoded[i].input_ids)
+            input_ids[row, :n] = torch.tensor(encoded[i].input_ids)
+            labels[row, :n] = torch.tensor(encoded[i].labels)
+            attention_mask[row, :n] = 1
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        targets = labels[:, 1:].to(model.device)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += token_nll.item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return total, count
 
 
 @torch.no_grad()
 def evaluate_heldout(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    dialogues: list[list[dict[str, str]]],
+    dialogues: list[HeldoutDialogue],
     max_new_tokens: int,
+    options: TokenizeOptions,
+    batch_size: int = 16,
 ) -> HeldoutResult:
+    """Greedy replies and exact match, and the reference replies' NLL, in batches of `batch_size` dialogues."""
+    start = time.monotonic()
     was_training = model.training
     model.eval()
-    generations, nll_sum, nll_count = [], 0.0, 0
-    for messages in dialogues:
-        prompt_ids = tokenizer.apply_chat_template(
-            messages[:-1], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(model.device)
-        generated = greedy_reply(model, tokenizer, prompt_ids[0].tolist(), max_new_tokens)
-        generations.append(Generation(messages[-2]["content"], messages[-1]["content"], generated))
-
-        full = tokenizer.apply_chat_template(
-            messages, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-        )
-        input_ids = full["input_ids"].to(model.device)
-        reply_mask = full["assistant_masks"].to(model.device).bool()
-        reply_mask[:, : prompt_ids.shape[1]] = False  # only the final, reference reply
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
-        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        nll_sum += token_nll[reply_mask[:, 1:]].sum().item()
-        nll_count += int(reply_mask[:, 1:].sum())
+    encoded = [encode_heldout(dialogue, tokenizer, options) for dialogue in dialogues]
+    replies = greedy_replies(model, tokenizer, [e.prompt_ids for e in encoded], max_new_tokens, batch_size)
+    nll_sum, nll_count = reply_nll(model, tokenizer, encoded, batch_size)
     model.train(was_training)
-    accuracy = sum(g.correct for g in generations) / max(len(generations), 1)
-    return HeldoutResult(accuracy=accuracy, nll=nll_sum / max(nll_count, 1), generations=generations)
+    generations = [
+        Generation(d.messages[-2].get("content") or "", d.messages[-1].get("content") or "", reply)
+        for d, reply in zip(dialogues, replies, strict=True)
+    ]
+    seconds = time.monotonic() - start
+    logger.info("Held-out pass: %d prompts in %.1f s (batches of %d)", len(dialogues), seconds, batch_size)
+    return HeldoutResult(
+        accuracy=sum(g.correct for g in generations) / max(len(generations), 1),
+        nll=nll_sum / nll_count if nll_count else float("nan"),
+        reply_tokens=nll_count,
+        generations=generations,
+        seconds=seconds,
+    )
 
 
 HELDOUT_TEXT, HELDOUT_JSON = "heldout.txt", "heldout.json"
@@ -106,8 +222,13 @@ def comparison_record(before: HeldoutResult, after: HeldoutResult) -> dict[str, 
     """The numbers of `format_comparison`, for programs (`heldout.json`; `python -m evaluation.compare` reads it)."""
     return {
         "prompts": len(before.generations),
-        "before": {"exact_match": before.accuracy, "nll": before.nll},
-        "after": {"exact_match": after.accuracy, "nll": after.nll},
+        "reply_tokens": before.reply_tokens,
+        "before": {"exact_match": before.accuracy, "nll": before.nll, "seconds": round(before.seconds, 2)},
+        "after": {"exact_match": after.accuracy, "nll": after.nll, "seconds": round(after.seconds, 2)},
+        "generations": [
+            {"prompt": b.prompt, "reference": b.reference, "before": b.generated, "after": a.generated}
+            for b, a in zip(before.generations, after.generations, strict=True)
+        ],
     }
 
 
@@ -123,7 +244,8 @@ def format_comparison(before: HeldoutResult, after: HeldoutResult, show: int) ->
     lines += [
         "",
         f"held-out exact match ({n} prompts): before {before.accuracy:.1%}  after {after.accuracy:.1%}",
-        f"held-out assistant NLL:            before {before.nll:.3f}  after {after.nll:.3f}",
+        f"held-out assistant NLL:            before {before.nll:.3f}  after {after.nll:.3f}"
+        f"  ({before.reply_tokens} reply tokens)",
     ]
     return "\n".join(lines)
 

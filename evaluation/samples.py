@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from core.keys import IGNORE_INDEX
-from evaluation.heldout import greedy_reply
+from evaluation.heldout import greedy_replies
 
 
 def split_prompt_and_reference(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
@@ -31,6 +31,7 @@ def samples_markdown(
     tokenizer: PreTrainedTokenizerBase,
     rows: Iterable[dict],
     max_new_tokens: int,
+    batch_size: int = 16,
 ) -> str:
     model.eval()
     lines = [
@@ -41,9 +42,10 @@ def samples_markdown(
         "| # | prompt | reference | generated | match |",
         "|---:|---|---|---|:---:|",
     ]
-    for index, row in enumerate(rows, start=1):
-        prompt_ids, reference_ids = split_prompt_and_reference(row["input_ids"], row["labels"])
-        generated = greedy_reply(model, tokenizer, prompt_ids, max_new_tokens).strip()
+    split = [split_prompt_and_reference(row["input_ids"], row["labels"]) for row in rows]
+    replies = greedy_replies(model, tokenizer, [prompt_ids for prompt_ids, _ in split], max_new_tokens, batch_size)
+    for index, ((prompt_ids, reference_ids), reply) in enumerate(zip(split, replies, strict=True), start=1):
+        generated = reply.strip()
         reference = tokenizer.decode(reference_ids, skip_special_tokens=True).strip()
         shown_prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
         lines.append(

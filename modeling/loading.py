@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from config.schema import ModelConfig
 from embedded.base_model import resolve_embedded_model
 from embedded.paths import TOKENIZER_DIR, is_embedded
+from embedded.released import is_released
 from modeling.adapter import count_parameters, quantization_config
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,10 @@ def resolve_tokenizer_path(model_cfg: ModelConfig) -> str:
     """Where the tokenizer lives, without building an embedded model (data preparation needs only this)."""
     if model_cfg.tokenizer_name_or_path:
         return model_cfg.tokenizer_name_or_path
+    if is_released(model_cfg.name_or_path):  # its own tokenizer, saved with the converted model
+        return resolve_model_path(model_cfg)
     if is_embedded(model_cfg.name_or_path):
-        return str(TOKENIZER_DIR)  # embedded models are saved with this very tokenizer
+        return str(TOKENIZER_DIR)  # the tiny embedded models are saved with this very tokenizer
     return model_cfg.name_or_path
 
 

