@@ -12,16 +12,19 @@ Writes, deterministically:
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
 from core.files import write_atomic
 from embedded.addition import write_addition
 from embedded.paths import SAMPLE_DIR, TOKENIZER_DIR
-from embedded.tasks import Message, follow_up, reversal, rotation, sample_dialogue, to_alpaca
+from embedded.tasks import LETTERS, WORD_LENGTH, Message, follow_up, reversal, rotation, sample_dialogue, to_alpaca
 from embedded.tokenizer import save_tokenizer, train_tokenizer
 
 HELDOUT_PER_TASK = 20
+# 10 of the 20 sets of three different letters: their 60 words, 20 per task.
+HELDOUT_LETTER_SETS = 10
 CHAT_SAMPLES = 2400
 ALPACA_SAMPLES = 1200
 
@@ -30,30 +33,38 @@ def _word(messages: list[Message]) -> str:
     return messages[0]["content"].split("\n")[1]
 
 
-def generate_samples() -> dict[str, list]:
-    """Held-out dialogues first, each on its own word; training dialogues never use a held-out word."""
-    rng = random.Random(1234)
-    heldout: list[list[Message]] = []
-    heldout_words: set[str] = set()
-    for task in (reversal, rotation, follow_up):
-        drawn = 0
-        while drawn < HELDOUT_PER_TASK:
-            dialogue = task(rng)
-            if _word(dialogue) not in heldout_words:
-                heldout_words.add(_word(dialogue))
-                heldout.append(dialogue)
-                drawn += 1
+def _letters(word: str) -> tuple[str, ...]:
+    """A word's letters as a multiset: every answer of every task on the word is a permutation of them."""
+    return tuple(sorted(word.split()))
 
-    chat, alpaca = [], []
-    while len(chat) < CHAT_SAMPLES:
-        dialogue = rng.choice((rotation, follow_up))(rng)
-        if _word(dialogue) not in heldout_words:
-            chat.append({"messages": dialogue})
-    while len(alpaca) < ALPACA_SAMPLES:
-        dialogue = reversal(rng)
-        if _word(dialogue) not in heldout_words:
-            alpaca.append(to_alpaca(dialogue))
-    return {"heldout": [{"messages": m} for m in heldout], "chat": chat, "alpaca": alpaca}
+
+def generate_samples() -> dict[str, list]:
+    """Held-out dialogues on words of their own letter sets; training dialogues on the other letter sets.
+
+    Each task's answers are permutations of the prompt word's letters (reversal, rotation, and rotation after
+    reversal), so holding out whole letter sets keeps every held-out prompt word and every held-out reply out of
+    the training files: a held-out answer cannot be recalled from training, only computed.
+    """
+    rng = random.Random(1234)
+    distinct = sorted({_letters(" ".join(w)) for w in itertools.product(LETTERS, repeat=WORD_LENGTH)})
+    distinct = [letters for letters in distinct if len(set(letters)) == WORD_LENGTH]
+    heldout_sets = set(rng.sample(distinct, HELDOUT_LETTER_SETS))
+    heldout_words = [" ".join(p) for letters in sorted(heldout_sets) for p in itertools.permutations(letters)]
+    rng.shuffle(heldout_words)
+    heldout = [
+        {"messages": task(rng, word.split())}
+        for i, task in enumerate((reversal, rotation, follow_up))
+        for word in heldout_words[i * HELDOUT_PER_TASK : (i + 1) * HELDOUT_PER_TASK]
+    ]
+
+    def training_dialogue(tasks: tuple) -> list[Message]:
+        while _letters(_word(dialogue := rng.choice(tasks)(rng))) in heldout_sets:
+            pass
+        return dialogue
+
+    chat = [{"messages": training_dialogue((rotation, follow_up))} for _ in range(CHAT_SAMPLES)]
+    alpaca = [to_alpaca(training_dialogue((reversal,))) for _ in range(ALPACA_SAMPLES)]
+    return {"heldout": heldout, "chat": chat, "alpaca": alpaca}
 
 
 def tokenizer_corpus(n: int = 4000) -> list[str]:

@@ -36,24 +36,24 @@ def _spell(letters: list[str]) -> str:
     return " ".join(letters)
 
 
-def reversal(rng: random.Random) -> list[Message]:
-    letters = random_letters(rng)
+def reversal(rng: random.Random, letters: list[str] | None = None) -> list[Message]:
+    letters = letters or random_letters(rng)
     return [
         {"role": "user", "content": f"{REVERSE_INSTRUCTION}\n{_spell(letters)}"},
         {"role": "assistant", "content": _spell(letters[::-1])},
     ]
 
 
-def rotation(rng: random.Random) -> list[Message]:
-    letters = random_letters(rng)
+def rotation(rng: random.Random, letters: list[str] | None = None) -> list[Message]:
+    letters = letters or random_letters(rng)
     return [
         {"role": "user", "content": f"{ROTATE_INSTRUCTION}\n{_spell(letters)}"},
         {"role": "assistant", "content": _spell(letters[1:] + letters[:1])},
     ]
 
 
-def follow_up(rng: random.Random) -> list[Message]:
-    letters = random_letters(rng)
+def follow_up(rng: random.Random, letters: list[str] | None = None) -> list[Message]:
+    letters = letters or random_letters(rng)
     reversed_letters = letters[::-1]
     return [
         {"role": "user", "content": f"{REVERSE_INSTRUCTION}\n{_spell(letters)}"},
