@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from embedded.paths import REPO_ROOT
 
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 
 
-def replace_docs_section(section: list[str], old_headings: tuple[str, ...] = ()) -> None:
+def replace_docs_section(section: list[str], old_headings: tuple[str, ...] = (), docs_path: Path | None = None) -> None:
     """Put `section` (its lines, its `## ` heading first, a blank line last) in place of the section under that
-    heading (or under one of `old_headings`, names it had before), or at the end of the file when there is none."""
-    text = DOCS_PATH.read_text() if DOCS_PATH.exists() else "# Benchmarks\n"
+    heading (or under one of `old_headings`, names it had before), or at the end of the file when there is none;
+    in `docs_path` instead of docs/benchmarks.md when given."""
+    path = docs_path or DOCS_PATH
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
     lines = text.splitlines()
     headings = (section[0], *old_headings)
     start = next((i for i, line in enumerate(lines) if line in headings), None)
@@ -20,5 +24,5 @@ def replace_docs_section(section: list[str], old_headings: tuple[str, ...] = ())
         text = "\n".join(lines) + "\n"
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(section)
-    DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    DOCS_PATH.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -50,16 +50,16 @@ and the section "Training throughput on a GPU: project vs TRL" of `docs/benchmar
 project DFT at least 1.0x TRL+Liger's tokens/s, MFU at least 35%. `--smoke` runs every row on CPU at a tiny size
 (3 steps, bf16 autocast on CPU, sdpa, a nominal peak of 1 TFLOP/s or `--peak-tflops`, so the MFU arithmetic runs),
 all in one child process, and writes nothing unless `--json` names a file (tests/bench/test_train_throughput_gpu.py).
+`--steps N` shortens every row and `--loss dft` keeps only the DFT rows (scripts/gpu_check.sh runs
+`--steps 12 --loss dft`); a shortened run writes only `--json`, never the docs section.
 
 GPU image: the GPU machines have Python 3.12, torch (CUDA), transformers, accelerate and peft, but no TRL, datasets,
 hydra-core, omegaconf or liger-kernel, and no network. The project's rows need datasets (with pyarrow and pandas),
 hydra-core (with antlr4-python3-runtime) and omegaconf, which `config.schema` imports; TRL's rows need trl and
-datasets; the Liger rows need liger-kernel. Carry their wheels for Python 3.12 to the machine (on a networked one:
-`pip download --python-version 3.12 --only-binary=:all: -d wheels trl datasets hydra-core omegaconf`, and
-liger-kernel with `--no-deps`: it needs only torch and Triton, which the CUDA torch brings) and install them with
-`pip install --no-index --find-links wheels ...` before the run. This module imports only torch and transformers at
-the top; the rest is imported per row, in the row's process, and a row whose side misses a module is recorded as
-skipped with the module's name while the others run.
+datasets; the Liger rows need liger-kernel. `requirements-gpu-carry.txt` lists their wheels and the command that
+downloads them, and `scripts/gpu_check.sh` installs them on the machine before the run. This module imports only
+torch and transformers at the top; the rest is imported per row, in the row's process, and a row whose side misses
+a module is recorded as skipped with the module's name while the others run.
 """
 
 from __future__ import annotations
@@ -455,12 +455,20 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="every row on CPU at a tiny size; writes only --json")
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench/results/, not in smoke)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, TFLOP/s (default: by its name)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"steps per row, the first {FULL.warmup_steps} untimed (default {FULL.steps}); a shorter run, as the GPU "
+        "check's, writes only --json, not the docs section",
+    )
+    parser.add_argument("--loss", choices=[DFT, FUSED_CE], help="only the rows of this project loss and its TRL ones")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         job = json.loads(args.child)
-        scale, device = (SMOKE, "cpu") if job["smoke"] else (FULL, "cuda")
+        base, device = (SMOKE, "cpu") if job["smoke"] else (FULL, "cuda")
         for spec in job["specs"]:
+            scale = dataclasses.replace(base, steps=spec["steps"])
             row = {**run_row_child(spec, scale, device), "vocab_size": scale.size.vocab_size}
             print(RESULT_PREFIX + json.dumps(row), flush=True)
         return
@@ -475,7 +483,16 @@ def main() -> None:
         sys.exit("bench.train_throughput_gpu: no CUDA GPU here; --smoke runs the rows on CPU at a tiny size")
     peak_flops, peak_source = peak_flops_for(args, device_name)
     scale = SMOKE if args.smoke else FULL
-    specs = all_specs()
+    short = args.steps is not None and args.steps != scale.steps
+    if args.steps is not None:
+        if args.steps <= scale.warmup_steps:
+            sys.exit(
+                f"bench.train_throughput_gpu: --steps {args.steps} leaves no timed step after the warm-up's "
+                f"{scale.warmup_steps}"
+            )
+        scale = dataclasses.replace(scale, steps=args.steps)
+    losses = {args.loss, TRL_COUNTERPART[args.loss]} if args.loss else {DFT, FUSED_CE, CE}
+    specs = [{**spec, "steps": scale.steps} for spec in all_specs() if spec["loss"] in losses]
     runnable = [spec for spec in specs if skip_reason(spec, device) is None]
     if args.smoke:
         measured = run_children(runnable, smoke=True, module=MODULE)
@@ -498,6 +515,8 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": COMMAND
         + (" --smoke" if args.smoke else "")
+        + (f" --steps {args.steps}" if args.steps is not None else "")
+        + (f" --loss {args.loss}" if args.loss else "")
         + (f" --peak-tflops {args.peak_tflops:g}" if args.peak_tflops else ""),
         "device": device_name,
         "versions": versions(),
@@ -507,7 +526,7 @@ def main() -> None:
         "rows": rows,
         "comparisons": compared,
     }
-    save_result(result, args.json, args.smoke, RESULTS_PATH, write_docs_section)
+    save_result(result, args.json, args.smoke or short, RESULTS_PATH, write_docs_section)
 
 
 if __name__ == "__main__":

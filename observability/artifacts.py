@@ -51,7 +51,11 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss(output_dir: str | Path) -> Path | None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:  # a GPU node's image may lack it; the run's metrics.jsonl holds the same curves
+        logger.warning("loss.png not drawn: matplotlib is not installed (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
