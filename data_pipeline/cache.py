@@ -40,7 +40,9 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pipeline = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     special = json.dumps(tokenizer.all_special_tokens)
-    parts = [type(tokenizer).__name__, pipeline, special, tokenizer.chat_template or ""]
+    # Several named templates (Hermes, Command-R) are a dict of them.
+    template = tokenizer.chat_template
+    parts = [type(tokenizer).__name__, pipeline, special, json.dumps(template, sort_keys=True) if template else ""]
     return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()
 
 

@@ -44,6 +44,7 @@ from datasets.fingerprint import get_temporary_cache_files_directory
 from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
+from cluster.distributed import exit_on_user_error
 from config.schema import SAMPLE_BY_LINE, DataConfig, RunConfig, load_run_config
 from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec
 from core.files import build_once
@@ -60,9 +61,12 @@ from data_pipeline.tokenize import (
     NUM_TRAINABLE_KEY,
     REASONING_NOT_RENDERED_KEY,
     REASONING_TURNS_KEY,
+    REFUSAL_KEY,
+    REFUSAL_REASON_KEY,
     TRUNCATED_KEY,
     UNTRAINED_TURNS_KEY,
     TokenizeOptions,
+    ToolCallsNotRendered,
     check_assistant_mask,
     tokenize_batch,
 )
@@ -338,13 +342,14 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         _account_documents(documents, stats, data)
         train, validation = _split_text(documents, share, seed, data, stats)
     else:
+        _probe_tool_calls(canonical, tokenizer, data.on_error)
         tokenized = map_arrow_batches(
             canonical,
             partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
             num_proc,
             "Tokenising",
         )
-        _account(tokenized, stats, data.truncation)
+        _account(tokenized, stats, data.truncation, data.on_error)
         kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
         train, validation = _split(kept, share, seed, stats, VALIDATION_BY_RECORD)
         train = _repeat(train)
@@ -484,10 +489,42 @@ def _per_source(source_ids: np.ndarray, num_sources: int, values: np.ndarray) ->
     return np.bincount(source_ids, weights=values, minlength=num_sources).astype(np.int64).tolist()
 
 
-def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
-    """Per source: kept, truncated, tokens and trainable tokens, and the samples dropped: with nothing to train, or
-    too long (`data.truncation=drop`)."""
+def _probe_tool_calls(canonical: Dataset, tokenizer: PreTrainedTokenizerBase, on_error: str) -> None:
+    """The start-up probe again with a tool call and its result when the data has any: the first such record's
+    call and tools. A template that drops the call refuses each record with tool calls, by file and line (or skips
+    and counts them under `skip`, as a warning says here)."""
+    conversations = canonical.with_format("arrow")[CONVERSATION_KEY]
+    with_calls = np.flatnonzero(pc.match_substring(conversations, '"tool_calls"').to_numpy(zero_copy_only=False))
+    if not len(with_calls):
+        return
+    dialogue = json.loads(conversations[int(with_calls[0])].as_py())
+    try:
+        check_assistant_mask(tokenizer, (dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
+    except ToolCallsNotRendered as e:
+        if on_error == "skip":
+            logger.warning("%s: the records with tool calls are skipped and counted (data.on_error=skip)", e)
+
+
+def _account_refusals(columns: pa.Table, refused: np.ndarray, stats: DatasetStats, on_error: str) -> None:
+    """Raise on the first record the chat template refuses under `raise`; count each one under its reason under
+    `skip`, with a located warning for the first few of each source."""
+    names = list(stats.sources)
+    for row in columns.select([ORIGIN_KEY, SOURCE_ID_KEY, REFUSAL_REASON_KEY, REFUSAL_KEY]).take(refused).to_pylist():
+        if on_error == "raise":
+            raise ValueError(f"{row[ORIGIN_KEY]}: {row[REFUSAL_KEY]}")
+        source_stats = stats.sources[names[row[SOURCE_ID_KEY]]]
+        if sum(source_stats.dropped.values()) < _SKIP_WARNINGS_PER_SOURCE:
+            logger.warning("Skipped %s: %s (data.on_error=skip)", row[ORIGIN_KEY], row[REFUSAL_KEY])
+        source_stats.drop(row[REFUSAL_REASON_KEY])
+
+
+def _account(tokenized: Dataset, stats: DatasetStats, truncation: str, on_error: str = "raise") -> None:
+    """Per source: kept, truncated, tokens and trainable tokens, and the samples dropped: refused by the chat
+    template (stops the run under `data.on_error=raise`), with nothing to train, or too long
+    (`data.truncation=drop`)."""
     columns = tokenized.with_format("arrow")[:]
+    refused = pc.is_valid(columns[REFUSAL_REASON_KEY]).to_numpy(zero_copy_only=False)
+    _account_refusals(columns, np.flatnonzero(refused), stats, on_error)
     source_ids = columns[SOURCE_ID_KEY].to_numpy()
     trainable = columns[NUM_TRAINABLE_KEY].to_numpy()
     truncated = columns[TRUNCATED_KEY].to_numpy(zero_copy_only=False)
@@ -506,7 +543,7 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str) -> None:
         per_source(np.where(kept, tokens, 0)),
         per_source(np.where(kept, trainable, 0)),
         per_source(~kept & truncated),
-        per_source(~kept & ~truncated),
+        per_source(~kept & ~truncated & ~refused),
         per_source(untrained_turns),
         per_source(np.where(kept, reasoning_turns, 0)),
         per_source(np.where(kept, reasoning_not_rendered, 0)),
@@ -543,7 +580,8 @@ def prepare_run(run: RunConfig) -> tuple[Path, bool, PreTrainedTokenizerBase]:
 def main(argv: list[str] | None = None) -> None:
     """Prepare the dataset for a set of overrides; the last line printed is its directory."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    directory, built, _ = prepare_run(load_run_config(sys.argv[1:] if argv is None else argv))
+    with exit_on_user_error():  # a data or template problem: one line, no traceback (HYDRA_FULL_ERROR=1 keeps it)
+        directory, built, _ = prepare_run(load_run_config(sys.argv[1:] if argv is None else argv))
     # A CLI: the table for the user, the directory last so that scripts can take it with `tail -n 1`.
     print(DatasetStats.load(directory).summary())  # noqa: T201
     print("built" if built else "reused (already prepared)")  # noqa: T201

@@ -8,6 +8,8 @@ on a tool turn, and `train: False` on an assistant turn that must not be trained
 
 - `chatml` (ChatML / OpenAI): `{"messages": [{"role", "content"}], "tools": [...]}`; content is a string or a
   list of text parts `{"type": "text", "text"|"value": ...}`; `developer` reads as `system`, `function` as `tool`.
+  An assistant turn's `reasoning` parts are its reasoning and its `tool_call` parts (LLaMA-Factory's format: each
+  the JSON text of a call, `{"name", "arguments"}`) its tool calls.
 - `sharegpt`: `{"conversations": [{"from", "value"}], "system": ..., "tools": ...}` with speakers human, gpt,
   system, function_call (a JSON tool call by the assistant), observation and tool (a tool's result).
 - `alpaca`: `{"instruction", "input", "output", "system", "history": [[user, assistant], ...]}`.
@@ -57,6 +59,8 @@ TEXT_PART_TYPES = ("text", "input_text", "output_text")
 # An assistant turn's reasoning: content parts of these types (LLaMA-Factory's `reasoning`), or one of these fields
 # (`reasoning_content`: DeepSeek, Qwen3, OpenAI-compatible servers). Kept as the canonical `reasoning_content`.
 REASONING_PART_TYPES = ("reasoning", "thinking")
+# LLaMA-Factory's content part for one of the assistant's function calls: its JSON text.
+TOOL_CALL_PART_TYPE = "tool_call"
 REASONING_FIELDS = ("reasoning_content", "reasoning")
 REASONING_KEY = "reasoning_content"
 FORMAT_KEYS = {
@@ -190,14 +194,23 @@ def _content_and_reasoning(
     value: Any, where: _Where, label: str, allow_empty_none: bool = False, allow_reasoning: bool = True
 ) -> tuple[str, str | None]:
     """The content as a string and, apart, the text of its reasoning parts (None without any)."""
+    content, reasoning, _ = _content_parts(value, where, label, allow_empty_none, allow_reasoning)
+    return content, reasoning
+
+
+def _content_parts(
+    value: Any, where: _Where, label: str, allow_empty_none: bool = False, allow_reasoning: bool = True
+) -> tuple[str, str | None, list[Any]]:
+    """The content as a string and, apart, the text of its reasoning parts (None without any) and the calls of its
+    `tool_call` parts (parsed JSON, checked by `_tool_calls`; only an assistant turn, `allow_reasoning`, has them)."""
     if isinstance(value, str):
-        return value, None
+        return value, None, []
     if value is None and allow_empty_none:
-        return "", None
+        return "", None, []
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value), None
+        return str(value), None, []
     if isinstance(value, list):
-        texts, reasoning = [], []
+        texts, reasoning, calls = [], [], []
         for i, part in enumerate(value):
             if isinstance(part, str):
                 texts.append(part)
@@ -207,6 +220,9 @@ def _content_and_reasoning(
             kind = part.get("type", "text")
             if kind in REASONING_PART_TYPES and not allow_reasoning:
                 raise where.error("bad_content", f"{label}.content[{i}]: only an assistant turn has reasoning")
+            if kind == TOOL_CALL_PART_TYPE and allow_reasoning:
+                calls.append(_json_call(part.get("value", part.get("text")), where, f"{label}.content[{i}]"))
+                continue
             if kind not in TEXT_PART_TYPES and kind not in REASONING_PART_TYPES:
                 raise where.error(
                     "non_text_part",
@@ -218,8 +234,16 @@ def _content_and_reasoning(
                 problem = f"{label}.content[{i}]: a {kind} part needs a string 'text' or 'value'"
                 raise where.error("bad_content", problem)
             (reasoning if kind in REASONING_PART_TYPES else texts).append(text)
-        return "\n".join(texts), "\n".join(reasoning) if reasoning else None
+        return "\n".join(texts), "\n".join(reasoning) if reasoning else None, calls
     raise where.error("bad_content", f"{label}: content must be a string or a list of text parts, got {value!r:.60}")
+
+
+def _json_call(value: Any, where: _Where, label: str) -> Any:
+    """A call written as JSON text (a ShareGPT `function_call` value, a `tool_call` part), parsed."""
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as e:
+        raise where.error("bad_tool_calls", f"{label}: the tool call is not valid JSON ({e.msg})") from e
 
 
 def _reasoning_field(message: dict[str, Any], where: _Where, label: str) -> str | None:
@@ -316,12 +340,13 @@ def _chatml_messages(messages: Any, where: _Where, key: str) -> list[Message]:
         has_calls = message.get("tool_calls") not in (None, [])
         if has_calls and role != "assistant":
             raise where.error("bad_tool_calls", f"{label}: only an assistant message may have tool_calls")
-        content, reasoning = _content_and_reasoning(
+        content, reasoning, part_calls = _content_parts(
             message.get("content"), where, label, allow_empty_none=has_calls, allow_reasoning=role == "assistant"
         )
         canonical = _message(role, content, message, where, label, reasoning)
-        if has_calls:
-            canonical["tool_calls"] = _tool_calls(message["tool_calls"], where, label)
+        if has_calls or part_calls:
+            calls = [*(message["tool_calls"] if has_calls else []), *part_calls]
+            canonical["tool_calls"] = _tool_calls(calls, where, label)
         out.append(canonical)
     return out
 
@@ -345,11 +370,7 @@ def _from_sharegpt(record: dict[str, Any], where: _Where) -> tuple[list[Message]
         if speaker not in SHAREGPT_ROLES:
             raise where.error("unknown_role", f"{label}: unknown speaker {speaker!r}; expected {list(SHAREGPT_ROLES)}")
         if speaker == "function_call":
-            value = turn.get("value")
-            try:
-                call = json.loads(value) if isinstance(value, str) else value
-            except json.JSONDecodeError as e:
-                raise where.error("bad_tool_calls", f"{label}: function_call value is not valid JSON ({e.msg})") from e
+            call = _json_call(turn.get("value"), where, label)
             message = _message("assistant", "", turn, where, label)
             message["tool_calls"] = _tool_calls(call if isinstance(call, list) else [call], where, label)
             # A reply followed by its call is one assistant turn in the canonical schema.

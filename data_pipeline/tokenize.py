@@ -39,7 +39,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -51,7 +51,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from config.schema import DataConfig
-from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY
+from core.keys import ATTENTION_MASK_KEY, IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.schema import MESSAGES_KEY, REASONING_KEY, TOOLS_KEY, TRAIN_KEY
 
 NUM_TRAINABLE_KEY, TRUNCATED_KEY = "num_trainable_tokens", "truncated"
@@ -59,6 +59,8 @@ NUM_TRAINABLE_KEY, TRUNCATED_KEY = "num_trainable_tokens", "truncated"
 UNTRAINED_TURNS_KEY = "untrained_turns"
 # Assistant turns with reasoning (trained with the turn), and those whose reasoning the template does not render.
 REASONING_TURNS_KEY, REASONING_NOT_RENDERED_KEY = "reasoning_turns", "reasoning_not_rendered"
+# Why a record is refused (None when it is not), as counted, and the one line that says what and the fix.
+REFUSAL_REASON_KEY, REFUSAL_KEY = "refusal_reason", "refusal"
 # Reasoning written into the content for a template that does not read `reasoning_content` (DeepSeek-R1's markers).
 THINK_OPEN, THINK_CLOSE = "<think>\n", "\n</think>\n\n"
 THINK_END = THINK_CLOSE.strip()
@@ -72,6 +74,8 @@ TOKENIZED_KEYS = (
     UNTRAINED_TURNS_KEY,
     REASONING_TURNS_KEY,
     REASONING_NOT_RENDERED_KEY,
+    REFUSAL_REASON_KEY,
+    REFUSAL_KEY,
 )
 # transformers' own test for a template's generation markers (chat_template_utils.render_jinja_template).
 GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
@@ -107,13 +111,20 @@ class TokenizeOptions:
         return cls(data.max_length, data.truncation, data.system_message == "merge", data.train_reasoning)
 
 
+def chat_template(tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None) -> str:
+    """The template `apply_chat_template` renders a dialogue with: the tokenizer's own or, of several named ones
+    (Hermes, Command-R: `chat_template` is a dict), `tool_use` for a dialogue with tools and `default` otherwise."""
+    return tokenizer.get_chat_template(None, tools or None)
+
+
 def _template_tools(tools: list[dict[str, Any]] | None, tokenizer: PreTrainedTokenizerBase) -> list | None:
-    return tools if tools and TOOLS_KEY in (tokenizer.chat_template or "") else None
+    return tools if tools and TOOLS_KEY in chat_template(tokenizer, tools) else None
 
 
-def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the tokenizer's chat template marks its assistant replies with `{% generation %}`."""
-    return GENERATION_MARKER.search(tokenizer.chat_template or "") is not None
+def has_generation_markers(tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None) -> bool:
+    """Whether the chat template a dialogue (with these tools) is rendered with marks its replies with
+    `{% generation %}`."""
+    return GENERATION_MARKER.search(chat_template(tokenizer, tools)) is not None
 
 
 def _untrained_turns(messages: list[dict[str, Any]]) -> tuple[list[int], int]:
@@ -139,14 +150,24 @@ def tokenize_dialogue(
     Returns:
         `input_ids`, `attention_mask`, `labels`, the number of trainable tokens, whether it was truncated, the
         number of assistant turns the template would not let us locate, the assistant turns with reasoning and
-        those whose reasoning the template does not render.
+        those whose reasoning the template does not render, and why the dialogue is refused (None: it is not).
+        A dialogue the template raises on raises here (`tokenize_dialogues` refuses it).
     """
     template_tools = _template_tools(tools, tokenizer)
     untrained, num_assistant_turns = _untrained_turns(messages)
-    original, messages = messages, template_messages(messages, tokenizer, options.merge_system)
-    text = tokenizer.apply_chat_template(messages, tools=template_tools, tokenize=False)
+    original, messages = messages, template_messages(messages, tokenizer, options.merge_system, template_tools)
+
+    def render(part: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            part, tools=template_tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    refusal = _unrendered_tool_calls(original, messages, render)
+    text = "" if refusal else render(messages, False)
     reasoning_turns, reasoning_not_rendered = _reasoning_counts(original, text)
-    if has_generation_markers(tokenizer):
+    if refusal:
+        input_ids, mask, unlocated = [], [], 0
+    elif has_generation_markers(tokenizer, template_tools):
         encoded = tokenizer.apply_chat_template(
             messages, tools=template_tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
@@ -174,6 +195,8 @@ def tokenize_dialogue(
         UNTRAINED_TURNS_KEY: unlocated,
         REASONING_TURNS_KEY: reasoning_turns,
         REASONING_NOT_RENDERED_KEY: reasoning_not_rendered,
+        REFUSAL_REASON_KEY: refusal.reason if refusal else None,
+        REFUSAL_KEY: refusal.problem if refusal else None,
     }
 
 
@@ -200,22 +223,28 @@ def _prefix_token_mask(
         start: int | None = len(prompt)
         if with_turn[: len(prompt)] != prompt:
             history = render(messages[:k], False)
-            shared = os.path.commonprefix([render(messages[:k], True, False), render(messages[: k + 1], False, False)])
-            start = len(tokenizer(shared, add_special_tokens=False)[INPUT_IDS_KEY])
+            start = len(os.path.commonprefix([prompt, with_turn]))
             if with_turn[: len(history)] != history or start < len(history):
                 start = None
-        end = len(with_turn)
-        while start is not None and end > start and not tokenizer.decode(with_turn[end - 1 : end]).strip():
-            end -= 1
+        end = _without_whitespace(with_turn, len(with_turn), start, tokenizer)
         if end and with_turn[end - 1] == tokenizer.eos_token_id and input_ids[:end] != with_turn[:end]:
-            end -= 1  # the EOS a template writes after the whole rendering (Phi-3.5), not after this turn
-            while start is not None and end > start and not tokenizer.decode(with_turn[end - 1 : end]).strip():
-                end -= 1
+            # The EOS a template writes after the whole rendering (Phi-3.5), not after this turn: only after the
+            # turn's own end-of-turn token (see _without_closing_eos).
+            before = _without_whitespace(with_turn, end - 1, start, tokenizer)
+            if before and with_turn[before - 1] in tokenizer.all_special_ids:
+                end = before
         if start is None or end <= start or input_ids[:end] != with_turn[:end]:
             unlocated += 1
         elif message.get(TRAIN_KEY) is not False:
             mask[start:end] = [1] * (end - start)
     return input_ids, mask, unlocated
+
+
+def _without_whitespace(ids: list[int], end: int, start: int | None, tokenizer: PreTrainedTokenizerBase) -> int:
+    """`end` moved back over the whitespace tokens before it, not past `start`."""
+    while start is not None and end > start and not tokenizer.decode(ids[end - 1 : end]).strip():
+        end -= 1
+    return end
 
 
 def _answer_only_mask(input_ids: list[int], mask: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -264,11 +293,15 @@ def _clear_turns(mask: list[int], turns: list[int], num_assistant_turns: int) ->
 
 
 class ChatTemplateError(ValueError):
-    """The chat template refused a dialogue (its `raise_exception`, or a template error): `index` says which."""
+    """The chat template refused a dialogue (its `raise_exception`, or a template error)."""
 
-    def __init__(self, index: int, problem: str) -> None:
-        super().__init__(problem)
-        self.index = index
+
+class Refusal(NamedTuple):
+    """Why a dialogue cannot be trained as its template renders it: `reason` counts it (`data.on_error=skip`),
+    `problem` is the one line that says what and the fix."""
+
+    reason: str
+    problem: str
 
 
 class RenderedDialogues(NamedTuple):
@@ -279,9 +312,11 @@ class RenderedDialogues(NamedTuple):
     """Per dialogue, the character spans of the assistant turns to train, in order."""
     untrained_turns: list[int]
     """Per dialogue, the assistant turns that could not be located (derived spans only; see the module doc)."""
-    per_turn: bool
-    """Whether `spans` already leave out the `train: False` turns (derived spans) or are the template's
-    generation blocks, one per assistant turn (markers)."""
+    per_turn: list[bool]
+    """Per dialogue, whether `spans` already leave out the `train: False` turns (derived spans) or are the
+    template's generation blocks, one per assistant turn (markers)."""
+    refusals: list[Refusal | None]
+    """Per dialogue, None, or why it is refused (its text is then empty)."""
 
 
 def render_dialogues(
@@ -291,45 +326,88 @@ def render_dialogues(
 
     The same rendering `apply_chat_template` does (its template choice, special tokens as template variables,
     messages without None values), with one renderer call per kind of rendering for all the dialogues that pass
-    no tools.
-
-    Raises:
-        ChatTemplateError: the template refused a dialogue, naming which.
+    no tools. A dialogue the template refuses, or whose tool calls it drops, is refused (see `Refusal`), not
+    raised: the caller stops on it or skips and counts it (`data.on_error`).
     """
     try:
         return _render_dialogues(dialogues, tokenizer, merge_system)
-    except (TemplateError, TypeError, KeyError, ValueError) as e:
-        for index, dialogue in enumerate(dialogues):
+    except RENDER_ERRORS:
+        # One dialogue broke the batch's renderer call: render each alone to refuse only the ones that fail.
+        parts = []
+        for dialogue in dialogues:
             try:
-                _render_dialogues([dialogue], tokenizer, merge_system)
-            except (TemplateError, TypeError, KeyError, ValueError) as single:
-                raise ChatTemplateError(index, f"the chat template refused the dialogue: {single}") from single
-        raise ChatTemplateError(0, f"the chat template failed on the batch: {e}") from e
+                parts.append(_render_dialogues([dialogue], tokenizer, merge_system))
+            except RENDER_ERRORS as e:
+                problem = f"the chat template refused the dialogue: {e}{TEMPLATE_REFUSED_FIX}"
+                refusal = Refusal(TEMPLATE_REFUSED, problem)
+                parts.append(RenderedDialogues([""], [[]], [0], [True], [refusal]))
+        return RenderedDialogues(*(list(itertools.chain.from_iterable(column)) for column in zip(*parts, strict=True)))
+
+
+RENDER_ERRORS = (TemplateError, TypeError, KeyError, ValueError)
+TEMPLATE_REFUSED, TOOL_CALLS_NOT_RENDERED = "chat_template_refused", "tool_calls_not_rendered"
+TEMPLATE_REFUSED_FIX = (
+    f" (data.on_error=skip skips such records, counted as {TEMPLATE_REFUSED}; or set data.chat_template to a "
+    "template that accepts them)"
+)
+
+
+def _unrendered_tool_calls(
+    original: list[dict[str, Any]], messages: list[dict[str, Any]], render: Callable[[list, bool], str]
+) -> Refusal | None:
+    """A dialogue whose template drops an assistant turn's tool calls, or the text sent with them (SmolLM3,
+    Granite 3.3, Llama 3.2): trained as it renders, the turn would teach the model to answer a tool request with
+    nothing. What a turn renders is what the rendering up to and with it adds to the prompt before it (`render`:
+    messages, add_generation_prompt -> text); a called function's name and the text must be in it."""
+    offset = len(original) - len(messages)  # a system message merged into the first user turn
+    if not any(message.get("tool_calls") for message in messages):
+        return None
+    for k, message in enumerate(messages):
+        calls = message.get("tool_calls")
+        if message["role"] != "assistant" or not calls:
+            continue
+        prompt, upto = render(messages[:k], True), render(messages[: k + 1], False)
+        turn = upto[len(os.path.commonprefix([prompt, upto])) :]
+        missing = [call["function"]["name"] for call in calls if call["function"]["name"] not in turn]
+        reply = (message.get("content") or "").split(THINK_END)[-1].strip()
+        if missing:
+            lost = f"the tool calls of this assistant turn ({', '.join(missing)})"
+        elif reply and reply not in turn:
+            lost = f"the text this assistant turn sends with its tool calls ({reply!r:.40})"
+        else:
+            continue
+        return Refusal(
+            TOOL_CALLS_NOT_RENDERED,
+            f"messages[{k + offset}]: the chat template does not render {lost}, so the turn would be trained "
+            "without it; set data.chat_template to a template that renders it, or data.on_error=skip to skip such "
+            f"records (counted as {TOOL_CALLS_NOT_RENDERED})",
+        )
+    return None
 
 
 def _render_dialogues(
     dialogues: Sequence[Dialogue], tokenizer: PreTrainedTokenizerBase, merge_system: bool
 ) -> RenderedDialogues:
-    derived = not has_generation_markers(tokenizer)
     count = len(dialogues)
-    rendered = RenderedDialogues([""] * count, [[] for _ in range(count)], [0] * count, per_turn=derived)
+    rendered = RenderedDialogues([""] * count, [[] for _ in range(count)], [0] * count, [True] * count, [None] * count)
     groups: dict[int, tuple[list | None, list[int]]] = {}
     for i, (_, tools) in enumerate(dialogues):
         template_tools = _template_tools(tools, tokenizer)
         # Dialogues without tools share one call; a dialogue with tools renders on its own.
         groups.setdefault(-1 if template_tools is None else i, (template_tools, []))[1].append(i)
     for template_tools, indices in groups.values():
+        template = chat_template(tokenizer, template_tools)
         render = partial(
-            render_jinja_template,
-            tools=template_tools,
-            chat_template=tokenizer.get_chat_template(None, template_tools),
-            **tokenizer.special_tokens_map,
+            render_jinja_template, tools=template_tools, chat_template=template, **tokenizer.special_tokens_map
         )
-        conversations = [template_messages(dialogues[i][0], tokenizer, merge_system) for i in indices]
+        conversations = [template_messages(dialogues[i][0], tokenizer, merge_system, template_tools) for i in indices]
+        for i, conversation in zip(indices, conversations, strict=True):
+            rendered.refusals[i] = _unrendered_tool_calls(dialogues[i][0], conversation, partial(_render_one, render))
+        derived = GENERATION_MARKER.search(template) is None
         if not derived:
             texts, generation_spans = render(conversations=conversations, return_assistant_tokens_mask=True)
             for i, text, generation in zip(indices, texts, generation_spans, strict=True):
-                rendered.texts[i], rendered.spans[i] = text, generation
+                rendered.texts[i], rendered.spans[i], rendered.per_turn[i] = text, generation, False
             continue
         texts, _ = render(conversations=conversations)
         turns = [(j, k) for j, c in enumerate(conversations) for k, m in enumerate(c) if m["role"] == "assistant"]
@@ -346,34 +424,54 @@ def _render_dialogues(
             if not upto.startswith(prompt):
                 # The generation prompt pre-fills part of the turn (an opened thinking block) that this turn writes
                 # otherwise: the turn starts where the two renderings part, if that is after the earlier messages.
-                history = render(conversations=[conversations[j][:k]])[0][0]
+                history = _render_one(render, conversations[j][:k], False)
                 start = len(os.path.commonprefix([prompt, upto]))
                 if not upto.startswith(history) or start < len(history):
                     start = end
-            eos = tokenizer.eos_token
-            if eos and upto[:end].endswith(eos) and not text.startswith(upto[:end]):
-                # The template closes the whole rendering with the EOS (Phi-3.5): not part of a turn that others follow.
-                end = len(upto[: end - len(eos)].rstrip())
+            end = _without_closing_eos(upto, end, text, tokenizer)
             if end <= start or not text.startswith(upto[:end]):
                 rendered.untrained_turns[i] += 1
             elif conversations[j][k].get(TRAIN_KEY) is not False:
                 rendered.spans[i].append((start, end))
         for i, text in zip(indices, texts, strict=True):
             rendered.texts[i] = text
+    for i, refusal in enumerate(rendered.refusals):
+        if refusal is not None:
+            rendered.texts[i], rendered.spans[i], rendered.untrained_turns[i] = "", [], 0
     return rendered
 
 
+def _render_one(render: Callable[..., tuple[list[str], Any]], messages: list[dict[str, Any]], prompt: bool) -> str:
+    return render(conversations=[messages], add_generation_prompt=prompt)[0][0]
+
+
+def _without_closing_eos(upto: str, end: int, text: str, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The end of a turn that others follow, without the EOS a template writes after the whole rendering (Phi-3.5:
+    `<|end|>\n<|endoftext|>`): only what follows the turn's own end-of-turn token, which then ends the span.
+    gpt-oss ends its last turn with its EOS (`<|return|>`) in place of `<|end|>`: that is the turn's end and is kept
+    (the turn is then not a prefix of the whole rendering, so it is left untrained and counted)."""
+    eos = tokenizer.eos_token
+    if not eos or not upto[:end].endswith(eos) or text.startswith(upto[:end]):
+        return end
+    before = upto[: end - len(eos)].rstrip()
+    return len(before) if any(before.endswith(token) for token in tokenizer.all_special_tokens) else end
+
+
 def template_messages(
-    messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, merge_system: bool = False
+    messages: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    merge_system: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The messages as the chat template gets them, on both tokenisation paths.
 
     None values are dropped, as apply_chat_template does (templates test for a key's presence, not for None). An
     assistant turn's reasoning goes to a template that reads `reasoning_content` (Qwen3, DeepSeek) as that field;
     any other template gets it written into the content, between thinking markers, before the reply. With
-    `merge_system` (`data.system_message=merge`) a leading system message opens the first user turn instead.
+    `merge_system` (`data.system_message=merge`) a leading system message opens the first user turn instead. `tools`
+    (those passed to the template) choose among named templates.
     """
-    reads_reasoning = REASONING_KEY in (tokenizer.chat_template or "")
+    reads_reasoning = REASONING_KEY in chat_template(tokenizer, tools)
     if merge_system and len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user":
         first_user = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
         messages = [first_user, *messages[2:]]
@@ -423,11 +521,10 @@ def tokenize_dialogues(
 
     Returns:
         `input_ids`, `attention_mask`, `labels` (int32 and int8 lists), `num_trainable_tokens`, `truncated`,
-        `untrained_turns` (assistant turns the template would not let us locate), `reasoning_turns` and
-        `reasoning_not_rendered`.
+        `untrained_turns` (assistant turns the template would not let us locate), `reasoning_turns`,
+        `reasoning_not_rendered`, and `refusal_reason` and `refusal` (null, or why the row, then empty, is refused).
 
     Raises:
-        ChatTemplateError: the template refused a dialogue (`index` says which).
         ValueError: a tokenizer without offsets (not a fast one), generation spans out of order, or `train:
             False` flags on a template whose mask does not have one run per assistant turn.
     """
@@ -446,9 +543,9 @@ def tokenize_dialogues(
     token_starts = np.concatenate([[0], np.cumsum(lengths)])
     input_ids = np.fromiter(itertools.chain.from_iterable(encoded[INPUT_IDS_KEY]), dtype=np.int32)
     mask = _assistant_mask(encoded.encodings, texts, spans, lengths)
-    for i, (messages, _) in enumerate(dialogues if not rendered.per_turn else ()):
+    for i, (messages, _) in enumerate(dialogues):
         untrained, num_assistant_turns = _untrained_turns(messages)
-        if untrained:
+        if untrained and not rendered.per_turn[i] and rendered.refusals[i] is None:
             begin, end = token_starts[i], token_starts[i + 1]
             mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
 
@@ -481,6 +578,8 @@ def tokenize_dialogues(
         UNTRAINED_TURNS_KEY: pa.array(rendered.untrained_turns, type=pa.int32()),
         REASONING_TURNS_KEY: pa.array(reasoning[:, 0]),
         REASONING_NOT_RENDERED_KEY: pa.array(reasoning[:, 1]),
+        REFUSAL_REASON_KEY: pa.array([r.reason if r else None for r in rendered.refusals], type=pa.string()),
+        REFUSAL_KEY: pa.array([r.problem if r else None for r in rendered.refusals], type=pa.string()),
     }
 
 
@@ -526,34 +625,42 @@ def tokenize_batch(batch: pa.Table, tokenizer: PreTrainedTokenizerBase, options:
     """One Arrow batch of canonical dialogues tokenised (`data_pipeline.parallel.map_arrow_batches` runs it).
 
     Each row's `conversation` is canonical JSON (messages, tools); it is replaced by the tokenised columns and
-    the other columns pass through untouched.
+    the other columns pass through untouched. A refused dialogue gives an empty row with its `refusal_reason` and
+    `refusal`: the caller stops on it or skips and counts it.
     """
     dialogues = []
     for conversation in batch.column(CONVERSATION_KEY).to_pylist():
         dialogue = json.loads(conversation)
         dialogues.append((dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
-    try:
-        columns = tokenize_dialogues(dialogues, tokenizer, options)
-    except ChatTemplateError as e:
-        origin = batch.column(ORIGIN_KEY)[e.index].as_py() if ORIGIN_KEY in batch.column_names else f"record {e.index}"
-        raise ValueError(f"{origin}: {e}") from e
+    columns = tokenize_dialogues(dialogues, tokenizer, options)
     table = batch.drop_columns([CONVERSATION_KEY])
     for name, column in columns.items():
         table = table.append_column(name, column)
     return table
 
 
-def check_assistant_mask(tokenizer: PreTrainedTokenizerBase) -> None:
+class ToolCallsNotRendered(ValueError):
+    """The chat template drops the tool calls of the probe's tool exchange: records with tool calls are refused."""
+
+
+def check_assistant_mask(tokenizer: PreTrainedTokenizerBase, tool_example: Dialogue | None = None) -> None:
     """Refuse a chat template whose assistant mask is empty or covers anything but the replies.
 
     The probe dialogue goes through `tokenize_dialogues`, the path preparation takes, which must also agree
-    with `apply_chat_template` (`tokenize_dialogue`) on it. Each trained run of tokens must decode to one reply,
-    in order, and end with a special token (the template's end of turn). A template that refuses a system message
-    (Gemma) or moves it into the last prompt (Mistral) is probed again without one: data with system messages then
-    fails at the record with `file:line`, or leaves its turns untrained and counted.
+    with `apply_chat_template` (`tokenize_dialogue`) on it. Each trained run of tokens must hold one reply, in
+    order, nothing of the other messages, and end with a special token (the template's end of turn). A template
+    that refuses a system message (Gemma) or moves it into the last prompt (Mistral) is probed again without one:
+    data with system messages then fails at the record with `file:line`, or leaves its turns untrained and counted.
+
+    Args:
+        tokenizer: its chat template (or named templates) is probed.
+        tool_example: a record of the data with tool calls (messages, tools), when the data has any: the probe then
+            also runs a tool call and its result through the template, with that record's call and tools.
 
     Raises:
-        ValueError: no chat template, an empty mask, or a mask that covers more or less than the replies.
+        ToolCallsNotRendered: the template drops the probe's tool call.
+        ValueError: no chat template, an empty mask, or a mask that covers more or less than the replies; each
+            says what the template does and what to do.
         RuntimeError: the batch path and `apply_chat_template` disagree (a transformers change?).
     """
     if tokenizer.chat_template is None:
@@ -562,25 +669,53 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase) -> None:
         _check_probe(PROBE_DIALOGUE, tokenizer)
     except (ChatTemplateError, _SystemMessageMoved):
         _check_probe([m for m in PROBE_DIALOGUE if m["role"] != "system"], tokenizer)
+    if tool_example is not None:
+        probe, tools = _tool_probe(*tool_example)
+        _check_probe(probe, tokenizer, tools)
 
 
 PROBE_OPTIONS = TokenizeOptions(max_length=10**9)
+PROBE_TOOL_RESULT, PROBE_TOOL_ANSWER = "probe tool result", "answer from the tool result"
+
+
+def _tool_probe(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> tuple[list, list | None]:
+    """The probe dialogue followed by the first tool call of a record (and its tools) and a result."""
+    call = next(message["tool_calls"][0] for message in messages if message.get("tool_calls"))
+    result = {"role": "tool", "content": PROBE_TOOL_RESULT, "name": call["function"]["name"]}
+    if "id" in call:
+        result["tool_call_id"] = call["id"]
+    exchange = [
+        {"role": "user", "content": "third question"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        result,
+        {"role": "assistant", "content": PROBE_TOOL_ANSWER},
+    ]
+    return [*PROBE_DIALOGUE, *exchange], tools
 
 
 class _SystemMessageMoved(ValueError):
     """The probe's turns could not be located with a system message: the template moves it."""
 
 
-def _check_probe(probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> None:
-    columns = tokenize_dialogues([(probe, None)], tokenizer, PROBE_OPTIONS)
+def _check_probe(
+    probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
+) -> None:
+    columns = tokenize_dialogues([(probe, tools)], tokenizer, PROBE_OPTIONS)
     row = {key: column[0].as_py() for key, column in columns.items()}
-    reference = tokenize_dialogue(probe, tokenizer, PROBE_OPTIONS)
+    if row[REFUSAL_REASON_KEY] == TOOL_CALLS_NOT_RENDERED:
+        raise ToolCallsNotRendered(f"probing the chat template with a tool call of the data: {row[REFUSAL_KEY]}")
+    if row[REFUSAL_REASON_KEY] is not None:
+        raise ChatTemplateError(_template_refusal(probe, tools, tokenizer, row[REFUSAL_KEY]))
+    reference = tokenize_dialogue(probe, tokenizer, PROBE_OPTIONS, tools)
     if row != reference:
         raise RuntimeError(
             "data_pipeline.tokenize: the batch tokenisation disagrees with apply_chat_template on the probe "
             f"dialogue ({row} vs {reference}); check the installed transformers version against this module"
         )
-    replies = [m["content"] for m in probe if m["role"] == "assistant"]
+    template_tools = _template_tools(tools, tokenizer)
+    markers = has_generation_markers(tokenizer, template_tools)
+    # What each assistant turn must hold: its reply, or the name of the function it calls.
+    replies = [m["content"] or m["tool_calls"][0]["function"]["name"] for m in probe if m["role"] == "assistant"]
     if row[UNTRAINED_TURNS_KEY] == len(replies) and probe[0]["role"] == "system":
         raise _SystemMessageMoved("no turn located with a system message")
     pairs = zip(row[INPUT_IDS_KEY], row[LABELS_KEY], strict=True)
@@ -590,42 +725,93 @@ def _check_probe(probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
         if trained
     ]
     if not runs:
-        raise ValueError(
-            "the chat template gives an empty assistant mask: "
-            + (
-                "its {% generation %} blocks cover no token"
-                if has_generation_markers(tokenizer)
-                else "rendering the probe dialogue turn by turn located no assistant reply (the template rewrites "
-                "earlier turns when later ones are added); set data.chat_template to one that renders each turn as a "
-                "prefix of the next, or add {% generation %} ... {% endgeneration %} around each reply"
-            )
-        )
+        raise ValueError("the chat template gives an empty assistant mask: " + _empty_mask_cause(tokenizer, markers))
     texts = [tokenizer.decode(run) for run in runs]
     special_ids = set(tokenizer.all_special_ids)
-    if has_generation_markers(tokenizer):
+    if markers:
         matched = len(runs) == len(replies) and all(
-            tokenizer.decode(run, skip_special_tokens=True).strip() == reply
-            for run, reply in zip(runs, replies, strict=True)
+            reply in tokenizer.decode(run, skip_special_tokens=True) for run, reply in zip(runs, replies, strict=True)
         )
     else:
         matched = _derived_runs_match(runs, replies, probe, tokenizer)
+    if matched and not markers and all(any(text.endswith(reply) for reply in replies) for text in texts):
+        raise ValueError(
+            "the chat template writes no end-of-turn token after the last assistant reply (GLM-4.6's writes none after "
+            "any reply, the next role header ends it; Apertus', Apriel 1.6's and Hunyuan's close a reply only once "
+            f"another turn follows), so a trained reply would not teach the model to stop (trained: {texts}); set "
+            "data.chat_template to a template that closes each reply with the model's end-of-turn token"
+        )
     if not matched or any(run[-1] not in special_ids for run in runs):
         raise ValueError(
             f"the chat template's assistant mask covers {texts}, expected each reply of {replies} followed by the "
-            "template's end-of-turn token, and nothing else"
+            "template's end-of-turn token, and nothing of the other messages; set data.chat_template to a template "
+            + (
+                "whose {% generation %} blocks hold just that"
+                if markers
+                else "that renders each reply so, or add {% generation %} ... {% endgeneration %} around each reply"
+            )
         )
+
+
+def _template_refusal(
+    probe: list[dict[str, Any]], tools: list | None, tokenizer: PreTrainedTokenizerBase, problem: str
+) -> str:
+    """Why the template refused the probe: a template written for tools only (a `tool_use` template alone fails on
+    a dialogue without tools) is named as such."""
+    if tools is None:
+        try:
+            render_jinja_template([probe], tools=[PROBE_TOOL], chat_template=chat_template(tokenizer, [PROBE_TOOL]))
+        except RENDER_ERRORS:
+            pass
+        else:
+            return (
+                f"probing the chat template on a dialogue without tools, {problem.split(' (data.on_error')[0]}: it "
+                "renders only dialogues with tools (a tool_use template); set data.chat_template to the model's "
+                "default template, or give the tokenizer both, named default and tool_use"
+            )
+    return f"probing the chat template: {problem}"
+
+
+PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "probe", "description": "A probe", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def _empty_mask_cause(tokenizer: PreTrainedTokenizerBase, markers: bool) -> str:
+    """Why no assistant turn of the probe could be located, and what to do."""
+    if markers:
+        return "its {% generation %} blocks cover no token"
+    user_turn = PROBE_DIALOGUE[1:2]
+    prompt = tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=True)
+    if tokenizer.apply_chat_template(user_turn, tokenize=False, add_generation_prompt=False) == prompt:
+        return (
+            "it appends the generation prompt even without add_generation_prompt (as Command-R7B's tool_use "
+            "template does), so a reply's end cannot be told apart from the next turn's start; set "
+            "data.chat_template to a template that writes the generation prompt only when asked (the model's "
+            "default template)"
+        )
+    return (
+        "rendering the probe dialogue turn by turn located no assistant reply (the template rewrites earlier turns "
+        "when later ones are added); set data.chat_template to one that renders each turn as a prefix of the next, "
+        "or add {% generation %} ... {% endgeneration %} around each reply"
+    )
 
 
 def _derived_runs_match(
     runs: list[list[int]], replies: list[str], probe: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
 ) -> bool:
-    """Derived spans start where the generation prompt ends, so a run may open with text the template makes the
-    model write before its reply (Qwen3's thinking block), never with another message's text. Turns the template
-    rewrites later are left out (and counted), but the last turn is always located: the runs are the replies of a
-    subsequence of the turns that ends with the last one."""
+    """Derived spans start where the generation prompt ends, so a run may hold text the template makes the model
+    write around its reply (Qwen3's thinking block, Kimi-K3's closing tags), never another message's text. Turns the
+    template rewrites later are left out (and counted): the runs are the replies of a subsequence of the turns, which
+    holds the probe's last turn (the whole rendering is its rendering) or, with tools, at least the tool call (a
+    template may write a tool result differently once a reply follows, as Bielik's does)."""
     others = [m["content"] for m in probe if m["role"] != "assistant"]
     texts = [tokenizer.decode(run, skip_special_tokens=True).strip() for run in runs]
-    if not texts[-1].endswith(replies[-1]) or any(other in text for other in others for text in texts):
+    if any(other in text for other in others for text in texts):
         return False
-    remaining = iter(replies)
-    return all(any(text.endswith(reply) for reply in remaining) for text in texts)
+    remaining, located = iter(enumerate(replies)), []
+    for text in texts:
+        located.append(next((k for k, reply in remaining if reply in text), None))
+    calls = [k for k, m in enumerate(m for m in probe if m["role"] == "assistant") if m.get("tool_calls")]
+    return None not in located and (len(replies) - 1 in located or bool(calls) and calls[0] in located)

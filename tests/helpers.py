@@ -273,6 +273,29 @@ def write_chats(path: Path, count: int) -> Path:
     return path
 
 
+# A Qwen2.5-style layout: tool schemas in the system turn, tool calls as JSON inside the reply, tool results as
+# user turns.
+QWEN_STYLE_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{- '<|im_start|>user\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{%- generation %}"
+    "{{- message['content'] }}"
+    "{%- for call in message.get('tool_calls', []) %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{{- call['function']['arguments'] | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
 def write_mixed_corpus(directory: Path) -> None:
     """Every supported format in one directory: Alpaca and prompt/completion in a JSON array, ChatML with tools,
     text parts and extra columns, ShareGPT with untrained turns and function calls, and a gzipped JSONL."""

@@ -1,18 +1,15 @@
 """Released chat templates, as their models ship them (no `{% generation %}` markers): the derived masks.
 
-The templates are the models' own, from their tokenizer_config.json files, as llama.cpp keeps them for its tests
-(`models/templates/`), vendored in the llama-cpp-python sdist on PyPI: the session fixture downloads that sdist once
-with pip (no build, no dependencies) and keeps the templates used here under `.cache/released_templates/`. Each
-template goes on the embedded byte-level tokenizer with its family's special tokens added, so its role headers and
-end-of-turn tokens are single special tokens as in the real vocabularies.
+The templates are the models' own, from llama.cpp's collection in the llama-cpp-python sdist on PyPI (see
+`tests/data_pipeline/released_templates.py`; `test_template_collection.py` runs every one of them). Here each template
+goes on the embedded byte-level tokenizer with its family's special tokens written out, so its role headers and
+end-of-turn tokens are single special tokens as in the real vocabularies, and the tests name exact strings.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tarfile
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +25,7 @@ from data_pipeline.tokenize import (
     CONVERSATION_KEY,
     REASONING_NOT_RENDERED_KEY,
     REASONING_TURNS_KEY,
+    REFUSAL_KEY,
     UNTRAINED_TURNS_KEY,
     TokenizeOptions,
     check_assistant_mask,
@@ -35,12 +33,10 @@ from data_pipeline.tokenize import (
     tokenize_dialogue,
     tokenize_dialogues,
 )
-from embedded.paths import REPO_ROOT, SAMPLE_DIR, TOKENIZER_DIR
+from embedded.paths import SAMPLE_DIR, TOKENIZER_DIR
+from tests.data_pipeline.released_templates import template_collection
 from tests.helpers import NO_HELDOUT, run_ok, trained_runs
 
-SDIST = "llama-cpp-python==0.3.36"
-TEMPLATES_IN_SDIST = "/vendor/llama.cpp/models/templates/"
-CACHE = REPO_ROOT / ".cache" / "released_templates"
 QWEN25, QWEN3 = "Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B"
 LLAMA31, MISTRAL = "meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407"
 GEMMA2, R1_DISTILL = "google-gemma-2-2b-it", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B"
@@ -127,20 +123,8 @@ TOOL_DIALOGUE = [
 
 @pytest.fixture(scope="session")
 def released_templates() -> dict[str, str]:
-    """Template name -> Jinja text, the models' own (see the module doc), fetched once into `.cache/`."""
-    if not all((CACHE / f"{name}.jinja").is_file() for name in FAMILIES):
-        CACHE.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "--quiet"]
-        result = subprocess.run([*command, "-d", str(CACHE)], capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"could not download the {SDIST} sdist from the package index:\n{result.stderr}"
-        (sdist,) = CACHE.glob("llama_cpp_python-*.tar.gz")
-        with tarfile.open(sdist) as archive:
-            for member in archive:
-                name = Path(member.name).stem
-                if TEMPLATES_IN_SDIST in member.name and name in FAMILIES:
-                    (CACHE / f"{name}.jinja").write_bytes(archive.extractfile(member).read())
-        sdist.unlink()
-    return {name: (CACHE / f"{name}.jinja").read_text(encoding="utf-8") for name in FAMILIES}
+    """Template name -> Jinja text, every template of the pinned collection (fetched once into `.cache/`)."""
+    return template_collection()
 
 
 def family_tokenizer(name: str, template: str) -> PreTrainedTokenizerBase:
@@ -229,17 +213,17 @@ def test_llama31_tool_calls_and_tool_results(released_templates: dict[str, str])
     assert "<|start_header_id|>ipython<|end_header_id|>" in text and text.count("<|begin_of_text|>") == 1
 
 
-def test_gemma_refuses_a_system_message_naming_the_record(released_templates: dict[str, str]) -> None:
+def test_gemma_refuses_a_system_message_naming_the_record(released_templates: dict[str, str], tmp_path: Path) -> None:
     tokenizer = family_tokenizer(GEMMA2, released_templates[GEMMA2])
     conversations = [{"messages": MULTI_TURN}, {"messages": [SYSTEM, *MULTI_TURN]}]
-    batch = pa.table(
-        {
-            CONVERSATION_KEY: [json.dumps(c) for c in conversations],
-            ORIGIN_KEY: ["chats.jsonl:1", "chats.jsonl:2"],
-        }
-    )
-    with pytest.raises(ValueError, match=r"chats\.jsonl:2: the chat template refused the dialogue: System role"):
-        tokenize_batch(batch, tokenizer, TokenizeOptions(512))
+    batch = pa.table({CONVERSATION_KEY: [json.dumps(c) for c in conversations], ORIGIN_KEY: ["c:1", "c:2"]})
+    refusals = tokenize_batch(batch, tokenizer, TokenizeOptions(512)).column(REFUSAL_KEY).to_pylist()
+    assert refusals[0] is None and refusals[1].startswith("the chat template refused the dialogue: System role")
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    refused = re.escape(f"{path}:2: the chat template refused the dialogue: System role not supported (data.on_error=")
+    with pytest.raises(ValueError, match=f"^{refused}"):
+        build_datasets(DataConfig(sources=[str(path)], num_proc=1, cache_dir=None), tokenizer, seed=0)
 
 
 def test_mistral_system_message_leaves_the_turns_untrained_and_counted(released_templates: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ from data_pipeline.tokenize import (
     tokenize_dialogue,
     tokenize_dialogues,
 )
-from tests.helpers import SAMPLE_SOURCES, data_config, write_mixed_corpus
+from tests.helpers import QWEN_STYLE_TOOLS_TEMPLATE, SAMPLE_SOURCES, data_config, write_mixed_corpus
 
 DIALOGUE = [
     {"role": "system", "content": "Answer with a number."},
@@ -42,29 +42,6 @@ LLAMA3_STYLE_TEMPLATE = (
     "{%- else %}{{- message['content'] + '<|eot_id|>' }}{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
-
-
-# A Qwen2.5-style layout: tool schemas in the system turn, tool calls as JSON inside the reply, tool results as
-# user turns.
-QWEN_STYLE_TOOLS_TEMPLATE = (
-    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
-    "{{- '# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools><|im_end|>\\n' }}"
-    "{%- elif messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{- '<|im_start|>user\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{%- generation %}"
-    "{{- message['content'] }}"
-    "{%- for call in message.get('tool_calls', []) %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
-    "{{- call['function']['arguments'] | tojson }}{{- '}\\n</tool_call>' }}"
-    "{%- endfor %}{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
-    "{%- endif %}{%- endfor %}"
 )
 
 

@@ -6,7 +6,9 @@ kind stops with its file and line, under `skip` each is counted under its reason
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from config.sources import parse_sources
 from core.keys import IGNORE_INDEX
 from data_pipeline.prepare import build_datasets, load_canonical
 from data_pipeline.sources import DataFormatError
-from tests.helpers import data_config, write_mixed_corpus
+from tests.helpers import QWEN_STYLE_TOOLS_TEMPLATE, data_config, write_mixed_corpus
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 USER, REPLY = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
@@ -89,20 +91,36 @@ def test_a_broken_json_array_stops_even_under_skip(tmp_path: Path) -> None:
 def test_every_format_mixes_into_one_run(tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase) -> None:
     write_mixed_corpus(tmp_path)
     data = data_config([str(tmp_path)], max_length=256, num_proc=1, validation_split_percentage=0.0)
-    train, validation, stats = build_datasets(data, chatml_tokenizer, seed=0)
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = QWEN_STYLE_TOOLS_TEMPLATE  # renders the corpus' tool calls
+    train, validation, stats = build_datasets(data, tokenizer, seed=0)
     assert validation is None and len(train) == stats.train_samples == 8
     assert [Path(name).name for name in stats.sources] == ["alpaca_and_pc.json", "chats.jsonl", "more.jsonl.gz"]
     for source in stats.sources.values():
         assert source.kept == source.records and not source.dropped
     assert stats.sources[str(tmp_path / "chats.jsonl")].dropped_columns == {"score": 1}
     assert stats.sources[str(tmp_path / "alpaca_and_pc.json")].dropped_columns == {"id": 1, "meta": 1}
-    trained = [chatml_tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) for labels in train["labels"]]
+    trained = [tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) for labels in train["labels"]]
     assert "Yob a" in "".join(trained).replace("<|im_end|>", "")
     sharegpt = next(text for text in trained if "trained" in text)
     assert "not trained" not in sharegpt and sharegpt.endswith("trained<|im_end|>")
     assert any(text.startswith("joined") for text in trained)
     summary = stats.summary()
     assert "chats.jsonl" in summary and "columns ignored" in summary and "train samples: 8" in summary
+
+
+def test_tool_calls_a_template_does_not_render_are_refused_or_skipped_and_counted(
+    tmp_path: Path, chatml_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    # The embedded ChatML template writes no tool calls: its two records with calls would train an empty turn.
+    write_mixed_corpus(tmp_path)
+    chats = tmp_path / "chats.jsonl"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(chats))}:3: messages\[1\]: the chat template does not "):
+        build_datasets(data_config([str(chats)], num_proc=1), chatml_tokenizer, seed=0)
+    data = data_config([str(chats)], num_proc=1, validation_split_percentage=0.0, on_error="skip")
+    train, _, stats = build_datasets(data, chatml_tokenizer, seed=0)
+    assert stats.sources[str(chats)].dropped == {"tool_calls_not_rendered": 2}
+    assert len(train) == stats.sources[str(chats)].kept == 2
 
 
 def test_a_dialogue_with_no_trained_turn_is_dropped_and_counted(

@@ -1,0 +1,263 @@
+"""Every chat template of the pinned collection (llama.cpp's `models/templates`, about 70 released templates; a file
+a newer pin adds is run too) on a fixed set of dialogues, each held to one of two outcomes:
+
+- prepared, and an independent reading of each prepared sample agrees: its tokens are the template's rendering,
+  and each trained run of tokens holds one assistant turn (its reply, its tool calls, its rendered reasoning) and
+  ends with a special token, with nothing of the other messages; turns the template rewrites once later turns
+  follow are the only ones left untrained, and counted;
+- or refused, at start-up or per record, in one line that says what the template does and what to do; a record
+  whose tool calls the template does not render is refused as `tool_calls_not_rendered`, never trained as an
+  empty turn.
+
+The outcomes are docs/templates.md's table, which the test checks is current:
+
+    WRITE_TEMPLATES_DOC=1 python -m pytest tests/data_pipeline/test_template_collection.py
+
+rewrites it from the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
+from data_pipeline.tokenize import (
+    REASONING_NOT_RENDERED_KEY,
+    REFUSAL_KEY,
+    REFUSAL_REASON_KEY,
+    TOOL_CALLS_NOT_RENDERED,
+    UNTRAINED_TURNS_KEY,
+    TokenizeOptions,
+    ToolCallsNotRendered,
+    chat_template,
+    check_assistant_mask,
+    template_messages,
+    tokenize_dialogues,
+)
+from embedded.paths import REPO_ROOT
+from tests.data_pipeline.released_templates import TEMPLATES_SDIST, template_collection, template_tokenizer
+
+DOC = REPO_ROOT / "docs" / "templates.md"
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def call(city: str, number: int) -> dict[str, Any]:
+    # Nine alphanumeric characters: the ids Mistral's templates require.
+    return {
+        "type": "function",
+        "id": f"call{number:05d}",
+        "function": {"name": "get_weather", "arguments": {"city": city}},
+    }
+
+
+def result(content: str, number: int) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": f"call{number:05d}", "name": "get_weather", "content": content}
+
+
+FIRST_QUESTION, SECOND_QUESTION = (
+    {"role": "user", "content": "Name a prime number."},
+    {"role": "user", "content": "And an even one?"},
+)
+FIRST_REPLY, SECOND_REPLY = (
+    {"role": "assistant", "content": "Seven."},
+    {"role": "assistant", "content": "Two, the only even prime."},
+)
+# Every message's text is distinct, so a trained run can be told to hold one message and no other.
+DIALOGUES: dict[str, tuple[list[dict[str, Any]], list | None]] = {
+    "single turn": ([FIRST_QUESTION, FIRST_REPLY], None),
+    "multi-turn": ([FIRST_QUESTION, FIRST_REPLY, SECOND_QUESTION, SECOND_REPLY], None),
+    "system": (
+        [
+            {"role": "system", "content": "You answer in one short line."},
+            FIRST_QUESTION,
+            FIRST_REPLY,
+            SECOND_QUESTION,
+            SECOND_REPLY,
+        ],
+        None,
+    ),
+    "tool call": (
+        [
+            {"role": "user", "content": "Is it raining in Lyon?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("Lyon", 1)]},
+            result('{"rain": false}', 1),
+            {"role": "assistant", "content": "No, it is dry in Lyon."},
+        ],
+        TOOLS,
+    ),
+    "parallel calls": (
+        [
+            {"role": "user", "content": "Weather in Lyon and Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [call("Lyon", 2), call("Oslo", 3)]},
+            result('{"sky": "clear"}', 2),
+            result('{"sky": "snow"}', 3),
+            {"role": "assistant", "content": "Clear in Lyon, snow in Oslo."},
+        ],
+        TOOLS,
+    ),
+    "text with a call": (
+        [
+            {"role": "user", "content": "Is it windy in Nice?"},
+            {"role": "assistant", "content": "Let me look that up.", "tool_calls": [call("Nice", 4)]},
+            result('{"wind": "calm"}', 4),
+            {"role": "assistant", "content": "It is calm in Nice."},
+        ],
+        TOOLS,
+    ),
+    "reasoning": (
+        [
+            {"role": "user", "content": "Is 9 prime?"},
+            {"role": "assistant", "reasoning_content": "Nine is three times three.", "content": "No, 9 = 3 x 3."},
+        ],
+        None,
+    ),
+}
+
+
+def trained_runs(row: dict[str, Any]) -> list[list[int]]:
+    pairs = zip(row[INPUT_IDS_KEY], row[LABELS_KEY], strict=True)
+    return [
+        [token for token, _ in run]
+        for trained, run in itertools.groupby(pairs, lambda p: p[1] != IGNORE_INDEX)
+        if trained
+    ]
+
+
+def independent_problems(
+    messages: list[dict[str, Any]], tools: list | None, row: dict[str, Any], tokenizer: PreTrainedTokenizerBase
+) -> list[str]:
+    """What is wrong with a prepared sample, read from the rendering alone (not from how the spans were derived)."""
+    template_tools = tools if tools and "tools" in chat_template(tokenizer, tools) else None
+    rendered = template_messages(messages, tokenizer, tools=template_tools)
+    text = tokenizer.apply_chat_template(rendered, tools=template_tools, tokenize=False)
+    ids = tokenizer.apply_chat_template(rendered, tools=template_tools, tokenize=True, return_dict=True)[INPUT_IDS_KEY]
+    problems = [] if list(ids) == row[INPUT_IDS_KEY] else ["the tokens are not the template's rendering"]
+    # What each assistant turn must hold when trained: its reply, its calls' names, its reasoning where rendered.
+    turns = []
+    for message in (m for m in messages if m["role"] == "assistant"):
+        pieces = [message["content"]] if message["content"] else []
+        pieces += [c["function"]["name"] for c in message.get("tool_calls", [])]
+        reasoning = message.get("reasoning_content")
+        turns.append(pieces + ([reasoning] if reasoning and reasoning in text else []))
+    others = [m["content"] for m in messages if m["role"] != "assistant"]
+    runs = [tokenizer.decode(run) for run in trained_runs(row)]
+    special = set(tokenizer.all_special_ids)
+    if len(runs) != len(turns) - row[UNTRAINED_TURNS_KEY]:
+        problems.append(f"{len(runs)} trained runs for {len(turns)} turns, {row[UNTRAINED_TURNS_KEY]} untrained")
+    remaining = iter(turns)
+    for run, tokens in zip(runs, trained_runs(row), strict=True):
+        if not any(all(piece in run for piece in pieces) for pieces in remaining):
+            problems.append(f"the trained run {run!r} holds no assistant turn (in order)")
+        problems += [f"the trained run {run!r} holds {other!r}" for other in others if other in run]
+        if tokens[-1] not in special:
+            problems.append(f"the trained run {run!r} does not end with an end-of-turn token")
+    return problems
+
+
+def one_line_with_a_fix(problem: str) -> bool:
+    return "\n" not in problem and "data." in problem
+
+
+def template_outcome(name: str, template: str) -> tuple[list[str], list[str]]:
+    """The docs row of one template and the problems the test finds with it."""
+    tokenizer = template_tokenizer(name, template)
+    try:
+        check_assistant_mask(tokenizer)
+    except ValueError as e:
+        problems = [] if one_line_with_a_fix(str(e)) else [f"{name}: the refusal is not one line with a fix: {e}"]
+        return [name, "refused at start-up", "", str(e).replace("|", "\\|")], problems
+    problems, untrained, refused, unrendered, reasons = [], Counter(), Counter(), 0, {}
+    for label, (messages, tools) in DIALOGUES.items():
+        row = {
+            key: column[0].as_py()
+            for key, column in tokenize_dialogues([(messages, tools)], tokenizer, TokenizeOptions(10**6)).items()
+        }
+        if row[REFUSAL_REASON_KEY] is not None:
+            refused[row[REFUSAL_REASON_KEY]] += 1
+            reasons[label] = row[REFUSAL_REASON_KEY]
+            if not one_line_with_a_fix(row[REFUSAL_KEY]):
+                problems.append(f"{name}, {label}: the refusal is not one line with a fix: {row[REFUSAL_KEY]}")
+            continue
+        untrained[label] = row[UNTRAINED_TURNS_KEY]
+        unrendered += row[REASONING_NOT_RENDERED_KEY]
+        problems += [f"{name}, {label}: {problem}" for problem in independent_problems(messages, tools, row, tokenizer)]
+    try:
+        check_assistant_mask(tokenizer, DIALOGUES["tool call"])
+        tool_probe = ""
+    except ToolCallsNotRendered:
+        tool_probe = "; the tool-call probe warns that records with calls are refused"
+    except ValueError as e:  # data with tool calls is refused at start-up
+        tool_probe = f"; with tool calls refused at start-up: {e}".replace("|", "\\|")
+        if not one_line_with_a_fix(str(e)):
+            problems.append(f"{name}: the tool-call probe's refusal is not one line with a fix: {e}")
+    if reasons.get("tool call") == TOOL_CALLS_NOT_RENDERED and not tool_probe:
+        problems.append(f"{name}: records refused as {TOOL_CALLS_NOT_RENDERED} but the tool-call probe passes")
+    untrained_text = ", ".join(f"{label} {count}" for label, count in untrained.items() if count)
+    notes = ", ".join(f"{count} refused as {reason}" for reason, count in sorted(refused.items()))
+    if unrendered:
+        notes += f"{', ' if notes else ''}reasoning not rendered ({unrendered} turn{'s' * (unrendered > 1)})"
+    return [name, "prepared, exact", untrained_text, notes + tool_probe], problems
+
+
+def markdown(rows: list[list[str]]) -> str:
+    header = [
+        "template",
+        "outcome",
+        "turns left untrained (rewritten once later turns follow)",
+        "records refused, notes",
+    ]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    return "\n".join([*lines, *(f"| {' | '.join(row)} |" for row in rows)]) + "\n"
+
+
+DOC_HEADER = f"""# Released chat templates
+
+Generated by `tests/data_pipeline/test_template_collection.py` (`WRITE_TEMPLATES_DOC=1 python -m pytest
+tests/data_pipeline/test_template_collection.py`) from every template of llama.cpp's `models/templates` collection in
+the `{TEMPLATES_SDIST}` sdist, each on the embedded tokenizer with its markup as special tokens, on {len(DIALOGUES)}
+dialogues: {", ".join(DIALOGUES)}.
+
+"Prepared, exact": every sample's tokens are the template's rendering and each trained run holds one assistant turn
+(reply, tool calls, rendered reasoning) ending with a special token, nothing of the other messages. A turn the template
+renders differently once later turns follow is left untrained and counted (`untrained_turns` in stats.json); a record
+the template refuses, or whose tool calls it drops, is refused in one line or skipped and counted under
+`data.on_error=skip`. "Refused at start-up": the start-up probe's line, which says what the template does and what to
+do.
+
+"""
+
+
+def test_every_template_of_the_collection_prepares_exactly_or_is_refused_with_its_reason() -> None:
+    templates = template_collection()
+    assert len(templates) >= 70, sorted(templates)
+    rows, problems = [], []
+    for name, template in templates.items():
+        row, found = template_outcome(name, template)
+        rows.append(row)
+        problems += found
+    assert not problems, "\n".join(problems)
+    # Neither outcome is vacuous: most templates prepare, and the known ones are refused with their reason.
+    outcomes = {row[0]: row for row in rows}
+    assert sum(row[1] == "prepared, exact" for row in rows) >= 50
+    for granite in ("ibm-granite-granite-3.3-2B-Instruct", "HuggingFaceTB-SmolLM3-3B"):
+        assert f"3 refused as {TOOL_CALLS_NOT_RENDERED}" in outcomes[granite][3]
+    doc = DOC_HEADER + markdown(rows)
+    if os.environ.get("WRITE_TEMPLATES_DOC") == "1":
+        DOC.write_text(doc, encoding="utf-8")
+    assert DOC.read_text(encoding="utf-8") == doc, (
+        f"{DOC} is not this run's table: rewrite it with WRITE_TEMPLATES_DOC=1 python -m pytest {__file__}"
+    )
