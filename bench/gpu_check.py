@@ -413,7 +413,15 @@ def git_commit() -> str | None:
     return completed.stdout.strip() or None
 
 
-def run_check(out_dir: Path, dry_run: bool) -> dict:
+def carried_wheels(wheels_dir: Path | None) -> dict | None:
+    """The carried files and their bytes: what the machine took on top of the repository (at most 64 MiB)."""
+    if wheels_dir is None:
+        return None
+    files = {path.name: path.stat().st_size for path in sorted(wheels_dir.iterdir()) if path.is_file()}
+    return {"files": files, "bytes": sum(files.values())}
+
+
+def run_check(out_dir: Path, dry_run: bool, wheels_dir: Path | None = None) -> dict:
     if not dry_run and not torch.cuda.is_available():
         sys.exit("bench.gpu_check: no CUDA GPU here; --dry-run runs every part on CPU at a tiny size")
     scale, device = (DRY, "cpu") if dry_run else (GPU, "cuda")
@@ -426,6 +434,7 @@ def run_check(out_dir: Path, dry_run: bool) -> dict:
         "dry_run": dry_run,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "versions": versions(),
+        "carried_wheels": carried_wheels(wheels_dir),
         "parts": {},
     }
     for name, part in (
@@ -444,36 +453,32 @@ def run_check(out_dir: Path, dry_run: bool) -> dict:
 
 
 def summary(name: str, part: dict) -> str:
-    """One line of a part's figures for the table."""
-    if part["status"] == FAILED:
+    """One line of a part's figures for the table (the status column says whether they are within bounds)."""
+    if "error" in part:
         lines = part["error"].splitlines()  # the exception's line, not the launcher's last word
-        return next((line for line in reversed(lines) if "Error" in line), lines[-1])[:200]
+        error = next((line for line in reversed(lines) if "Error" in line), lines[-1])[:300]
+        if "rows" not in part:
+            return error
     if name == "gpu_tests":
-        return "; ".join(
-            f"{t['test'].split('::')[-1]} {t['outcome']} {t.get('reason', '')}".strip() for t in part["tests"]
-        )
+        tests = [f"{t['test'].split('::')[-1]} {t['outcome']} {t.get('reason', '')}".strip() for t in part["tests"]]
+        return "; ".join(tests) or "no gpu-marked test collected"
     if name == "attention":
         ran = [r for r in part["rows"] if "skipped" not in r]
-        skipped = {f"{r['implementation']}: {r['skipped']}" for r in part["rows"] if "skipped" in r}
+        skipped = sorted({f"; {r['implementation']}: {r['skipped']}" for r in part["rows"] if "skipped" in r})
         worst = max(r["grad_error"] / r["grad_bound"] for r in ran)
-        return f"{len(ran)} runs within bounds (worst gradient error {worst:.2f} of its bound)" + "".join(
-            f"; {s}" for s in sorted(skipped)
-        )
+        return f"{len(ran)} runs, worst gradient error {worst:.2f} of its bound" + "".join(skipped)
     if name == "fused_head":
         worst = max(r[f"{k}_error"] / r[f"{k}_bound"] for r in part["rows"] for k in HEAD_OUTPUTS)
-        return (
-            f"loss and gradients within bounds at {part['tokens']} x {part['vocab']} (worst {worst:.2f} of its bound)"
-        )
+        return f"{part['tokens']} tokens x {part['vocab']} vocabulary, worst error {worst:.2f} of its bound"
     if name == "throughput":
-        return "; ".join(
-            f"{r['side']}{'+Liger' if r['liger'] else ''} {r['loss']}: "
-            + (
-                f"skipped ({r['skipped']})"
-                if "skipped" in r
-                else f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}"
-            )
-            for r in part["rows"]
-        )
+        rows = []
+        for r in part["rows"]:
+            if "skipped" in r or "failed" in r:
+                state = f"skipped ({r['skipped']})" if "skipped" in r else f"FAILED ({r['failed']})"
+            else:
+                state = f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}"
+            rows.append(f"{r['side']}{'+Liger' if r['liger'] else ''} {r['loss']}: {state}")
+        return "; ".join(rows)
     mfu = "no mfu (CPU)" if part["mfu"] is None else f"mfu {part['mfu']:.2%}"
     return f"{mfu}, peak memory {part['peak_memory_gb']:.2f} GB, {part['tokens_per_second']:,.0f} tokens/s"
 
@@ -506,12 +511,14 @@ def format_attention(part: dict) -> str:
 def docs_section(result: dict) -> list[str]:
     versions_text = ", ".join(f"{name} {version}" for name, version in result["versions"].items() if version)
     absent = ", ".join(name for name, version in result["versions"].items() if version is None)
+    wheels = result["carried_wheels"]
+    carried = f", {wheels['bytes'] / 2**20:.1f} MiB of carried wheels" if wheels else ""
     section = [
         SECTION_HEADING,
         "",
         f"Measured {result['date']} with `{result['command']}` on {result['device']} (commit "
         f"{result['commit'] or 'not recorded'}; {versions_text}; not installed: {absent or 'none'}), "
-        f"{result['seconds']:.0f} s in all. What each part runs and why each bound is what it is: "
+        f"{result['seconds']:.0f} s in all{carried}. What each part runs and why each bound is what it is: "
         "`bench/gpu_check.py`'s docstring. Raw numbers: `bench/results/gpu_check.json`.",
         "",
         format_table(result),
@@ -603,6 +610,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU at a tiny size")
     parser.add_argument("--docs-from", type=Path, help="write the docs section from this gpu_check.json, then exit")
     parser.add_argument("--docs", type=Path, help=f"with --docs-from: the file to write to (default {DOCS_PATH})")
+    parser.add_argument("--wheels", type=Path, help="the carried wheels' directory, to record their sizes")
     parser.add_argument("--image-env", type=Path, help="make an environment like the GPU image here, then exit")
     args = parser.parse_args()
     if args.image_env:
@@ -611,7 +619,7 @@ def main() -> None:
     if args.docs_from:
         write_docs(args.docs_from, args.docs)
         return
-    result = run_check(args.out, args.dry_run)
+    result = run_check(args.out, args.dry_run, args.wheels)
     print(format_table(result))
     failed = [name for name, part in result["parts"].items() if part["status"] == FAILED]
     if failed:

@@ -300,13 +300,18 @@ def run_row_child(spec: dict, scale: GpuScale, device: str) -> dict:
         }
 
 
+def trained(row: dict) -> bool:
+    """Whether the row ran: neither skipped (a missing module, no CUDA for Liger) nor failed."""
+    return "skipped" not in row and "failed" not in row
+
+
 def side_name(row: dict) -> str:
     return row["side"] + ("+Liger" if row["liger"] else "")
 
 
 def with_mfu(rows: list[dict], peak_flops: float) -> list[dict]:
     return [
-        row if "skipped" in row else {**row, "mfu": row["model_flops_per_token"] * row["tokens_per_s"] / peak_flops}
+        {**row, "mfu": row["model_flops_per_token"] * row["tokens_per_s"] / peak_flops} if trained(row) else row
         for row in rows
     ]
 
@@ -315,10 +320,10 @@ def comparisons(rows: list[dict]) -> list[dict]:
     """Each project row against each trained TRL row (with and without Liger) of its counterpart loss."""
     out = []
     for row in rows:
-        if row["side"] != PROJECT or "skipped" in row:
+        if row["side"] != PROJECT or not trained(row):
             continue
         for trl in rows:
-            if trl["side"] != TRL or trl["loss"] != TRL_COUNTERPART[row["loss"]] or "skipped" in trl:
+            if trl["side"] != TRL or trl["loss"] != TRL_COUNTERPART[row["loss"]] or not trained(trl):
                 continue
             first, trl_first = row["losses"][0], trl["losses"][0]
             out.append(
@@ -345,8 +350,9 @@ def format_table(rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        if "skipped" in row:
-            lines.append(f"| {row['loss']} | {side_name(row)} | skipped: {row['skipped']} |" + " - |" * 8)
+        if not trained(row):
+            state = f"skipped: {row['skipped']}" if "skipped" in row else f"FAILED: {row['failed']}"
+            lines.append(f"| {row['loss']} | {side_name(row)} | {state} |" + " - |" * 8)
             continue
         mfu = f"{row['mfu']:.1%}" + (f" {goal(row['mfu'] >= GOAL_MFU)}" if row["side"] == PROJECT else "")
         memory = [row["peak_allocated_gib"], row["peak_reserved_gib"]]
@@ -376,7 +382,7 @@ def format_goals(compared: list[dict]) -> str:
 def write_docs_section(result: dict) -> None:
     """This benchmark's section of docs/benchmarks.md, from a GPU run."""
     rows = result["rows"]
-    trained = next(row for row in rows if "skipped" not in row)
+    first = next(row for row in rows if trained(row))
     scale = result["scale"]
     size = scale["size"]
     liger = next((c for c in result["comparisons"] if c["liger"] and c["loss"] == DFT), None)
@@ -386,7 +392,7 @@ def write_docs_section(result: dict) -> None:
     project_mfu = ", ".join(
         f"{row['loss']} {row['mfu']:.1%} {goal(row['mfu'] >= GOAL_MFU)}"
         for row in rows
-        if row["side"] == PROJECT and "skipped" not in row
+        if row["side"] == PROJECT and trained(row)
     )
     section = [
         SECTION_HEADING,
@@ -396,12 +402,12 @@ def write_docs_section(result: dict) -> None:
         f"Qwen2.5-1.5B's shape (hidden {size['hidden_size']}, {size['num_hidden_layers']} layers, "
         f"{size['num_attention_heads']} heads, {size['num_key_value_heads']} KV heads, "
         f"MLP {size['intermediate_size']}, "
-        f"vocabulary {size['vocab_size']:,}, tied head), {trained['parameters'] / 1e9:.2f}B parameters, random init, "
+        f"vocabulary {size['vocab_size']:,}, tied head), {first['parameters'] / 1e9:.2f}B parameters, random init, "
         "float32 weights under bf16 autocast, activation checkpointing. Data: micro-batches packed to at most "
         f"{scale['max_tokens']:,} tokens (`data.packing=true data.packing_max_tokens={scale['max_tokens']}`), the same "
         f"ones in the same order on both sides; {scale['steps']} steps, the clock running over the last "
-        f"{trained['timed_steps']} ({trained['timed_tokens']:,} tokens, {trained['timed_samples']} samples, mean "
-        f"attended context {trained['mean_attended_context']:.0f} tokens). Each row ran in a fresh process. "
+        f"{first['timed_steps']} ({first['timed_tokens']:,} tokens, {first['timed_samples']} samples, mean "
+        f"attended context {first['mean_attended_context']:.0f} tokens). Each row ran in a fresh process. "
         "tokens/s, MFU (model FLOPs `6 N_trainable + 4 N_frozen + 12 L H C` per token, `observability/flops.py`, "
         "not the checkpointing recompute) and memory are defined in `bench/train_throughput_gpu.py`'s docstring. "
         "Raw numbers and loss curves: "
@@ -499,9 +505,13 @@ def main() -> None:
     else:
         measured = []
         for spec in runnable:
-            measured += run_children([spec], smoke=False, module=MODULE)
+            try:
+                measured += run_children([spec], smoke=False, module=MODULE)
+            except RuntimeError as error:  # one row's crash (a Liger release at odds with transformers, say)
+                measured.append({**spec, "failed": str(error).splitlines()[-1]})  # must not lose the other rows
             row = measured[-1]
-            state = row.get("skipped") or f"{row['tokens_per_s']:,.0f} tokens/s, {row['peak_allocated_gib']:.1f} GiB"
+            state = row.get("skipped") or row.get("failed")
+            state = state or f"{row['tokens_per_s']:,.0f} tokens/s, {row['peak_allocated_gib']:.1f} GiB"
             print(f"{spec}: {state}", file=sys.stderr, flush=True)
     by_spec = iter(measured)
     rows = with_mfu(

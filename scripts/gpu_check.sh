@@ -54,7 +54,11 @@ fi
 
 LEFT=$((CHECK_TIMEOUT_S - (SECONDS - STARTED)))
 echo "gpu_check: $((SECONDS - STARTED)) s to set up; running the parts (at most $LEFT s) with $CHECK_PYTHON" >&2
-timeout "$LEFT" "$CHECK_PYTHON" -m bench.gpu_check --out "$OUT" $DRY_RUN
+if [[ -n "$DRY_RUN" ]]; then
+    timeout "$LEFT" "$CHECK_PYTHON" -m bench.gpu_check --out "$OUT" --dry-run
+else
+    timeout "$LEFT" "$CHECK_PYTHON" -m bench.gpu_check --out "$OUT" --wheels "$WHEELS"
+fi
 if [[ -n "$DRY_RUN" ]]; then
     # The docs section renders from the JSON, into a copy: a dry run's numbers are no GPU's.
     cp docs/benchmarks.md "$OUT/benchmarks.md"

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 import bench.docs
-from bench.train_throughput_gpu import ARMS, QWEN25_15B, SECTION_HEADING, SMOKE, write_docs_section
+from bench.train_throughput_gpu import (
+    ARMS,
+    QWEN25_15B,
+    SECTION_HEADING,
+    SMOKE,
+    comparisons,
+    format_table,
+    with_mfu,
+    write_docs_section,
+)
 from embedded.families import family_config
 from modeling.adapter import meta_model
 from observability.flops import flop_parameters
@@ -71,3 +80,17 @@ def test_smoke_mode_runs_every_gpu_row_on_cpu(tmp_path: Path, monkeypatch: pytes
     text = docs.read_text()
     assert "## Other\n\nkept\n" in text and text.count(SECTION_HEADING) == 1
     assert "TRL+Liger DFT's tokens/s: not measured" in text and "MFU >= 35%: dft " in text
+
+
+def test_a_failed_row_is_reported_and_left_out_of_the_comparisons() -> None:
+    """On a GPU each row runs in its own process; one that crashes (a Liger release at odds with transformers, say)
+    is recorded as failed while the others are measured, and no ratio or MFU is computed from it."""
+    measured = {"tokens_per_s": 100.0, "model_flops_per_token": 6e9, "losses": [2.0, 1.9], "vocab_size": 512}
+    measured |= {"attn_implementation": "sdpa", "seconds": 1.0, "peak_rss_mib": 900.0}
+    measured |= {"peak_allocated_gib": 10.0, "peak_reserved_gib": 12.0}
+    project = {"side": "project", "loss": "dft", "liger": False, **measured}
+    failed = {"side": "TRL", "loss": "dft", "liger": True, "failed": "ImportError: cannot import name 'x'"}
+    rows = with_mfu([project, failed], peak_flops=1e12)
+    assert rows[0]["mfu"] == pytest.approx(6e9 * 100 / 1e12) and "mfu" not in rows[1]
+    assert comparisons(rows) == []
+    assert "| dft | TRL+Liger | FAILED: ImportError: cannot import name 'x' |" in format_table(rows)
