@@ -220,7 +220,9 @@ def _content_parts(
             kind = part.get("type", "text")
             if kind in REASONING_PART_TYPES and not allow_reasoning:
                 raise where.error("bad_content", f"{label}.content[{i}]: only an assistant turn has reasoning")
-            if kind == TOOL_CALL_PART_TYPE and allow_reasoning:
+            if kind == TOOL_CALL_PART_TYPE:
+                if not allow_reasoning:
+                    raise where.error("bad_tool_calls", f"{label}.content[{i}]: only an assistant turn has tool calls")
                 calls.append(_json_call(part.get("value", part.get("text")), where, f"{label}.content[{i}]"))
                 continue
             if kind not in TEXT_PART_TYPES and kind not in REASONING_PART_TYPES:
