@@ -82,3 +82,25 @@ def test_a_dry_run_json_never_becomes_the_repositorys_docs(tmp_path: Path) -> No
     path.write_text(json.dumps({"dry_run": True}))
     with pytest.raises(SystemExit, match="dry run"):
         write_docs(path, docs_path=None)
+
+
+def test_a_run_stopped_by_its_time_limit_renders_the_parts_it_finished(tmp_path: Path) -> None:
+    """gpu_check.json is rewritten after every part, so a run its time limit killed still makes a section."""
+    result = {
+        "date": "2026-12-06",
+        "commit": None,
+        "command": "scripts/gpu_check.sh",
+        "dry_run": False,
+        "device": "NVIDIA H100 80GB HBM3",
+        "versions": {"python": "3.12.3", "flash-attn": None},
+        "carried_wheels": {"files": {"a.whl": 3 * 2**20}, "bytes": 3 * 2**20},
+        "seconds": 470.0,
+        "parts": {"gpu_tests": {"status": "skipped", "seconds": 9.0, "files": [], "tests": []}},
+    }
+    path, docs = tmp_path / "gpu_check.json", tmp_path / "benchmarks.md"
+    path.write_text(json.dumps(result))
+    write_docs(path, docs_path=docs)
+    text = docs.read_text()
+    assert "| gpu_tests | skipped | 9 | no gpu-marked test collected |" in text
+    assert "| train_run | not reached | - | - |" in text and "3.0 MiB of carried wheels" in text
+    assert "not installed: flash-attn" in text
