@@ -26,7 +26,16 @@ spans into labels with numpy, returning Arrow columns. `tokenize_dialogue` is it
 An assistant turn marked `train: False` in the canonical record (a `loss: 0` flag in the source) is masked out:
 with markers the template's mask has one run of tokens per assistant turn, and the runs of untrained turns are
 cleared; derived spans are per turn already.
-Tools are passed to the template when it refers to them (`tools` in its source).
+Tools are passed to the template when it refers to them (`tools` in its source). Of several named templates (a
+tokenizer whose `chat_template` is a dict: Hermes, Command-R), a dialogue with tools is rendered with `tool_use` and
+the others with `default`, as transformers' `get_chat_template` chooses.
+
+A dialogue that cannot be trained as its template renders it is refused, never trained on the wrong tokens: the
+template raises on it (`chat_template_refused`: Gemma on a system message, Llama 3 on parallel calls), or it drops
+an assistant turn's tool calls or the text sent with them (`tool_calls_not_rendered`: SmolLM3 and Granite 3.3 never
+write `tool_calls`, which would train the turn as a bare end-of-turn token). Its row is empty and carries the reason
+and a one-line problem with the fix; preparation stops on it with its `file:line` or skips and counts it
+(`data.on_error`).
 
 Truncation (`data.truncation`): a sample longer than `max_length` keeps its first `max_length` tokens
 (`keep_start`), its last ones (`keep_end`: the prompt is cut from the left, the last assistant turn survives), or
@@ -76,6 +85,13 @@ TOKENIZED_KEYS = (
     REASONING_NOT_RENDERED_KEY,
     REFUSAL_REASON_KEY,
     REFUSAL_KEY,
+)
+# What a template raises on a dialogue it refuses, the reasons a record is refused for, and the fix of the first.
+RENDER_ERRORS = (TemplateError, TypeError, KeyError, ValueError)
+TEMPLATE_REFUSED, TOOL_CALLS_NOT_RENDERED = "chat_template_refused", "tool_calls_not_rendered"
+TEMPLATE_REFUSED_FIX = (
+    f" (data.on_error=skip skips such records, counted as {TEMPLATE_REFUSED}; or set data.chat_template to a "
+    "template that accepts them)"
 )
 # transformers' own test for a template's generation markers (chat_template_utils.render_jinja_template).
 GENERATION_MARKER = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
@@ -342,14 +358,6 @@ def render_dialogues(
                 refusal = Refusal(TEMPLATE_REFUSED, problem)
                 parts.append(RenderedDialogues([""], [[]], [0], [True], [refusal]))
         return RenderedDialogues(*(list(itertools.chain.from_iterable(column)) for column in zip(*parts, strict=True)))
-
-
-RENDER_ERRORS = (TemplateError, TypeError, KeyError, ValueError)
-TEMPLATE_REFUSED, TOOL_CALLS_NOT_RENDERED = "chat_template_refused", "tool_calls_not_rendered"
-TEMPLATE_REFUSED_FIX = (
-    f" (data.on_error=skip skips such records, counted as {TEMPLATE_REFUSED}; or set data.chat_template to a "
-    "template that accepts them)"
-)
 
 
 def _unrendered_tool_calls(
@@ -676,6 +684,11 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase, tool_example: Dialo
 
 PROBE_OPTIONS = TokenizeOptions(max_length=10**9)
 PROBE_TOOL_RESULT, PROBE_TOOL_ANSWER = "probe tool result", "answer from the tool result"
+# A tool schema for telling a template that needs tools from one that refuses the probe for another reason.
+PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "probe", "description": "A probe", "parameters": {"type": "object", "properties": {}}},
+}
 
 
 def _tool_probe(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> tuple[list, list | None]:
@@ -759,23 +772,19 @@ def _template_refusal(
     """Why the template refused the probe: a template written for tools only (a `tool_use` template alone fails on
     a dialogue without tools) is named as such."""
     if tools is None:
+        template = chat_template(tokenizer, [PROBE_TOOL])
         try:
-            render_jinja_template([probe], tools=[PROBE_TOOL], chat_template=chat_template(tokenizer, [PROBE_TOOL]))
+            render_jinja_template([probe], [PROBE_TOOL], chat_template=template, **tokenizer.special_tokens_map)
         except RENDER_ERRORS:
             pass
         else:
+            error = problem.removesuffix(TEMPLATE_REFUSED_FIX)
             return (
-                f"probing the chat template on a dialogue without tools, {problem.split(' (data.on_error')[0]}: it "
-                "renders only dialogues with tools (a tool_use template); set data.chat_template to the model's "
-                "default template, or give the tokenizer both, named default and tool_use"
+                f"probing the chat template on a dialogue without tools, {error}: it renders only dialogues with "
+                "tools (a tool_use template); set data.chat_template to the model's default template, or give the "
+                "tokenizer both, named default and tool_use"
             )
     return f"probing the chat template: {problem}"
-
-
-PROBE_TOOL = {
-    "type": "function",
-    "function": {"name": "probe", "description": "A probe", "parameters": {"type": "object", "properties": {}}},
-}
 
 
 def _empty_mask_cause(tokenizer: PreTrainedTokenizerBase, markers: bool) -> str:
