@@ -11,6 +11,7 @@ import sys
 
 from transformers import PreTrainedTokenizerBase
 
+from cluster.distributed import exit_on_user_error
 from config.schema import load_run_config
 from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.prepare import PreparedData, prepare_run
@@ -41,7 +42,8 @@ def _piece(tokens: list[int], trained: bool, tokenizer: PreTrainedTokenizerBase)
 
 def main(argv: list[str] | None = None) -> None:
     """Print the first training samples with their trained tokens marked."""
-    directory, _, tokenizer = prepare_run(load_run_config(sys.argv[1:] if argv is None else argv))
+    with exit_on_user_error():  # a data or template problem: one line, no traceback (HYDRA_FULL_ERROR=1 keeps it)
+        directory, _, tokenizer = prepare_run(load_run_config(sys.argv[1:] if argv is None else argv))
     train = PreparedData.load(directory).train
     # A CLI: the samples are its output.
     for index in range(min(SAMPLES_SHOWN, len(train))):

@@ -199,23 +199,29 @@ def test_a_record_the_template_refuses_is_counted_under_skip_not_fatal(
         build_datasets(data_config(path), tokenizer, seed=0)
 
 
-@pytest.mark.parametrize("full_error", [False, True])
+@pytest.mark.parametrize(("command", "full_error"), [("prepare", False), ("prepare", True), ("inspect", False)])
 def test_a_refusal_prints_one_line_and_no_traceback(
-    templates: dict[str, str], tmp_path: Path, full_error: bool
+    templates: dict[str, str], tmp_path: Path, command: str, full_error: bool
 ) -> None:
     template_tokenizer(GRANITE33, templates[GRANITE33]).save_pretrained(tmp_path / "granite")
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": TOOL_CALL, "tools": TOOLS}])
     overrides = [f"data.sources=[{path}]", f"model.tokenizer_name_or_path={tmp_path / 'granite'}"]
     overrides.append(f"data.cache_dir={tmp_path / 'c'}")
     environment = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "data_pipeline.prepare", *overrides]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", f"data_pipeline.{command}", *overrides],
+        cwd=REPO_ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if str(path) in line]
     assert errors and errors[-1].endswith("(counted as tool_calls_not_rendered)"), result.stderr
     assert ("Traceback" in result.stderr) == full_error, result.stderr
     if not full_error:
-        assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"{path}:1: messages[1]: ")
+        assert result.returncode == 2 and len(errors) == 1 and f"{path}:1: messages[1]: " in errors[0]
 
 
 def test_llamafactory_reasoning_and_tool_call_demos_prepare_with_reasoning_and_calls_trained(
