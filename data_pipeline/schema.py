@@ -15,8 +15,9 @@ on a tool turn, and `train: False` on an assistant turn that must not be trained
 - `alpaca`: `{"instruction", "input", "output", "system", "history": [[user, assistant], ...]}`.
 - `prompt_completion`: `{"prompt", "completion"}`, both strings or both lists of messages.
 
-A turn is not trained when it carries `loss: 0`, `weight: 0` or `train: false` (a non-zero weight trains it
-fully: per-token weights are not supported). Columns outside the format are dropped and counted by the caller.
+A turn is not trained when it carries `loss: 0`, `weight: 0`, `loss_weight: 0` (LLaMA-Factory's v1 format) or
+`train: false` (a non-zero weight trains it fully: per-token weights are not supported). Columns outside the format
+are dropped and counted by the caller.
 
 Turn order (anything else is `wrong_turn_order`): an optional system message first, then a user turn; a user
 turn is answered by an assistant turn (two user turns in a row are ambiguous and rejected); an assistant turn
@@ -54,7 +55,7 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 # Per-message keys that switch training of a turn off when they are 0 / false.
-NO_TRAIN_FLAGS = ("loss", "weight", "train")
+NO_TRAIN_FLAGS = ("loss", "weight", "loss_weight", "train")
 TEXT_PART_TYPES = ("text", "input_text", "output_text")
 # An assistant turn's reasoning: content parts of these types (LLaMA-Factory's `reasoning`), or one of these fields
 # (`reasoning_content`: DeepSeek, Qwen3, OpenAI-compatible servers). Kept as the canonical `reasoning_content`.

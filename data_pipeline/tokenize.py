@@ -716,7 +716,9 @@ def _check_probe(
     columns = tokenize_dialogues([(probe, tools)], tokenizer, PROBE_OPTIONS)
     row = {key: column[0].as_py() for key, column in columns.items()}
     if row[REFUSAL_REASON_KEY] == TOOL_CALLS_NOT_RENDERED:
-        raise ToolCallsNotRendered(f"probing the chat template with a tool call of the data: {row[REFUSAL_KEY]}")
+        # The problem without its "messages[k]: ", a place in the probe, not in the data.
+        problem = row[REFUSAL_KEY].partition(": ")[2]
+        raise ToolCallsNotRendered(f"probing the chat template with the first tool call of the data: {problem}")
     if row[REFUSAL_REASON_KEY] is not None:
         raise ChatTemplateError(_template_refusal(probe, tools, tokenizer, row[REFUSAL_KEY]))
     reference = tokenize_dialogue(probe, tokenizer, PROBE_OPTIONS, tools)

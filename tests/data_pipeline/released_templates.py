@@ -25,7 +25,7 @@ from core.files import build_once
 from embedded.paths import REPO_ROOT, TOKENIZER_DIR
 
 TEMPLATES_SDIST, TEMPLATES_IN_SDIST = "llama-cpp-python==0.3.36", "/vendor/llama.cpp/models/templates/"
-LLAMAFACTORY_SDIST, LLAMAFACTORY_DATA = "llamafactory==0.9.5", "/data/"
+LLAMAFACTORY_SDIST, LLAMAFACTORY_DATA, _JSON = "llamafactory==0.9.5", "/data/", (".json", ".jsonl")
 CACHE = REPO_ROOT / ".cache" / "released_templates"
 
 # Quoted markup a template writes: `<|im_end|>`, `<｜User｜>`, `[INST]`, `<|turn>`, `<start_of_turn>`, `</think>`.
@@ -80,9 +80,11 @@ def template_collection() -> dict[str, str]:
 
 
 def llamafactory_data(*names: str) -> list[Path]:
-    """Files of LLaMA-Factory's `data/` folder, as its sdist ships them."""
-    directory = sdist_files(LLAMAFACTORY_SDIST, lambda name: LLAMAFACTORY_DATA in name and Path(name).name in names)
-    return [directory / name for name in names]
+    """Files of LLaMA-Factory's `data/` folder, as its sdist ships them (its JSON and JSONL files are kept)."""
+    directory = sdist_files(LLAMAFACTORY_SDIST, lambda name: LLAMAFACTORY_DATA in name and name.endswith(_JSON))
+    paths = [directory / name for name in names]
+    assert all(path.is_file() for path in paths), f"{LLAMAFACTORY_SDIST} ships no {names} in {LLAMAFACTORY_DATA}"
+    return paths
 
 
 def template_tokenizer(name: str, template: str | dict[str, str]) -> PreTrainedTokenizerBase:

