@@ -26,8 +26,8 @@ setup: $(STAMP)  ## Create .venv and install the project (CPU torch when there i
 demo: $(STAMP)  ## Run the embedded default: tiny model, bundled data, CPU, DFT
 	$(PYTHON) train.py
 
-compare: $(STAMP)  ## CE vs DFT vs alpha 0.5 on the embedded demo, 2 seeds: outputs/compare/verdict.md
-	$(PYTHON) -m evaluation.compare --seeds 1,2
+compare: $(STAMP)  ## CE vs DFT vs alpha 0.5 on the embedded demo, 2 seeds: docs/results/compare_demo/verdict.md
+	$(PYTHON) -m evaluation.compare --seeds 1,2 --results docs/results/compare_demo
 
 test: $(STAMP)  ## Run every test (what CI runs), distributed ones included
 	$(PYTHON) -m pytest -q

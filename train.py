@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -38,6 +39,7 @@ from config.schema import RunConfig, register_configs, start_up_warnings, to_run
 from config.sources import SourceSpec
 from core.files import write_atomic
 from core.keys import IGNORE_INDEX
+from core.provenance import provenance
 from core.ranks import is_rank_zero, launch_world_size
 from data_pipeline.collate import SampleIdCollator
 from data_pipeline.loader import token_budget_sampler
@@ -65,6 +67,7 @@ from observability.rank_logging import library_prints_to_log, setup_logging
 from observability.trackers import tracker_callbacks
 from trainer.sft_trainer import SFTTrainer
 
+STARTED = time.monotonic()  # the run's wall time (from here: imports take seconds more), for the results it records
 logger = logging.getLogger("train")
 register_configs()
 
@@ -104,7 +107,11 @@ def final_reports(
         after = heldout_eval(run, model, tokenizer)
         comparison = format_comparison(before, after, run.heldout.show)
         write_atomic(output_dir / HELDOUT_TEXT, comparison + "\n")
-        write_atomic(output_dir / HELDOUT_JSON, json.dumps(comparison_record(before, after), indent=2) + "\n")
+        record = comparison_record(before, after)
+        write_atomic(output_dir / HELDOUT_JSON, json.dumps(record, indent=2) + "\n")
+        if run.heldout.results_file:
+            measured = {**provenance(), "wall_seconds": round(time.monotonic() - STARTED, 1), **record}
+            write_atomic(run.heldout.results_file, json.dumps(measured, indent=2) + "\n")
         logger.info("Held-out prompts, before and after training:\n%s", comparison)
     # Raw text (training.objective=pretrain) has no prompt to reply to.
     if validation_set is not None and len(validation_set) > 0 and run.training.objective == "sft":

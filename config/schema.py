@@ -340,6 +340,9 @@ class HeldoutConfig:
     faster (docs/benchmarks.md)."""
     show: int = 8
     """Rows of generations printed in the before/after table."""
+    results_file: Optional[str] = None
+    """Also write the before/after numbers to this JSON file, with the run's provenance (date, commit, command,
+    load) and wall time: how the figures README quotes are recorded (docs/results/)."""
 
 
 SIGNAL_NAMES = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")

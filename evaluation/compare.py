@@ -32,12 +32,12 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from config.schema import RunConfig, load_run_config
 from core.files import write_atomic
+from core.provenance import provenance
 from embedded.paths import REPO_ROOT
 from evaluation.heldout import HELDOUT_JSON
 from observability.artifacts import read_metrics
@@ -339,18 +339,6 @@ def verdict_record(results: list[RunResult], baseline: str) -> dict[str, Any]:
     }
 
 
-def provenance(argv: list[str]) -> dict[str, Any]:
-    """When, from which commit, with which command and on how loaded a machine a result was measured."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit.stdout.strip() or None,
-        "command": shlex.join(["python", "-m", "evaluation.compare", *argv]),
-        "load_average": os.getloadavg()[0],
-        "cpus": os.cpu_count(),
-    }
-
-
 def report(
     out: Path, arms: list[str], seeds: list[int], baseline: str, results_dir: Path | None = None, argv: list[str] = ()
 ) -> str:
@@ -364,7 +352,8 @@ def report(
     for directory in [out] + ([results_dir] if results_dir else []):
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / VERDICT_MD, text)
-        write_atomic(directory / VERDICT_JSON, json.dumps({**record, **provenance(list(argv))}, indent=2) + "\n")
+        measured = provenance(["python", "-m", "evaluation.compare", *argv])
+        write_atomic(directory / VERDICT_JSON, json.dumps({**record, **measured}, indent=2) + "\n")
     plot_verdict(results, out / VERDICT_PNG)
     return text
 

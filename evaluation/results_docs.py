@@ -1,0 +1,132 @@
+"""The figures README quotes, generated from the results files the measuring commands wrote (docs/results/).
+
+A quoted block sits between two markers that name its file and how to render it:
+
+    <!-- results docs/results/demo.json heldout -->
+    ...generated text...
+    <!-- /results -->
+
+`python -m evaluation.results_docs` rewrites every such block from its file; `--check` (what the test runs)
+exits 1 and prints the difference when a block is not what its file gives, so a figure cannot be edited by hand
+or drift from the run that measured it. Renderers:
+
+- `heldout`: a train.py run's before/after numbers (`heldout.results_file`): exact match, NLL, wall time.
+- `verdict`: an `evaluation.compare --results` verdict: a row per arm and seed, then each arm's difference to the
+  baseline (mean, min..max over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from core.files import write_atomic
+from embedded.paths import REPO_ROOT
+
+BLOCK = re.compile(r"(<!-- results (\S+) (\w+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
+DOCUMENTS = ("README.md",)
+
+
+def _measured(record: dict[str, Any]) -> str:
+    wall = f", {record['wall_seconds']:.0f} s wall" if "wall_seconds" in record else ""
+    return (
+        f"Measured {record['date']} at commit {record['commit']}{wall}, 1-minute load {record['load_average_1min']} "
+        f"on {record['cpus']} cores: `{record['command']}`"
+    )
+
+
+def render_heldout(record: dict[str, Any]) -> str:
+    before, after = record["before"], record["after"]
+    return (
+        "```\n"
+        f"held-out exact match ({record['prompts']} prompts): before {before['exact_match']:.1%}  "
+        f"after {after['exact_match']:.1%}\n"
+        f"held-out assistant NLL:            before {before['nll']:.3f}  after {after['nll']:.3f}  "
+        f"({record['reply_tokens']} reply tokens)\n"
+        "```\n\n"
+        f"{_measured(record)}.\n"
+    )
+
+
+def _percent(run: dict[str, Any], when: str) -> str:
+    return "n/a" if run["heldout"] is None else f"{100 * run['heldout'][when]['exact_match']:.1f}%"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_verdict(record: dict[str, Any]) -> str:
+    lines = [
+        "| arm | seed | held-out exact match (before -> after) | held-out NLL (before -> after) | eval NLL "
+        "| final train loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in record["runs"]:
+        heldout = run["heldout"]
+        nll = "n/a" if heldout is None else f"{heldout['before']['nll']:.3f} -> {heldout['after']['nll']:.3f}"
+        lines.append(
+            f"| {run['arm']} | {run['seed']} | {_percent(run, 'before')} -> {_percent(run, 'after')} | {nll} "
+            f"| {_number(run['eval_nll'], '.3f')} | {_number(run['train_loss'], '.4f')} |"
+        )
+    lines += ["", f"Difference to {record['baseline']} (same seed; mean, min..max over the seeds):", ""]
+    lines += [
+        f"- {d['arm']}, {d['metric']}: {d['mean']:+.3f} ({d['min']:+.3f}..{d['max']:+.3f})"
+        for d in record["differences"]
+    ]
+    order = (
+        "every arm of a seed trained on the same samples in the same order"
+        if record["same_data_order"]
+        else ("the arms did NOT train on the same samples in the same order")
+    )
+    return "\n".join(lines) + f"\n\nData order: {order}. {_measured(record)}.\n"
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"heldout": render_heldout, "verdict": render_verdict}
+
+
+def regenerate(text: str, root: Path = REPO_ROOT) -> str:
+    """`text` with every results block rendered anew from its file.
+
+    Raises:
+        ValueError: a block names a missing file or an unknown renderer.
+    """
+
+    def render(match: re.Match) -> str:
+        opening, path, kind, _, closing = match.groups()
+        if kind not in RENDERERS:
+            raise ValueError(f"results block {path} {kind}: no renderer {kind!r}; one of {sorted(RENDERERS)}")
+        if not (root / path).is_file():
+            raise ValueError(f"results block {path} {kind}: no such file (run the command that measures it)")
+        return opening + RENDERERS[kind](json.loads((root / path).read_text())) + closing
+
+    return BLOCK.sub(render, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.results_docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a block differs from its file")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in DOCUMENTS:
+        path = REPO_ROOT / name
+        text = path.read_text(encoding="utf-8")
+        fresh = regenerate(text)
+        if fresh == text:
+            continue
+        if args.check:
+            stale.append(name)
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), fresh.splitlines(True), name, name))
+        else:
+            write_atomic(path, fresh)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
