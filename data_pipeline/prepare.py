@@ -331,8 +331,6 @@ def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceS
 def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Read, tokenise, account and split, without any cache (see `build_datasets`); raw text is cut into blocks
     around the split (`_split_text`)."""
-    if not data.raw_text:
-        check_assistant_mask(tokenizer)
     num_proc, share = data.num_proc, data.validation_split_percentage / 100.0
     canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc, data.sample_by)
     if not len(canonical):
@@ -342,7 +340,7 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         _account_documents(documents, stats, data)
         train, validation = _split_text(documents, share, seed, data, stats)
     else:
-        _probe_tool_calls(canonical, tokenizer, data.on_error)
+        _probe_template(canonical, tokenizer, data.on_error)
         tokenized = map_arrow_batches(
             canonical,
             partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
@@ -489,17 +487,21 @@ def _per_source(source_ids: np.ndarray, num_sources: int, values: np.ndarray) ->
     return np.bincount(source_ids, weights=values, minlength=num_sources).astype(np.int64).tolist()
 
 
-def _probe_tool_calls(canonical: Dataset, tokenizer: PreTrainedTokenizerBase, on_error: str) -> None:
-    """The start-up probe again with a tool call and its result when the data has any: the first such record's
-    call and tools. A template that drops the call refuses each record with tool calls, by file and line (or skips
-    and counts them under `skip`, as a warning says here)."""
+def _probe_template(canonical: Dataset, tokenizer: PreTrainedTokenizerBase, on_error: str) -> None:
+    """The start-up probe of the chat template (`check_assistant_mask`), with the first record that has tool calls
+    (or else tools) as its example of the data's tools. A template that drops tool calls refuses each record with
+    calls by its file and line (or skips and counts them under `skip`, as a warning says here)."""
     conversations = canonical.with_format("arrow")[CONVERSATION_KEY]
-    with_calls = np.flatnonzero(pc.match_substring(conversations, '"tool_calls"').to_numpy(zero_copy_only=False))
-    if not len(with_calls):
-        return
-    dialogue = json.loads(conversations[int(with_calls[0])].as_py())
+    example = None
+    # As keys of the canonical JSON: in a message's text the quotes would be escaped.
+    for key in ('"tool_calls"', f'"{TOOLS_KEY}"'):
+        found = np.flatnonzero(pc.match_substring(conversations, key).to_numpy(zero_copy_only=False))
+        if len(found):
+            dialogue = json.loads(conversations[int(found[0])].as_py())
+            example = (dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY))
+            break
     try:
-        check_assistant_mask(tokenizer, (dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY)))
+        check_assistant_mask(tokenizer, example)
     except ToolCallsNotRendered as e:
         if on_error == "skip":
             logger.warning("%s: the records with tool calls are skipped and counted (data.on_error=skip)", e)

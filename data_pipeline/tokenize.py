@@ -651,7 +651,7 @@ class ToolCallsNotRendered(ValueError):
     """The chat template drops the tool calls of the probe's tool exchange: records with tool calls are refused."""
 
 
-def check_assistant_mask(tokenizer: PreTrainedTokenizerBase, tool_example: Dialogue | None = None) -> None:
+def check_assistant_mask(tokenizer: PreTrainedTokenizerBase, example: Dialogue | None = None) -> None:
     """Refuse a chat template whose assistant mask is empty or covers anything but the replies.
 
     The probe dialogue goes through `tokenize_dialogues`, the path preparation takes, which must also agree
@@ -662,8 +662,10 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase, tool_example: Dialo
 
     Args:
         tokenizer: its chat template (or named templates) is probed.
-        tool_example: a record of the data with tool calls (messages, tools), when the data has any: the probe then
-            also runs a tool call and its result through the template, with that record's call and tools.
+        example: a record of the data with tools or tool calls (messages, tools), when the data has any. A template
+            that renders only dialogues with tools (a tool_use template alone) is then probed with the record's
+            tools (the data's records without tools are refused one by one), and when the record has tool calls
+            the probe also runs its first call and a result through the template.
 
     Raises:
         ToolCallsNotRendered: the template drops the probe's tool call.
@@ -673,13 +675,24 @@ def check_assistant_mask(tokenizer: PreTrainedTokenizerBase, tool_example: Dialo
     """
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template: set one (e.g. ChatML) before training on chat data")
+    messages, tools = example if example is not None else ([], None)
     try:
-        _check_probe(PROBE_DIALOGUE, tokenizer)
-    except (ChatTemplateError, _SystemMessageMoved):
-        _check_probe([m for m in PROBE_DIALOGUE if m["role"] != "system"], tokenizer)
-    if tool_example is not None:
-        probe, tools = _tool_probe(*tool_example)
+        _check_dialogue_probe(tokenizer)
+    except ChatTemplateError:
+        if not tools:
+            raise
+        _check_dialogue_probe(tokenizer, tools)
+    if any(message.get("tool_calls") for message in messages):
+        probe, tools = _tool_probe(messages, tools)
         _check_probe(probe, tokenizer, tools)
+
+
+def _check_dialogue_probe(tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None) -> None:
+    """The probe dialogue, and without its system message if the template refuses or moves that."""
+    try:
+        _check_probe(PROBE_DIALOGUE, tokenizer, tools)
+    except (ChatTemplateError, _SystemMessageMoved):
+        _check_probe([m for m in PROBE_DIALOGUE if m["role"] != "system"], tokenizer, tools)
 
 
 PROBE_OPTIONS = TokenizeOptions(max_length=10**9)

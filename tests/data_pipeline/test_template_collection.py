@@ -175,12 +175,20 @@ def one_line_with_a_fix(problem: str) -> bool:
 def template_outcome(name: str, template: str) -> tuple[list[str], list[str]]:
     """The docs row of one template and the problems the test finds with it."""
     tokenizer = template_tokenizer(name, template)
-    try:
-        check_assistant_mask(tokenizer)
-    except ValueError as e:
-        problems = [] if one_line_with_a_fix(str(e)) else [f"{name}: the refusal is not one line with a fix: {e}"]
-        return [name, "refused at start-up", "", str(e).replace("|", "\\|")], problems
-    problems, untrained, refused, unrendered, reasons = [], Counter(), Counter(), 0, {}
+    problems, refusals, warned = [], {}, False
+    # The start-up probe on data without tools, and on data with tool calls (it then has an example of them).
+    for data, example in (("without tools", None), ("with tool calls", DIALOGUES["tool call"])):
+        try:
+            check_assistant_mask(tokenizer, example)
+        except ToolCallsNotRendered:
+            warned = True
+        except ValueError as e:
+            refusals[data] = str(e)
+            if not one_line_with_a_fix(str(e)):
+                problems.append(f"{name}: the start-up refusal is not one line with a fix: {e}")
+    if len(refusals) == 2:
+        return [name, "refused at start-up", "", refusals["without tools"].replace("|", "\\|")], problems
+    untrained, refused, unrendered, reasons = Counter(), Counter(), 0, {}
     for label, (messages, tools) in DIALOGUES.items():
         row = {
             key: column[0].as_py()
@@ -195,22 +203,16 @@ def template_outcome(name: str, template: str) -> tuple[list[str], list[str]]:
         untrained[label] = row[UNTRAINED_TURNS_KEY]
         unrendered += row[REASONING_NOT_RENDERED_KEY]
         problems += [f"{name}, {label}: {problem}" for problem in independent_problems(messages, tools, row, tokenizer)]
-    try:
-        check_assistant_mask(tokenizer, DIALOGUES["tool call"])
-        tool_probe = ""
-    except ToolCallsNotRendered:
-        tool_probe = "; the tool-call probe warns that records with calls are refused"
-    except ValueError as e:  # data with tool calls is refused at start-up
-        tool_probe = f"; with tool calls refused at start-up: {e}".replace("|", "\\|")
-        if not one_line_with_a_fix(str(e)):
-            problems.append(f"{name}: the tool-call probe's refusal is not one line with a fix: {e}")
-    if reasons.get("tool call") == TOOL_CALLS_NOT_RENDERED and not tool_probe:
+    if reasons.get("tool call") == TOOL_CALLS_NOT_RENDERED and not warned:
         problems.append(f"{name}: records refused as {TOOL_CALLS_NOT_RENDERED} but the tool-call probe passes")
-    untrained_text = ", ".join(f"{label} {count}" for label, count in untrained.items() if count)
-    notes = ", ".join(f"{count} refused as {reason}" for reason, count in sorted(refused.items()))
+    notes = [f"{count} refused as {reason}" for reason, count in sorted(refused.items())]
     if unrendered:
-        notes += f"{', ' if notes else ''}reasoning not rendered ({unrendered} turn{'s' * (unrendered > 1)})"
-    return [name, "prepared, exact", untrained_text, notes + tool_probe], problems
+        notes.append(f"reasoning not rendered ({unrendered} turn{'s' * (unrendered > 1)})")
+    if warned:
+        notes.append("the tool-call probe warns that records with calls are refused")
+    notes += [f"{data} refused at start-up: {refusal}" for data, refusal in refusals.items()]
+    untrained_text = ", ".join(f"{label} {count}" for label, count in untrained.items() if count)
+    return [name, "prepared, exact", untrained_text, "; ".join(notes).replace("|", "\\|")], problems
 
 
 def markdown(rows: list[list[str]]) -> str:

@@ -128,10 +128,16 @@ def test_hermes3_as_shipped_takes_its_tool_use_template_for_records_with_tools(
     assert row_of(TOOL_CALL, default, TOOLS)[REFUSAL_REASON_KEY] == TOOL_CALLS_NOT_RENDERED
     with pytest.raises(ToolCallsNotRendered):
         check_assistant_mask(default, DIALOGUES["tool call"])
+    tool_use = template_tokenizer("Hermes-3", templates[HERMES3_TOOL_USE])
     with pytest.raises(
         ValueError, match="renders only dialogues with tools .*data.chat_template to the model's default"
     ):
-        check_assistant_mask(template_tokenizer("Hermes-3", templates[HERMES3_TOOL_USE]))
+        check_assistant_mask(tool_use)
+    # On data with tools it is probed with them; a record without tools is then refused, or skipped and counted.
+    check_assistant_mask(tool_use, DIALOGUES["tool call"])
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": TOOL_CALL, "tools": TOOLS}, {"messages": MULTI_TURN}])
+    train, _, stats = build_datasets(data_config(path, on_error="skip"), tool_use, seed=0)
+    assert stats.sources[str(path)].dropped == {"chat_template_refused": 1} and len(train) == 1
     # data.chat_template=<name> chooses one of a tokenizer's named templates.
     tokenizer.save_pretrained(tmp_path / "hermes3")
     assert AutoTokenizer.from_pretrained(tmp_path / "hermes3").chat_template == named
