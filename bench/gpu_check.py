@@ -350,7 +350,10 @@ def throughput_part(scale: CheckScale, out_dir: Path) -> dict:
     result = json.loads(path.read_text())
     keys = ("side", "loss", "liger", "attn_implementation", "tokens_per_s", "mfu", "peak_allocated_gib")
     rows = [{key: row[key] for key in (*keys, "skipped", "failed") if key in row} for row in result["rows"]]
+    # A row that crashed, or that misses a module the carried wheels should have brought, fails the part; a row
+    # skipped by design (Liger's kernels without CUDA) does not.
     failed = [f"{row['side']}{'+Liger' if row['liger'] else ''}: {row['failed']}" for row in rows if "failed" in row]
+    failed += [f"{row['side']}: no module {row['missing_module']}" for row in result["rows"] if "missing_module" in row]
     outcome = {"status": FAILED, "error": "; ".join(failed)} if failed else {"status": PASSED}
     return {**outcome, "command": result["command"], "peak_flops": result["peak_flops"], "rows": rows}
 

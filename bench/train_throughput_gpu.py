@@ -297,6 +297,7 @@ def run_row_child(spec: dict, scale: GpuScale, device: str) -> dict:
             **spec,
             "skipped": f"needs the module '{e.name}', which is not installed: carry its wheel to this machine "
             "(see the docstring of bench/train_throughput_gpu.py)",
+            "missing_module": e.name,
         }
 
 
