@@ -154,7 +154,20 @@ def independent_problems(
         reasoning = message.get("reasoning_content")
         turns.append(pieces + ([reasoning] if reasoning and reasoning in text else []))
     others = [m["content"] for m in messages if m["role"] != "assistant"]
+    # The assistant's role header is the generation prompt the model is given, not what it writes (a turn of several
+    # messages, as muse-glimmer writes reasoning and each call, has the later headers inside it).
+    first_user = [next(m for m in rendered if m["role"] == "user")]
+    without, prompted = (
+        tokenizer.apply_chat_template(first_user, tools=template_tools, tokenize=False, add_generation_prompt=prompt)
+        for prompt in (False, True)
+    )
+    header = prompted.removeprefix(without).strip()
     runs = [tokenizer.decode(run) for run in trained_runs(row)]
+    problems += [
+        f"the trained run {run!r} opens with the role header"
+        for run in runs
+        if header and run.strip().startswith(header)
+    ]
     special = set(tokenizer.all_special_ids)
     if len(runs) != len(turns) - row[UNTRAINED_TURNS_KEY]:
         problems.append(f"{len(runs)} trained runs for {len(turns)} turns, {row[UNTRAINED_TURNS_KEY]} untrained")
@@ -262,4 +275,37 @@ def test_every_template_of_the_collection_prepares_exactly_or_is_refused_with_it
         DOC.write_text(doc, encoding="utf-8")
     assert DOC.read_text(encoding="utf-8") == doc, (
         f"{DOC} is not this run's table: rewrite it with WRITE_TEMPLATES_DOC=1 python -m pytest {__file__}"
+    )
+
+
+def test_the_independent_check_finds_a_trained_role_header_and_a_turn_trained_without_its_call() -> None:
+    # The check itself, on Qwen2.5's samples spoiled as the issues it looks for would spoil them.
+    name = "Qwen-Qwen2.5-7B-Instruct"
+    tokenizer = template_tokenizer(name, template_collection()[name])
+    messages, tools = DIALOGUES["tool call"]
+    columns = tokenize_dialogues([(messages, tools)], tokenizer, TokenizeOptions(10**6))
+    row = {key: column[0].as_py() for key, column in columns.items()}
+    assert independent_problems(messages, tools, row, tokenizer) == []
+    first = next(i for i, label in enumerate(row[LABELS_KEY]) if label != IGNORE_INDEX)
+    header = len(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)[INPUT_IDS_KEY])
+    with_header = {
+        **row,
+        LABELS_KEY: [
+            *row[LABELS_KEY][: first - header],
+            *row[INPUT_IDS_KEY][first - header : first],
+            *row[LABELS_KEY][first:],
+        ],
+    }
+    assert any(
+        "opens with the role header" in problem
+        for problem in independent_problems(messages, tools, with_header, tokenizer)
+    )
+    # The call turn trained as its end-of-turn token alone, as a template that drops tool calls would have it.
+    end = next(i for i in range(first, len(row[LABELS_KEY])) if row[LABELS_KEY][i] == IGNORE_INDEX) - 1
+    empty_call = {
+        **row,
+        LABELS_KEY: [IGNORE_INDEX if first <= i < end else label for i, label in enumerate(row[LABELS_KEY])],
+    }
+    assert any(
+        "holds no assistant turn" in problem for problem in independent_problems(messages, tools, empty_call, tokenizer)
     )
