@@ -218,9 +218,8 @@ def template_outcome(name: str, template: str) -> tuple[list[str], list[str]]:
         problems += [f"{name}, {label}: {problem}" for problem in independent_problems(messages, tools, row, tokenizer)]
     if reasons.get("tool call") == TOOL_CALLS_NOT_RENDERED and not warned:
         problems.append(f"{name}: records refused as {TOOL_CALLS_NOT_RENDERED} but the tool-call probe passes")
-    prepared_with_calls = [
-        label for label, (m, _) in DIALOGUES.items() if label not in reasons and "tool_calls" in str(m)
-    ]
+    with_calls = [label for label, (messages, _) in DIALOGUES.items() if any("tool_calls" in m for m in messages)]
+    prepared_with_calls = [label for label in with_calls if label not in reasons]
     if warned and prepared_with_calls:  # a template that drops calls prepares no record with calls: 0 silent losses
         problems.append(f"{name}: drops tool calls yet prepared {prepared_with_calls}")
     notes = [f"{count} refused as {reason}" for reason, count in sorted(refused.items())]
