@@ -30,13 +30,14 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unse
 from transformers.trainer_utils import IntervalStrategy, TrainOutput
 
 from cluster.check import refuse_bad_overrides
-from cluster.distributed import accept_launcher_local_rank, exit_on_user_error, init_deepspeed_distributed, teardown
+from cluster.distributed import accept_launcher_local_rank, init_deepspeed_distributed, teardown
 from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
 from cluster.resume import check_resume_compatible, resolve_resume_checkpoint, saved_model
 from config.deepspeed import check_deepspeed_config
 from config.schema import RunConfig, register_configs, start_up_warnings, to_run_config, to_training_arguments
 from config.sources import SourceSpec
+from core.errors import exit_on_user_error
 from core.files import write_atomic
 from core.keys import IGNORE_INDEX
 from core.provenance import provenance

@@ -11,8 +11,8 @@ import sys
 
 from transformers import PreTrainedTokenizerBase
 
-from cluster.distributed import exit_on_user_error
 from config.schema import load_run_config
+from core.errors import exit_on_user_error
 from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.prepare import PreparedData, prepare_run
 

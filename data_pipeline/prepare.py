@@ -44,9 +44,9 @@ from datasets.fingerprint import get_temporary_cache_files_directory
 from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
-from cluster.distributed import exit_on_user_error
 from config.schema import SAMPLE_BY_LINE, DataConfig, RunConfig, load_run_config
 from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec
+from core.errors import exit_on_user_error
 from core.files import build_once
 from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
 from data_pipeline.cache import dataset_fingerprint

@@ -1,6 +1,6 @@
 """What several tests share, in one module: paths and run configs, tiny models, training arguments, the trainers
-the tests compose, loss inputs, data files, and the runners of `train.py` and the launch scripts with the checks
-of what they leave behind.
+the tests compose, loss inputs, data files, released chat templates and LLaMA-Factory's data (from PyPI sdists), and
+the runners of `train.py` and the launch scripts with the checks of what they leave behind.
 
 Test modules import from here only (never from another test module, nor from a conftest, which holds fixtures);
 the scripts the tests start in subprocesses (`tests/data_pipeline/token_budget_ranks.py`,
@@ -20,13 +20,16 @@ import itertools
 import json
 import logging
 import os
+import re
 import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +37,20 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Gemma2ForCausalLM, Qwen2ForCausalLM, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma2ForCausalLM,
+    PreTrainedTokenizerBase,
+    Qwen2ForCausalLM,
+    TrainingArguments,
+)
 
 import cluster.atomic_save
 from cluster.manifest import MANIFEST_FILE, TRAINER_STATE_FILE, build_manifest
 from cluster.resilience import NONFINITE_LOG, ResilienceCallback
 from config.schema import DataConfig, LossConfig, load_run_config, to_training_arguments
+from core.files import build_once
 from core.keys import IGNORE_INDEX
 from data_pipeline.loader import TokenBudgetLoaderMixin
 from data_pipeline.templates import load_chat_tokenizer
@@ -342,6 +353,181 @@ def write_mixed_corpus(directory: Path) -> None:
     ]
     (directory / "chats.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (directory / "more.jsonl.gz").write_bytes(gzip.compress((json.dumps(lines[0]) + "\n").encode()))
+
+
+# --- Released chat templates and LLaMA-Factory's data --------------------------------------------------------------
+# From package sdists on PyPI, nothing from a model hub. The templates are the models' own, from their
+# tokenizer_config.json files, as llama.cpp keeps them for its tests (`models/templates/`), vendored in the
+# llama-cpp-python sdist; LLaMA-Factory's sdist ships its `data/` folder. Each sdist is downloaded once with pip (no
+# build, no dependencies) and its files kept under `.cache/`, one folder per pinned version, so a newer pin is fetched
+# (and its new templates picked up) on its own. A template goes on the embedded byte-level tokenizer with its markup
+# as tokens (`template_tokenizer`): the `<|...|>`, `<｜...｜>`, `[INST]`-like and `<tag>` literals it writes become
+# special tokens, as role headers and end-of-turn markers are in the real vocabularies, with the family's BOS and EOS.
+
+TEMPLATES_SDIST, TEMPLATES_IN_SDIST = "llama-cpp-python==0.3.36", "/vendor/llama.cpp/models/templates/"
+LLAMAFACTORY_SDIST, LLAMAFACTORY_DATA, _JSON = "llamafactory==0.9.5", "/data/", (".json", ".jsonl")
+RELEASED_CACHE = REPO_ROOT / ".cache" / "released_templates"
+
+# Quoted markup a template writes: `<|im_end|>`, `<｜User｜>`, `[INST]`, `<|turn>`, `<start_of_turn>`, `</think>`.
+_MARKUP = re.compile(
+    r"<\|[^|<>'\" ]{1,40}\|>|<｜[^｜]{1,40}｜>|\[/?[A-Z][A-Z_]{1,30}\]|<\|[a-z_]{2,30}>|<[a-z_]{2,30}\|>"
+    r"|</?[A-Za-z][A-Za-z_0-9]{1,30}>"
+)
+# Tokens a template defines for itself (`{%- set eos_token = '<seed:eos>' %}`).
+_SET_TOKEN = re.compile(r"set\s+\w*_token\s*=\s*['\"]([^'\"]+)['\"]")
+# (part of the template's name, BOS, EOS) of the families whose BOS or EOS is not the embedded tokenizer's.
+_FAMILY_BOS_EOS = (
+    ("gpt-oss", "<|startoftext|>", "<|return|>"),
+    ("Hermes", "<|begin_of_text|>", "<|im_end|>"),
+    ("lama-3", "<|begin_of_text|>", "<|eot_id|>"),
+    ("functionary", "<|begin_of_text|>", "<|eot_id|>"),
+    ("istral", "<s>", "</s>"),
+    ("Devstral", "<s>", "</s>"),
+    ("Apriel", "<s>", "</s>"),
+    ("gemma", "<bos>", "<eos>"),
+    ("eepSeek", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    ("deepseek", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    ("Phi-3.5", "<s>", "<|endoftext|>"),
+    ("MiniMax", "]~!b[", "[e~["),
+    ("ohere", "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>"),
+    ("granite", None, "<|end_of_text|>"),
+)
+
+
+def sdist_files(spec: str, keep: Callable[[str], bool]) -> Path:
+    """The folder holding the files of the PyPI sdist `spec` whose member names `keep` selects, fetched once."""
+
+    def fetch(directory: Path) -> None:
+        command = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "--no-binary", ":all:", "--quiet"]
+        result = subprocess.run([*command, "-d", str(directory)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"could not download the {spec} sdist from the package index:\n{result.stderr}"
+        (sdist,) = directory.glob("*.tar.gz")
+        with tarfile.open(sdist) as archive:
+            for member in archive:
+                if member.isfile() and keep(member.name):
+                    (directory / Path(member.name).name).write_bytes(archive.extractfile(member).read())
+        sdist.unlink()
+
+    directory = RELEASED_CACHE / spec.replace("==", "-")
+    build_once(directory, fetch)
+    return directory
+
+
+def template_collection() -> dict[str, str]:
+    """Every template of the pinned collection: file name (without `.jinja`) -> Jinja text."""
+    directory = sdist_files(TEMPLATES_SDIST, lambda name: TEMPLATES_IN_SDIST in name and name.endswith(".jinja"))
+    return {path.stem: path.read_text(encoding="utf-8") for path in sorted(directory.glob("*.jinja"))}
+
+
+def llamafactory_data(*names: str) -> list[Path]:
+    """Files of LLaMA-Factory's `data/` folder, as its sdist ships them (its JSON and JSONL files are kept)."""
+    directory = sdist_files(LLAMAFACTORY_SDIST, lambda name: LLAMAFACTORY_DATA in name and name.endswith(_JSON))
+    paths = [directory / name for name in names]
+    assert all(path.is_file() for path in paths), f"{LLAMAFACTORY_SDIST} ships no {names} in {LLAMAFACTORY_DATA}"
+    return paths
+
+
+def template_tokenizer(name: str, template: str | dict[str, str]) -> PreTrainedTokenizerBase:
+    """The embedded tokenizer with `template` (or several named ones), its markup as special tokens and the BOS and
+    EOS of the family `name` belongs to."""
+    texts = list(template.values()) if isinstance(template, dict) else [template]
+    markup = sorted({token for text in texts for token in (*_MARKUP.findall(text), *_SET_TOKEN.findall(text))})
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    special: dict = {"additional_special_tokens": markup}
+    for part, bos, eos in _FAMILY_BOS_EOS:
+        if part in name:
+            special |= {"eos_token": eos} | ({"bos_token": bos} if bos else {})
+            break
+    tokenizer.add_special_tokens(special)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+# The dialogues every released template is run on (test_template_collection.py) and the tests of single
+# templates take theirs from.
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def _weather_call(city: str, number: int) -> dict[str, Any]:
+    # Nine alphanumeric characters: the ids Mistral's templates require.
+    return {
+        "type": "function",
+        "id": f"call{number:05d}",
+        "function": {"name": "get_weather", "arguments": {"city": city}},
+    }
+
+
+def _weather_result(content: str, number: int) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": f"call{number:05d}", "name": "get_weather", "content": content}
+
+
+_FIRST_QUESTION, _SECOND_QUESTION = (
+    {"role": "user", "content": "Name a prime number."},
+    {"role": "user", "content": "And an even one?"},
+)
+_FIRST_REPLY, _SECOND_REPLY = (
+    {"role": "assistant", "content": "Seven."},
+    {"role": "assistant", "content": "Two, the only even prime."},
+)
+# Every message's text is distinct, so a trained run can be told to hold one message and no other.
+TEMPLATE_DIALOGUES: dict[str, tuple[list[dict[str, Any]], list | None]] = {
+    "single turn": ([_FIRST_QUESTION, _FIRST_REPLY], None),
+    "multi-turn": ([_FIRST_QUESTION, _FIRST_REPLY, _SECOND_QUESTION, _SECOND_REPLY], None),
+    "system": (
+        [
+            {"role": "system", "content": "You answer in one short line."},
+            _FIRST_QUESTION,
+            _FIRST_REPLY,
+            _SECOND_QUESTION,
+            _SECOND_REPLY,
+        ],
+        None,
+    ),
+    "tool call": (
+        [
+            {"role": "user", "content": "Is it raining in Lyon?"},
+            {"role": "assistant", "content": "", "tool_calls": [_weather_call("Lyon", 1)]},
+            _weather_result('{"rain": false}', 1),
+            {"role": "assistant", "content": "No, it is dry in Lyon."},
+        ],
+        WEATHER_TOOLS,
+    ),
+    "parallel calls": (
+        [
+            {"role": "user", "content": "Weather in Lyon and Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [_weather_call("Lyon", 2), _weather_call("Oslo", 3)]},
+            _weather_result('{"sky": "clear"}', 2),
+            _weather_result('{"sky": "snow"}', 3),
+            {"role": "assistant", "content": "Clear in Lyon, snow in Oslo."},
+        ],
+        WEATHER_TOOLS,
+    ),
+    "text with a call": (
+        [
+            {"role": "user", "content": "Is it windy in Nice?"},
+            {"role": "assistant", "content": "Let me look that up.", "tool_calls": [_weather_call("Nice", 4)]},
+            _weather_result('{"wind": "calm"}', 4),
+            {"role": "assistant", "content": "It is calm in Nice."},
+        ],
+        WEATHER_TOOLS,
+    ),
+    "reasoning": (
+        [
+            {"role": "user", "content": "Is 9 prime?"},
+            {"role": "assistant", "reasoning_content": "Nine is three times three.", "content": "No, 9 = 3 x 3."},
+        ],
+        None,
+    ),
+}
 
 
 # --- Checkpoints ------------------------------------------------------------------------------------------------

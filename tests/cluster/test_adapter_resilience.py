@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster.distributed import USER_ERROR_EXIT
+from core.errors import USER_ERROR_EXIT
 from modeling.adapter import ADAPTER_WEIGHTS
 from tests.helpers import (
     COMPARABLE_RUN,

@@ -1,7 +1,7 @@
 """Released chat templates, as their models ship them (no `{% generation %}` markers): the derived masks.
 
 The templates are the models' own, from llama.cpp's collection in the llama-cpp-python sdist on PyPI (see
-`tests/data_pipeline/released_templates.py`; `test_template_collection.py` runs every one of them). Here each template
+`tests/helpers.py`; `test_template_collection.py` runs every one of them). Here each template
 goes on the embedded byte-level tokenizer with its family's special tokens written out, so its role headers and
 end-of-turn tokens are single special tokens as in the real vocabularies, and the tests name exact strings.
 """
@@ -34,8 +34,7 @@ from data_pipeline.tokenize import (
     tokenize_dialogues,
 )
 from embedded.paths import SAMPLE_DIR, TOKENIZER_DIR
-from tests.data_pipeline.released_templates import template_collection
-from tests.helpers import NO_HELDOUT, run_ok, trained_runs
+from tests.helpers import NO_HELDOUT, run_ok, template_collection, trained_runs
 
 QWEN25, QWEN3 = "Qwen-Qwen2.5-7B-Instruct", "Qwen-Qwen3-0.6B"
 LLAMA31, MISTRAL = "meta-llama-Llama-3.1-8B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407"

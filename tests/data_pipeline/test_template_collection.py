@@ -40,92 +40,10 @@ from data_pipeline.tokenize import (
     tokenize_dialogues,
 )
 from embedded.paths import REPO_ROOT
-from tests.data_pipeline.released_templates import TEMPLATES_SDIST, template_collection, template_tokenizer
+from tests.helpers import TEMPLATE_DIALOGUES as DIALOGUES
+from tests.helpers import TEMPLATES_SDIST, template_collection, template_tokenizer
 
 DOC = REPO_ROOT / "docs" / "templates.md"
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-    }
-]
-
-
-def call(city: str, number: int) -> dict[str, Any]:
-    # Nine alphanumeric characters: the ids Mistral's templates require.
-    return {
-        "type": "function",
-        "id": f"call{number:05d}",
-        "function": {"name": "get_weather", "arguments": {"city": city}},
-    }
-
-
-def result(content: str, number: int) -> dict[str, Any]:
-    return {"role": "tool", "tool_call_id": f"call{number:05d}", "name": "get_weather", "content": content}
-
-
-FIRST_QUESTION, SECOND_QUESTION = (
-    {"role": "user", "content": "Name a prime number."},
-    {"role": "user", "content": "And an even one?"},
-)
-FIRST_REPLY, SECOND_REPLY = (
-    {"role": "assistant", "content": "Seven."},
-    {"role": "assistant", "content": "Two, the only even prime."},
-)
-# Every message's text is distinct, so a trained run can be told to hold one message and no other.
-DIALOGUES: dict[str, tuple[list[dict[str, Any]], list | None]] = {
-    "single turn": ([FIRST_QUESTION, FIRST_REPLY], None),
-    "multi-turn": ([FIRST_QUESTION, FIRST_REPLY, SECOND_QUESTION, SECOND_REPLY], None),
-    "system": (
-        [
-            {"role": "system", "content": "You answer in one short line."},
-            FIRST_QUESTION,
-            FIRST_REPLY,
-            SECOND_QUESTION,
-            SECOND_REPLY,
-        ],
-        None,
-    ),
-    "tool call": (
-        [
-            {"role": "user", "content": "Is it raining in Lyon?"},
-            {"role": "assistant", "content": "", "tool_calls": [call("Lyon", 1)]},
-            result('{"rain": false}', 1),
-            {"role": "assistant", "content": "No, it is dry in Lyon."},
-        ],
-        TOOLS,
-    ),
-    "parallel calls": (
-        [
-            {"role": "user", "content": "Weather in Lyon and Oslo?"},
-            {"role": "assistant", "content": "", "tool_calls": [call("Lyon", 2), call("Oslo", 3)]},
-            result('{"sky": "clear"}', 2),
-            result('{"sky": "snow"}', 3),
-            {"role": "assistant", "content": "Clear in Lyon, snow in Oslo."},
-        ],
-        TOOLS,
-    ),
-    "text with a call": (
-        [
-            {"role": "user", "content": "Is it windy in Nice?"},
-            {"role": "assistant", "content": "Let me look that up.", "tool_calls": [call("Nice", 4)]},
-            result('{"wind": "calm"}', 4),
-            {"role": "assistant", "content": "It is calm in Nice."},
-        ],
-        TOOLS,
-    ),
-    "reasoning": (
-        [
-            {"role": "user", "content": "Is 9 prime?"},
-            {"role": "assistant", "reasoning_content": "Nine is three times three.", "content": "No, 9 = 3 x 3."},
-        ],
-        None,
-    ),
-}
 
 
 def trained_runs(row: dict[str, Any]) -> list[list[int]]:

@@ -2,7 +2,8 @@
 (two named templates), Command-R7B's tool_use template, GLM-4.6 and Granite 3.3; a record a template refuses under
 `data.on_error`; and LLaMA-Factory's own reasoning and tool-call data files on the Qwen2.5 template.
 
-Templates and data files come from package sdists on PyPI (`tests/data_pipeline/released_templates.py`).
+Templates and data files come from package sdists on PyPI (`template_collection`, `llamafactory_data` in
+tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from data_pipeline.tokenize import (
     tokenize_dialogues,
 )
 from embedded.paths import REPO_ROOT
-from tests.data_pipeline.released_templates import llamafactory_data, template_collection, template_tokenizer
-from tests.data_pipeline.test_template_collection import DIALOGUES, TOOLS
-from tests.helpers import trained_runs
+from tests.helpers import TEMPLATE_DIALOGUES as DIALOGUES
+from tests.helpers import WEATHER_TOOLS as TOOLS
+from tests.helpers import llamafactory_data, template_collection, template_tokenizer, trained_runs
 
 GPT_OSS, GRANITE33 = "openai-gpt-oss-120b", "ibm-granite-granite-3.3-2B-Instruct"
 HERMES3_TOOL_USE, COMMAND_R7B = (
