@@ -35,13 +35,13 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, load_from_disk
 from datasets.fingerprint import get_temporary_cache_files_directory
-from datasets.table import InMemoryTable
 from transformers import PreTrainedTokenizerBase
 
 from config.schema import SAMPLE_BY_LINE, DataConfig, RunConfig, load_run_config
@@ -50,12 +50,12 @@ from core.errors import exit_on_user_error
 from core.files import build_once
 from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
 from data_pipeline.cache import dataset_fingerprint
-from data_pipeline.parallel import map_arrow_batches
+from data_pipeline.parallel import BATCH_SIZE, map_arrow_batches
 from data_pipeline.schema import MESSAGES_KEY, TEXT_KEY, TOOLS_KEY, to_canonical, to_text
 from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
 from data_pipeline.stats import DatasetStats, SourceStats
 from data_pipeline.templates import load_chat_tokenizer
-from data_pipeline.text import PRETRAIN_BLOCKS_PACKED, cut_into_blocks, encode_documents
+from data_pipeline.text import PRETRAIN_BLOCKS_PACKED, encode_documents, iter_blocks
 from data_pipeline.tokenize import (
     CONVERSATION_KEY,
     NUM_TRAINABLE_KEY,
@@ -184,9 +184,12 @@ def load_canonical(
         chosen.append(positions[file_copies > 0])
         copies.append(file_copies[file_copies > 0])
     indices = np.concatenate([np.zeros(0, np.int64), *chosen])
+    all_copies = np.zeros(len(converted), np.int64)
+    all_copies[indices] = np.concatenate([np.zeros(0, np.int64), *copies])
+    # The column goes on before the selection: `add_column` on a selection would first rewrite every row it keeps.
+    canonical = converted.add_column(COPIES_KEY, all_copies)
     if len(indices) < len(converted):
-        converted = converted.select(indices)
-    canonical = converted.add_column(COPIES_KEY, np.concatenate([np.zeros(0, np.int64), *copies]))
+        canonical = canonical.select(indices)
     return canonical.select_columns([content_key, SOURCE_ID_KEY, ORIGIN_KEY, COPIES_KEY]), stats
 
 
@@ -348,48 +351,62 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
             "Tokenising",
         )
         _account(tokenized, stats, data.truncation, data.on_error)
-        kept = tokenized.select(np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0))
-        train, validation = _split(kept, share, seed, stats, VALIDATION_BY_RECORD)
-        train = _repeat(train)
+        kept = np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0)
+        train_rows, validation_rows = _split(kept, share, seed, stats, VALIDATION_BY_RECORD)
+        train = _Rows(tokenized, _repeat(tokenized, train_rows))
+        validation = _Rows(tokenized, validation_rows) if validation_rows is not None else None
     for part in (train, validation) if validation is not None else (train,):
-        samples = np.bincount(_column(part, SOURCE_ID_KEY), minlength=len(stats.sources))
+        samples = np.bincount(_column(part.dataset, SOURCE_ID_KEY)[part.rows], minlength=len(stats.sources))
         for source, count in zip(stats.sources.values(), samples.tolist(), strict=True):
             source.samples += count
-    stats.train_samples = len(train)
-    stats.validation_samples = len(validation) if validation is not None else 0
-    columns = [*MODEL_INPUT_KEYS, *SAMPLE_KEYS]
-    validation = validation.select_columns(columns) if validation is not None else None
-    return PreparedData(train.select_columns(columns), validation, stats)
+    stats.train_samples = len(train.rows)
+    stats.validation_samples = len(validation.rows) if validation is not None else 0
+    return PreparedData(train.select(), validation.select() if validation is not None else None, stats)
 
 
-def _split(dataset: Dataset, share: float, seed: int, stats: DatasetStats, unit: str) -> tuple[Dataset, Dataset | None]:
-    """A seeded `share` of `dataset`'s rows held out (rounded up to whole rows, as `train_test_split` does), or no
-    validation set when `share` is 0 or holding it out would leave no training row (a warning says so)."""
+class _Rows(NamedTuple):
+    """Rows of a memory-mapped dataset, by index: the split, the shuffle and the repetition by weight are index
+    arrays, and the rows themselves are only read when the prepared set is written (or trained on)."""
+
+    dataset: Dataset
+    rows: np.ndarray
+
+    def select(self) -> Dataset:
+        return self.dataset.select_columns([*MODEL_INPUT_KEYS, *SAMPLE_KEYS]).select(self.rows)
+
+
+def _split(
+    rows: np.ndarray, share: float, seed: int, stats: DatasetStats, unit: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A seeded `share` of `rows` held out, shuffled: the indices `Dataset.train_test_split(test_size=share,
+    seed=seed)` would select (the validation count rounded up), drawn here as index arrays so that no row is read.
+    No validation set when `share` is 0 or holding it out would leave no training row (a warning says so)."""
     if share == 0:
-        return dataset, None
-    if math.ceil(share * len(dataset)) >= len(dataset):
+        return rows, None
+    validation_count, train_count = math.ceil(share * len(rows)), math.floor((1 - share) * len(rows))
+    if train_count < 1:
         logger.warning(
             "data.validation_split_percentage=%g of %d %s leaves nothing to train on, so there is no validation set "
             "(give more data, or set data.validation_split_percentage=0)",
             100 * share,
-            len(dataset),
+            len(rows),
             unit,
         )
-        return dataset, None
-    split = dataset.train_test_split(test_size=share, seed=seed)
+        return rows, None
+    permutation = np.random.default_rng(seed).permutation(len(rows))
     stats.validation_split = unit
-    return split["train"], split["test"]
+    return rows[permutation[validation_count : validation_count + train_count]], rows[permutation[:validation_count]]
 
 
-def _repeat(train: Dataset) -> Dataset:
+def _repeat(dataset: Dataset, train_rows: np.ndarray) -> np.ndarray:
     """Training rows repeated by their `copies` (a source's `weight`); validation rows are never repeated."""
-    copies = _column(train, COPIES_KEY)
-    return train.select(np.repeat(np.arange(len(train)), copies)) if (copies > 1).any() else train
+    copies = _column(dataset, COPIES_KEY)[train_rows]
+    return np.repeat(train_rows, copies) if (copies > 1).any() else train_rows
 
 
 def _split_text(
     documents: Dataset, share: float, seed: int, data: DataConfig, stats: DatasetStats
-) -> tuple[Dataset, Dataset | None]:
+) -> tuple[_Rows, _Rows | None]:
     """Encoded documents into training and validation blocks.
 
     By document when the validation share comes to one document at least (no document then has blocks on both
@@ -398,20 +415,38 @@ def _split_text(
     validation set; a training block is repeated by the `copies` of the document its first token belongs to.
     """
     stats.pretrain_blocks = data.pretrain_blocks
+    every_document = np.arange(len(documents))
     if share > 0 and len(documents) * share >= 1:
-        train, validation = _split(documents, share, seed, stats, VALIDATION_BY_DOCUMENT)
-        return _blocks(_repeat(train), data, stats), _blocks(validation, data, stats)
-    train, validation = _split(_blocks(documents, data, stats), share, seed, stats, VALIDATION_BY_BLOCK)
-    return _repeat(train), validation
+        train_rows, validation_rows = _split(every_document, share, seed, stats, VALIDATION_BY_DOCUMENT)
+        assert validation_rows is not None  # one document at least is held out
+        train = _blocks(documents, _repeat(documents, train_rows), data, stats)
+        validation = _blocks(documents, validation_rows, data, stats)
+        return _Rows(train, np.arange(len(train))), _Rows(validation, np.arange(len(validation)))
+    blocks = _blocks(documents, every_document, data, stats)
+    train_rows, validation_rows = _split(np.arange(len(blocks)), share, seed, stats, VALIDATION_BY_BLOCK)
+    train = _Rows(blocks, _repeat(blocks, train_rows))
+    return train, _Rows(blocks, validation_rows) if validation_rows is not None else None
 
 
-def _blocks(documents: Dataset, data: DataConfig, stats: DatasetStats) -> Dataset:
-    """One part's encoded documents, in order, as samples of at most `data.max_length` tokens (each with its
-    document's `source_id`, `origin` and `copies`)."""
-    table = documents.with_format("arrow").select_columns([INPUT_IDS_KEY, *SAMPLE_KEYS, COPIES_KEY])[:]
-    blocks, short_blocks = cut_into_blocks(table, data.max_length, data.pretrain_blocks)
-    stats.short_blocks += short_blocks
-    return Dataset(InMemoryTable(blocks))
+def _blocks(documents: Dataset, rows: np.ndarray, data: DataConfig, stats: DatasetStats) -> Dataset:
+    """The encoded documents `rows`, in that order, as samples of at most `data.max_length` tokens (each with its
+    document's `source_id`, `origin` and `copies`), cut batch by batch into an Arrow file: memory holds a batch of
+    documents, not the part."""
+    columns = documents.select_columns([INPUT_IDS_KEY, *SAMPLE_KEYS, COPIES_KEY])
+    batches = (
+        columns.select(rows[start : start + BATCH_SIZE]).with_format("arrow")[:]
+        for start in range(0, len(rows), BATCH_SIZE)
+    )
+    path = Path(tempfile.mkdtemp(prefix="blocks-", dir=get_temporary_cache_files_directory())) / "blocks.arrow"
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = None
+        for blocks, short_blocks in iter_blocks(batches, data.max_length, data.pretrain_blocks):
+            writer = writer or pa.ipc.new_stream(sink, blocks.schema)
+            writer.write_table(blocks)
+            stats.short_blocks += short_blocks
+        if writer is not None:
+            writer.close()
+    return Dataset.from_file(str(path))
 
 
 def _account_documents(documents: Dataset, stats: DatasetStats, data: DataConfig) -> None:

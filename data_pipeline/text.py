@@ -21,6 +21,8 @@ Labels are the input ids: the loss covers every token a sample can predict (all 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -103,3 +105,24 @@ def cut_into_blocks(documents: pa.Table, max_length: int, mode: str) -> tuple[pa
         }
     )
     return table, short_blocks
+
+
+def iter_blocks(documents: Iterable[pa.Table], max_length: int, mode: str) -> Iterator[tuple[pa.Table, int]]:
+    """`cut_into_blocks` over batches of documents, as if over their concatenation, a batch in memory at a time.
+
+    Under `concat` the stream runs across batches: the tokens of a batch's last, incomplete block open the next
+    batch's stream (attributed, as every block, to the document of their first token), and only the stream's very
+    last block may be shorter than `max_length` (counted in the second item it is yielded with). Under `packed`
+    each batch is cut on its own.
+    """
+    carry = None
+    for batch in documents:
+        if carry is not None:
+            batch = pa.concat_tables([carry.select(batch.column_names).cast(batch.schema), batch])
+        blocks, short_blocks = cut_into_blocks(batch, max_length, mode)
+        carry = None
+        if short_blocks:
+            carry, blocks = blocks.slice(len(blocks) - 1), blocks.slice(0, len(blocks) - 1)
+        yield blocks, 0
+    if carry is not None:
+        yield cut_into_blocks(carry.drop_columns([ATTENTION_MASK_KEY, LABELS_KEY]), max_length, mode)

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 import data_pipeline.prepare as prepare
 from config.sources import parse_sources
-from data_pipeline.stats import STATS_FILE
+from data_pipeline.stats import STATS_FILE, DatasetStats
 from tests.helpers import REPO_ROOT, TOKENIZER_DIR, data_config, write_chats
 
 
@@ -125,3 +127,12 @@ def test_nothing_left_to_tokenise_is_an_error_with_the_counts(
     with pytest.raises(ValueError, match=r"(?s)every record was dropped.*unknown_format 1"):
         data = data_config([str(bad)], max_length=64, num_proc=1, validation_split_percentage=0.0, on_error="skip")
         prepare.build_datasets(data, chatml_tokenizer, seed=0)
+
+
+@pytest.mark.parametrize(("rows", "share", "seed"), [(40, 0.05, 0), (37, 0.25, 3), (1000, 0.013, 42)])
+def test_the_split_drawn_by_index_is_the_one_train_test_split_draws(rows: int, share: float, seed: int) -> None:
+    # The split is index arrays (no row read) but must stay datasets' own, so a prepared set keeps its rows and order.
+    indices = np.arange(rows) * 3 + 1
+    train, validation = prepare._split(indices, share, seed, DatasetStats(), "records")
+    reference = Dataset.from_dict({"row": indices}).train_test_split(test_size=share, seed=seed)
+    assert train.tolist() == reference["train"]["row"] and validation.tolist() == reference["test"]["row"]

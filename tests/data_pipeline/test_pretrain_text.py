@@ -21,7 +21,7 @@ from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets, load_canonical, main, prepare_dataset
 from data_pipeline.sources import DataFormatError, iter_raw_records
 from data_pipeline.stats import STATS_FILE, DatasetStats
-from data_pipeline.text import cut_into_blocks
+from data_pipeline.text import cut_into_blocks, iter_blocks
 from tests.helpers import REPO_ROOT, VOCAB, data_config, float64_dft_sum, tiny_qwen2
 
 DOCUMENTS = [
@@ -281,6 +281,28 @@ def test_data_too_small_to_hold_out_trains_without_a_validation_set(
     )
     assert len(train) == 1 and validation is None and stats.validation_split is None
     assert "leaves nothing to train on, so there is no validation set" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["packed", "concat"])
+def test_blocks_cut_a_batch_of_documents_at_a_time_are_those_of_the_whole_stream(mode: str) -> None:
+    # Preparation cuts a part's documents batch by batch (memory holds a batch, not the part): under concat a
+    # batch's last, incomplete block must open the next batch's stream, as if the part were cut at once.
+    generator = np.random.default_rng(0)
+    lengths = generator.integers(1, 40, size=25)
+    table = pa.table(
+        {
+            INPUT_IDS_KEY: pa.array(
+                [generator.integers(3, VOCAB, size=n).tolist() for n in lengths], pa.list_(pa.int32())
+            ),
+            SOURCE_ID_KEY: pa.array(generator.integers(0, 3, size=len(lengths)), pa.int32()),
+            ORIGIN_KEY: pa.array([f"docs.jsonl:{i + 1}" for i in range(len(lengths))]),
+        }
+    )
+    whole, short_blocks = cut_into_blocks(table, 16, mode)
+    pieces = list(iter_blocks((table.slice(start, 4) for start in range(0, len(lengths), 4)), 16, mode))
+    assert len(pieces) > 6  # several batches, each cut on its own
+    assert pa.concat_tables([blocks for blocks, _ in pieces]).to_pylist() == whole.to_pylist()
+    assert sum(short for _, short in pieces) == short_blocks == (mode == "concat" and int(sum(lengths) % 16 != 0))
 
 
 # --- Packed documents do not attend to each other ---------------------------------------------------------------
