@@ -301,7 +301,8 @@ def _clear_turns(mask: list[int], turns: list[int], num_assistant_turns: int) ->
     if len(starts) != num_assistant_turns:
         raise ValueError(
             f"the chat template's assistant mask has {len(starts)} runs for {num_assistant_turns} assistant turns, "
-            "so per-turn `loss: 0` flags cannot be honoured with this template"
+            "so per-turn `loss: 0` flags cannot be honoured with this template; give each reply a {% generation %} "
+            "block of its own, or drop the flags"
         )
     for turn in turns:
         flags[starts[turn] : ends[turn]] = False
@@ -555,7 +556,11 @@ def tokenize_dialogues(
         untrained, num_assistant_turns = _untrained_turns(messages)
         if untrained and not rendered.per_turn[i] and rendered.refusals[i] is None:
             begin, end = token_starts[i], token_starts[i + 1]
-            mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
+            try:
+                mask[begin:end] = _clear_turns(mask[begin:end], untrained, num_assistant_turns)
+            except ValueError as e:  # this record's flags, not the others': refused (or skipped and counted)
+                mask[begin:end] = False
+                rendered.refusals[i] = Refusal(TEMPLATE_REFUSED, f"{e}{TEMPLATE_REFUSED_FIX}")
 
     # Per dialogue: assistant turns with reasoning, and those whose reasoning the rendering leaves out.
     reasoning = np.array(

@@ -15,6 +15,9 @@ from config.sources import parse_sources
 from core.keys import IGNORE_INDEX
 from data_pipeline.prepare import build_datasets, load_canonical
 from data_pipeline.tokenize import (
+    NUM_TRAINABLE_KEY,
+    REFUSAL_KEY,
+    REFUSAL_REASON_KEY,
     TOKENIZED_KEYS,
     Dialogue,
     TokenizeOptions,
@@ -86,6 +89,28 @@ def test_a_turn_flagged_not_trained_gets_no_label(name: str, request: pytest.Fix
     flagged[2]["train"] = False
     row = tokenize_dialogue(flagged, tokenizer, TokenizeOptions(512))
     assert labelled_text(row, tokenizer) == f"9{tokenizer.eos_token}"
+
+
+def test_flags_a_marked_template_cannot_honour_refuse_that_record_only(
+    chatml_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    # Generation markers around the last reply only: one run for two turns, so a flag cannot say which to clear.
+    tokenizer = copy.deepcopy(chatml_tokenizer)
+    tokenizer.chat_template = (
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if loop.last %}{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+        "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}{{- '\\n' }}{%- endfor %}"
+    )
+    flagged = [dict(m) for m in DIALOGUE]
+    flagged[2]["train"] = False
+    columns = tokenize_dialogues([(flagged, None), (DIALOGUE, None)], tokenizer, TokenizeOptions(512))
+    assert columns[REFUSAL_REASON_KEY].to_pylist() == ["chat_template_refused", None]
+    (problem, _) = columns[REFUSAL_KEY].to_pylist()
+    assert (
+        problem.startswith("the chat template's assistant mask has 1 runs for 2 assistant turns")
+        and "\n" not in problem
+    )
+    assert columns[NUM_TRAINABLE_KEY].to_pylist()[0] == 0 and columns[NUM_TRAINABLE_KEY].to_pylist()[1] > 0
 
 
 def test_tools_reach_a_template_that_uses_them(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
