@@ -169,11 +169,11 @@ the `{TEMPLATES_SDIST}` sdist, each on the embedded tokenizer with its markup as
 dialogues: {", ".join(DIALOGUES)}.
 
 "Prepared, exact": every sample's tokens are the template's rendering and each trained run holds one assistant turn
-(reply, tool calls, rendered reasoning) ending with a special token, nothing of the other messages. A turn the template
-renders differently once later turns follow is left untrained and counted (`untrained_turns` in stats.json); a record
-the template refuses, or whose tool calls it drops, is refused in one line or skipped and counted under
-`data.on_error=skip`. "Refused at start-up": the start-up probe's line, which says what the template does and what to
-do.
+(reply, tool calls, rendered reasoning) ending with a special token, nothing of the other messages and not the role
+header the model is prompted with. A turn the template renders differently once later turns follow is left untrained
+and counted (`untrained_turns` in stats.json); a record the template refuses, or whose tool calls it drops, is refused
+in one line or skipped and counted under `data.on_error=skip`. "Refused at start-up": the start-up probe's line, which
+says what the template does and what to do.
 
 """
 
