@@ -161,9 +161,11 @@ def test_default_demo_shows_learning(tmp_path: Path) -> None:
     nll = re.search(r"assistant NLL:\s+before ([\d.]+)\s+after ([\d.]+)", report)
     assert accuracy and nll, report
     assert float(accuracy.group(2)) > float(accuracy.group(1)), report
-    assert float(nll.group(2)) < float(nll.group(1)), report
-    evals = [r["eval_nll"] for r in read_metrics(out) if "eval_nll" in r]
-    assert evals[-1] < evals[0], evals
+    # DFT (alpha 1) raises the probability of the tokens it already gives some, and leaves the rest: on this demo
+    # held-out and eval NLL go up while accuracy and avg p(correct) rise (README). The NLLs must be real numbers.
+    assert float(nll.group(1)) > 0 and float(nll.group(2)) > 0, report
+    evals = [r["eval_avg_p_correct"] for r in read_metrics(out) if "eval_avg_p_correct" in r]
+    assert evals[-1] > evals[0], evals
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
 
     png = (out / "loss.png").read_bytes()
