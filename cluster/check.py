@@ -5,7 +5,8 @@ with every problem listed at once, instead of once per rank after the ranks have
 held-out file, after training). It composes the config exactly as `train.py` does (Hydra, then the
 typed schema, which rejects unknown keys and wrong types), then checks every path the config names:
 each `data.sources[i]` resolves to files, `heldout.file` exists, `deepspeed.config` is a usable
-DeepSpeed JSON (config/deepspeed.py), `model.name_or_path` and `model.tokenizer_name_or_path` exist
+DeepSpeed JSON (config/deepspeed.py), a `data.chat_template` file exists (a name without a path or suffix is a
+template, checked when the tokenizer loads), `model.name_or_path` and `model.tokenizer_name_or_path` exist
 when they are local paths, an explicit `training.resume_from_checkpoint` is a directory, and
 `output_dir` can be created. With `--world-size`, the checkpoint a resume would load is checked
 against it (cluster/resume.py: a ZeRO checkpoint resumes only on the world size that saved it).
@@ -63,6 +64,12 @@ def _output_dir_problem(value: str) -> str | None:
     return None
 
 
+def _names_a_file(chat_template: str) -> bool:
+    """Whether `data.chat_template` names a file (a path, or a name with a suffix) rather than a template: one the
+    project ships, or one of the tokenizer's named ones (`default`, `tool_use`), checked when the tokenizer loads."""
+    return chat_template.startswith(LOCAL_PATH_PREFIXES) or "/" in chat_template or Path(chat_template).suffix != ""
+
+
 def _failure(check: Callable[..., object], *args: object) -> str | None:
     """The message of the error `check(*args)` raises, or None when it passes."""
     try:
@@ -85,7 +92,7 @@ def config_problems(run: RunConfig, world_size: int | None = None) -> list[str]:
             f"heldout.file: no such file '{run.heldout.file}' (relative paths start at the launch directory "
             f"{Path.cwd()}); or heldout.file=null to skip the before/after comparison"
         )
-    if run.data.chat_template is not None:
+    if run.data.chat_template is not None and _names_a_file(run.data.chat_template):
         problems.append(_failure(chat_template_path, run.data.chat_template))
     deepspeed_problem = _failure(check_deepspeed_config, run.deepspeed.config)
     problems.append(deepspeed_problem)

@@ -316,6 +316,9 @@ def test_data_chat_template_replaces_the_tokenizers_and_a_missing_one_is_named(
     assert shipped.chat_template == (TOKENIZER_DIR / "chat_template.jinja").read_text(encoding="utf-8")
     problems = config_problems(load_run_config([*overrides, "data.chat_template=missing.jinja"]))
     assert any(p.startswith("data.chat_template: no such file 'missing.jinja'") for p in problems), problems
+    # A name is one of the tokenizer's named templates (Hermes' tool_use): checked when the tokenizer loads.
+    problems = config_problems(load_run_config([*overrides, "data.chat_template=tool_use"]))
+    assert not any(p.startswith("data.chat_template") for p in problems), problems
 
 
 @pytest.mark.slow
