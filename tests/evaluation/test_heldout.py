@@ -66,7 +66,7 @@ def test_released_model_heldout_nll_equals_an_independent_float64_computation(
 ) -> None:
     model, tokenizer = released_model
     assert not has_generation_markers(tokenizer)  # the released template: replies located by prefix rendering
-    dialogues = load_heldout(ADDITION_DIR / "heldout.jsonl", max_samples=5) + [HeldoutDialogue("two-turn", TWO_TURNS)]
+    dialogues = load_heldout(ADDITION_DIR / "heldout.jsonl", max_samples=3) + [HeldoutDialogue("two-turn", TWO_TURNS)]
     assert_nll_matches_float64(model, tokenizer, dialogues, "<|im_end|>")
 
 
@@ -106,12 +106,12 @@ def test_batched_generation_gives_the_tokens_of_one_prompt_at_a_time(
     """Left padding and length-sorted batches change nothing: the same replies, in the given order, and the
     tokenizer's padding side is restored."""
     model, tokenizer = released_model
-    dialogues = load_heldout(ADDITION_DIR / "heldout.jsonl", max_samples=12)
+    dialogues = load_heldout(ADDITION_DIR / "heldout.jsonl", max_samples=8)
     prompts = [encode_heldout(d, tokenizer, OPTIONS).prompt_ids for d in dialogues]
     prompts[3] = prompts[3][:-4] + prompts[0][-4:]  # lengths differ, so batches really pad
     side = tokenizer.padding_side
-    batched = greedy_replies(model, tokenizer, prompts, max_new_tokens=10, batch_size=5)
+    batched = greedy_replies(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     assert tokenizer.padding_side == side
-    one_at_a_time = [greedy_replies(model, tokenizer, [prompt], max_new_tokens=10)[0] for prompt in prompts]
+    one_at_a_time = [greedy_replies(model, tokenizer, [prompt], max_new_tokens=8)[0] for prompt in prompts]
     assert batched == one_at_a_time
     assert len(set(batched)) > 1  # real, varied replies

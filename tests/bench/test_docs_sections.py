@@ -1,0 +1,51 @@
+"""docs/benchmarks.md holds what the benchmarks wrote: each generated section equals the one its writer renders from
+the results file the benchmark saved, so a figure there cannot be edited by hand or outlive a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import bench.docs
+from bench import data_prepare_throughput, heldout_generation, loss_head, train_throughput
+
+WRITERS: dict[str, tuple[Path, Callable[[dict], None]]] = {
+    "loss_head": (loss_head.RESULTS_PATH, loss_head.write_docs_section),
+    "data_prepare_throughput": (
+        data_prepare_throughput.RESULTS_PATH,
+        lambda r: data_prepare_throughput.write_docs_section(data_prepare_throughput.format_table(r["rows"]), r),
+    ),
+    "train_throughput": (train_throughput.RESULTS_PATH, train_throughput.write_docs_section),
+    "heldout_generation": (
+        heldout_generation.RESULTS_PATH,
+        lambda r: bench.docs.replace_docs_section(heldout_generation.docs_section(r)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_the_docs_section_is_what_its_results_file_renders(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results_path, write = WRITERS[name]
+    if not results_path.is_file():
+        pytest.skip(f"{results_path.name}: not measured yet")
+    copy = tmp_path / "benchmarks.md"
+    shutil.copy(bench.docs.DOCS_PATH, copy)
+    monkeypatch.setattr(bench.docs, "DOCS_PATH", copy)
+    text = results_path.read_text()
+    # Writers state the core count around the runs: render with the measuring machine's, as saved in the results.
+    cores = re.search(r"(\d+) cores", text) or re.search(r'"cpus": (\d+)', text)
+    if cores:
+        monkeypatch.setattr(os, "cpu_count", lambda: int(cores.group(1)))
+    write(json.loads(text))
+    assert copy.read_text() == bench.docs.DOCS_PATH.read_text(), (
+        f"docs/benchmarks.md's section of bench/{name}.py differs from what its results file gives: rerun the "
+        "benchmark, or regenerate the section from the file"
+    )
