@@ -49,16 +49,8 @@ from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
-from data_pipeline.tokenize import TokenizeOptions
-from evaluation.heldout import (
-    HELDOUT_JSON,
-    HELDOUT_TEXT,
-    HeldoutResult,
-    comparison_record,
-    evaluate_heldout,
-    format_comparison,
-    load_heldout,
-)
+from evaluation.heldout import HELDOUT_JSON, HELDOUT_TEXT, HeldoutResult, comparison_record, format_comparison
+from evaluation.run_heldout import heldout_baseline, heldout_eval
 from evaluation.samples import samples_markdown
 from modeling.adapter import add_adapter, check_adapter_supported, load_adapter_model, merge_adapter
 from modeling.loading import load_model, resolve_model_path
@@ -71,18 +63,6 @@ from trainer.sft_trainer import SFTTrainer
 STARTED = time.monotonic()  # the run's wall time (from here: imports take seconds more), for the results it records
 logger = logging.getLogger("train")
 register_configs()
-
-
-def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> HeldoutResult:
-    dialogues = load_heldout(run.heldout.file, run.heldout.max_samples)
-    return evaluate_heldout(
-        model,
-        tokenizer,
-        dialogues,
-        run.heldout.max_new_tokens,
-        TokenizeOptions.from_data(run.data),
-        run.heldout.batch_size,
-    )
 
 
 def plain_copy(run: RunConfig, model_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -226,7 +206,7 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error():  # a released model that is not cached and cannot be fetched: one line
         model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)
-    before = heldout_eval(run, *plain_copy(run, model_path)) if run.heldout.file and is_rank_zero() else None
+    before = heldout_baseline(run, model_path) if run.heldout.file and is_rank_zero() else None
 
     training_args = to_training_arguments(run.training)
     # Catches preemption signals from here on; fine_tune lets it name a skipped step's samples.

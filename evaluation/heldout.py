@@ -17,16 +17,19 @@ position, so padding must come first), the tokenizer's padding side restored aft
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from core.files import write_atomic
 from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
 from data_pipeline.schema import TRAIN_KEY
 from data_pipeline.sources import read_records
@@ -216,6 +219,41 @@ def evaluate_heldout(
 
 
 HELDOUT_TEXT, HELDOUT_JSON = "heldout.txt", "heldout.json"
+# Bump when what a pass computes changes in a way the baseline key does not capture.
+BASELINE_VERSION = 1
+
+
+def baseline_key(
+    model_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout_file: str | Path,
+    settings: dict[str, Any],
+) -> str | None:
+    """What a base model's held-out pass depends on, hashed: the model directory's files (names, sizes, modification
+    times), the chat template, the held-out file's bytes, the pass's settings and torch's thread count (float32
+    sums, hence the last digits, move with it). None for a model that is not a local directory."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(model_dir)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    digest.update(json.dumps(tokenizer.chat_template, sort_keys=True).encode())
+    digest.update(Path(heldout_file).read_bytes())
+    extra = {**settings, "threads": torch.get_num_threads(), "version": BASELINE_VERSION}
+    digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def load_result(path: Path) -> HeldoutResult:
+    record = json.loads(path.read_text())
+    return HeldoutResult(**{**record, "generations": [Generation(**g) for g in record["generations"]]})
+
+
+def save_result(result: HeldoutResult, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(asdict(result), indent=1) + "\n")
 
 
 def comparison_record(before: HeldoutResult, after: HeldoutResult) -> dict[str, Any]:

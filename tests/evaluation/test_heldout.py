@@ -4,6 +4,7 @@ NLL against an independent float64 computation, refusals, and batched generation
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from config.schema import load_run_config
 from data_pipeline.tokenize import TokenizeOptions, has_generation_markers
 from embedded.addition import ADDITION_DIR
-from embedded.paths import TOKENIZER_DIR
+from embedded.paths import SAMPLE_DIR, TOKENIZER_DIR
 from evaluation.heldout import HeldoutDialogue, encode_heldout, evaluate_heldout, greedy_replies, load_heldout
+from evaluation.run_heldout import heldout_baseline
 
 OPTIONS = TokenizeOptions(max_length=10**9)
 TWO_TURNS = [
@@ -115,3 +118,23 @@ def test_batched_generation_gives_the_tokens_of_one_prompt_at_a_time(
     one_at_a_time = [greedy_replies(model, tokenizer, [prompt], max_new_tokens=8)[0] for prompt in prompts]
     assert batched == one_at_a_time
     assert len(set(batched)) > 1  # real, varied replies
+
+
+def test_the_base_models_heldout_pass_is_computed_once_per_model_file_and_settings(
+    base_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every arm and seed of a comparison starts from the same pass: the second run reuses it, a changed held-out
+    file or setting does not."""
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text((SAMPLE_DIR / "heldout.jsonl").read_text().splitlines()[0] + "\n")
+    common = [f"heldout.file={heldout}", f"data.cache_dir={tmp_path / 'cache'}", "heldout.max_new_tokens=4"]
+    first = heldout_baseline(load_run_config(common), str(base_model_dir))
+    (saved,) = (tmp_path / "cache" / "heldout").glob("*.json")
+    with caplog.at_level(logging.INFO):
+        again = heldout_baseline(load_run_config(common), str(base_model_dir))
+    assert "reused" in caplog.text and again == first
+    heldout.write_text((SAMPLE_DIR / "heldout.jsonl").read_text().splitlines()[1] + "\n")
+    changed = heldout_baseline(load_run_config(common), str(base_model_dir))
+    other_setting = heldout_baseline(load_run_config([*common, "heldout.max_new_tokens=5"]), str(base_model_dir))
+    assert changed.generations[0].prompt != first.generations[0].prompt
+    assert len(list(saved.parent.glob("*.json"))) == 3 and other_setting.generations
