@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from config.sources import SourceSpec
 
 # Bump when reading, conversion, tokenisation or the saved layout change what a given input produces.
-DATASET_CACHE_VERSION = "sft_chat_v5"
+DATASET_CACHE_VERSION = "sft_chat_v6"
 _HASH_CHUNK = 1 << 20
 
 

@@ -12,11 +12,18 @@ process reads: a tqdm bar on a terminal, a log line every `PROGRESS_LOG_SECONDS`
 
 An exception in a worker stops the others and is raised here as it was raised there (a bad record's
 `file:line: problem` keeps its type and text).
+
+Memory-mapped Arrow files are read without copying, but every page a process has read stays in its resident memory
+(RSS) for as long as the file is mapped: a pass over a prepared corpus would leave the whole of it resident in
+the process that made it. `release_mapped_pages` (called by each worker after each batch, and by the steps of
+`prepare` that read rows) hands those pages back with `madvise(MADV_DONTNEED)`: they stay in the kernel's page
+cache, and a later read maps them again without I/O.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -43,6 +50,7 @@ ROWS_PER_WORKER = 1000
 PROGRESS_LOG_SECONDS = 30.0
 _POLL_SECONDS = 0.2
 _TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM"
+_MADV_DONTNEED = 4  # Linux's value (asm-generic/mman-common.h)
 
 # What the forked workers inherit: set just before the fork, cleared after.
 _job: _Job | None = None
@@ -75,6 +83,7 @@ class _Job:
                     # A batch whose column came out all null, say, gets the first batch's types.
                     table = table.cast(schema)
                 writer.write_table(table)
+                release_mapped_pages()
                 rows_done(stop - begin)
             if writer is not None:
                 writer.close()
@@ -112,6 +121,22 @@ def map_arrow_batches(dataset: Dataset, function: Callable[[pa.Table], pa.Table]
         progress.close()
     parts = [Dataset.from_file(str(path)) for path in map(job.output_path, range(workers)) if path.stat().st_size]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def release_mapped_pages() -> None:
+    """Drop from this process's resident memory the pages it has read of the memory-mapped Arrow files (`*.arrow`).
+
+    Only read-only file mappings are touched, so nothing is lost: the addresses stay valid, and the next read of a
+    page maps it again from the page cache. Without /proc (not Linux) this does nothing.
+    """
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            regions = [line.split(maxsplit=5) for line in maps]
+        libc = ctypes.CDLL(None, use_errno=True)
+        for fields in regions:
+            if len(fields) == 6 and fields[5].rstrip("\n").endswith(".arrow") and fields[1].startswith("r-"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def _worker_main(worker: int, start: int, end: int) -> None:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from datasets.fingerprint import get_temporary_cache_files_directory
 from transformers import PreTrainedTokenizerBase
 
@@ -50,7 +50,7 @@ from core.errors import exit_on_user_error
 from core.files import build_once
 from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
 from data_pipeline.cache import dataset_fingerprint
-from data_pipeline.parallel import BATCH_SIZE, map_arrow_batches
+from data_pipeline.parallel import BATCH_SIZE, map_arrow_batches, release_mapped_pages
 from data_pipeline.schema import MESSAGES_KEY, TEXT_KEY, TOOLS_KEY, to_canonical, to_text
 from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
 from data_pipeline.stats import DatasetStats, SourceStats
@@ -79,6 +79,13 @@ MODEL_INPUT_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY)
 SAMPLE_KEYS = (SOURCE_ID_KEY, ORIGIN_KEY)
 COPIES_KEY = "copies"
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
+# Each prepared set's rows, an Arrow stream file in its directory.
+ROWS_FILE = "rows.arrow"
+# Shuffled rows gathered per write: the kernel maps some 100 KB around each row read, so this bounds the pages a write
+# holds before `release_mapped_pages` hands them back (about 60 MB), at one /proc read (about 2 ms) per batch.
+_WRITE_BATCH_ROWS = 200
+# Dialogues searched at a time by the template probe (a few MB of JSON).
+_SCAN_BATCH_ROWS = 10 * BATCH_SIZE
 # What the validation share is drawn from (`stats.json`'s `validation_split`): chat records, raw-text documents, or
 # the blocks they were cut into when the documents are too few for the share.
 VALIDATION_BY_RECORD, VALIDATION_BY_DOCUMENT, VALIDATION_BY_BLOCK = "records", "documents", "blocks"
@@ -101,16 +108,35 @@ class PreparedData:
     stats: DatasetStats
 
     def save(self, directory: Path) -> None:
-        self.train.save_to_disk(str(directory / TRAIN_DIR))
-        if self.validation is not None:
-            self.validation.save_to_disk(str(directory / VALIDATION_DIR))
+        for name, part in ((TRAIN_DIR, self.train), (VALIDATION_DIR, self.validation)):
+            if part is not None:
+                _write_rows(part, directory / name / ROWS_FILE)
         self.stats.save(directory)
 
     @classmethod
     def load(cls, directory: Path) -> PreparedData:
-        validation_dir = directory / VALIDATION_DIR
-        validation = load_from_disk(str(validation_dir)) if validation_dir.is_dir() else None
-        return cls(load_from_disk(str(directory / TRAIN_DIR)), validation, DatasetStats.load(directory))
+        validation_file = directory / VALIDATION_DIR / ROWS_FILE
+        validation = Dataset.from_file(str(validation_file)) if validation_file.is_file() else None
+        return cls(Dataset.from_file(str(directory / TRAIN_DIR / ROWS_FILE)), validation, DatasetStats.load(directory))
+
+
+def _write_rows(dataset: Dataset, path: Path) -> None:
+    """`dataset`'s rows, in its order (the split, shuffle and repetition by index applied), batch by batch into an
+    Arrow file that `Dataset.from_file` maps.
+
+    Not `save_to_disk`: a batch of shuffled rows is gathered from pages all over the memory-mapped source files
+    (one batch of 1,000 mapped nearly all of a 120 MB file, the kernel reading around each row), and those pages stay
+    in this process's RSS until they are unmapped; handed back after each batch, the write holds one batch's pages.
+    """
+    path.parent.mkdir(parents=True)
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = None
+        for table in dataset.with_format("arrow").iter(_WRITE_BATCH_ROWS):
+            writer = writer or pa.ipc.new_stream(sink, table.schema)
+            writer.write_table(table)
+            release_mapped_pages()
+        if writer is not None:
+            writer.close()
 
 
 def load_canonical(
@@ -444,6 +470,7 @@ def _blocks(documents: Dataset, rows: np.ndarray, data: DataConfig, stats: Datas
             writer = writer or pa.ipc.new_stream(sink, blocks.schema)
             writer.write_table(blocks)
             stats.short_blocks += short_blocks
+            release_mapped_pages()  # the pages of the documents read, as `_write_rows` does
         if writer is not None:
             writer.close()
     return Dataset.from_file(str(path))
@@ -489,6 +516,7 @@ def prepare_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         options["pretrain_blocks"] = data.pretrain_blocks
         options["sample_by"] = data.sample_by
     directory = Path(data.cache_dir) / dataset_fingerprint(files, tokenizer, options)
+
     built = build_once(directory, lambda temporary: build_prepared(data, tokenizer, seed).save(temporary))
     return directory, built
 
@@ -526,13 +554,11 @@ def _probe_template(canonical: Dataset, tokenizer: PreTrainedTokenizerBase, on_e
     """The start-up probe of the chat template (`check_assistant_mask`), with the first record that has tool calls
     (or else tools) as its example of the data's tools. A template that drops tool calls refuses each record with
     calls by its file and line (or skips and counts them under `skip`, as a warning says here)."""
-    conversations = canonical.with_format("arrow")[CONVERSATION_KEY]
     example = None
     # As keys of the canonical JSON: in a message's text the quotes would be escaped.
     for key in ('"tool_calls"', f'"{TOOLS_KEY}"'):
-        found = np.flatnonzero(pc.match_substring(conversations, key).to_numpy(zero_copy_only=False))
-        if len(found):
-            dialogue = json.loads(conversations[int(found[0])].as_py())
+        if (found := _first_containing(canonical, key)) is not None:
+            dialogue = json.loads(found)
             example = (dialogue[MESSAGES_KEY], dialogue.get(TOOLS_KEY))
             break
     try:
@@ -540,6 +566,18 @@ def _probe_template(canonical: Dataset, tokenizer: PreTrainedTokenizerBase, on_e
     except ToolCallsNotRendered as e:
         if on_error == "skip":
             logger.warning("%s: the records with tool calls are skipped and counted (data.on_error=skip)", e)
+
+
+def _first_containing(canonical: Dataset, key: str) -> str | None:
+    """The first canonical dialogue whose JSON contains `key`, searched a batch at a time: one search of the whole
+    column would leave every page of the corpus's dialogues in this process's RSS (`release_mapped_pages`)."""
+    for batch in canonical.select_columns([CONVERSATION_KEY]).with_format("arrow").iter(_SCAN_BATCH_ROWS):
+        conversations = batch.column(CONVERSATION_KEY)
+        found = np.flatnonzero(pc.match_substring(conversations, key).to_numpy(zero_copy_only=False))
+        release_mapped_pages()
+        if len(found):
+            return conversations[int(found[0])].as_py()
+    return None
 
 
 def _account_refusals(columns: pa.Table, refused: np.ndarray, stats: DatasetStats, on_error: str) -> None:
