@@ -81,9 +81,10 @@ COPIES_KEY = "copies"
 TRAIN_DIR, VALIDATION_DIR = "train", "validation"
 # Each prepared set's rows, an Arrow stream file in its directory.
 ROWS_FILE = "rows.arrow"
-# Shuffled rows gathered per write: the kernel maps some 100 KB around each row read, so this bounds the pages a write
-# holds before `release_mapped_pages` hands them back (about 60 MB), at one /proc read (about 2 ms) per batch.
-_WRITE_BATCH_ROWS = 200
+# Rows gathered at a time from shuffled positions: the kernel maps 64 KB around each place a row's columns are read,
+# so this bounds the pages held before `release_mapped_pages` hands them back (200 documents of 8 buffers each mapped about 100 MB),
+# at one /proc read (about 2 ms) per batch.
+_GATHER_BATCH_ROWS = 200
 # Dialogues searched at a time by the template probe (a few MB of JSON).
 _SCAN_BATCH_ROWS = 10 * BATCH_SIZE
 # What the validation share is drawn from (`stats.json`'s `validation_split`): chat records, raw-text documents, or
@@ -131,7 +132,7 @@ def _write_rows(dataset: Dataset, path: Path) -> None:
     path.parent.mkdir(parents=True)
     with pa.OSFile(str(path), "wb") as sink:
         writer = None
-        for table in dataset.with_format("arrow").iter(_WRITE_BATCH_ROWS):
+        for table in dataset.with_format("arrow").iter(_GATHER_BATCH_ROWS):
             writer = writer or pa.ipc.new_stream(sink, table.schema)
             writer.write_table(table)
             release_mapped_pages()
@@ -460,8 +461,8 @@ def _blocks(documents: Dataset, rows: np.ndarray, data: DataConfig, stats: Datas
     documents, not the part."""
     columns = documents.select_columns([INPUT_IDS_KEY, *SAMPLE_KEYS, COPIES_KEY])
     batches = (
-        columns.select(rows[start : start + BATCH_SIZE]).with_format("arrow")[:]
-        for start in range(0, len(rows), BATCH_SIZE)
+        columns.select(rows[start : start + _GATHER_BATCH_ROWS]).with_format("arrow")[:]
+        for start in range(0, len(rows), _GATHER_BATCH_ROWS)
     )
     path = Path(tempfile.mkdtemp(prefix="blocks-", dir=get_temporary_cache_files_directory())) / "blocks.arrow"
     with pa.OSFile(str(path), "wb") as sink:
