@@ -199,8 +199,11 @@ def write_docs_section(table: str, results: dict) -> None:
         "are index arrays, raw text is cut into blocks a batch of documents at a time, the prepared sets are "
         "written 200 shuffled rows at a time, and every process hands back the pages of the memory-mapped Arrow "
         "files it has read after each batch (`release_mapped_pages` in `data_pipeline/parallel.py`): the kernel "
-        "maps 64 KB around every place a row is read from, so one batch of 1,000 shuffled rows mapped nearly all of "
-        "a 120 MB file, and those pages stayed in the reading process's RSS until it ended.",
+        "maps 64 KB around every place a row is read from, so a batch of shuffled rows maps pages all over the "
+        "source files, and before they were handed back they stayed in the reading process's RSS until it ended. "
+        "What still grows with the corpus is per-record state in the preparing process: the accounting's and the "
+        "split's arrays (a few bytes a record) and the pages of the small per-record columns it reads across "
+        "every batch.",
         "",
     ]
     replace_docs_section(section)
