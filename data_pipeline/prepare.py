@@ -82,8 +82,8 @@ TRAIN_DIR, VALIDATION_DIR = "train", "validation"
 # Each prepared set's rows, an Arrow stream file in its directory.
 ROWS_FILE = "rows.arrow"
 # Rows gathered at a time from shuffled positions: the kernel maps 64 KB around each place a row's columns are read,
-# so this bounds the pages held before `release_mapped_pages` hands them back (200 documents of 8 buffers each mapped about 100 MB),
-# at one /proc read (about 2 ms) per batch.
+# so this bounds the pages held before `release_mapped_pages` hands them back (200 documents, 8 buffers each, mapped
+# about 100 MB), at one /proc read (about 2 ms) per batch.
 _GATHER_BATCH_ROWS = 200
 # Dialogues searched at a time by the template probe (a few MB of JSON).
 _SCAN_BATCH_ROWS = 10 * BATCH_SIZE
