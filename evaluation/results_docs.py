@@ -13,6 +13,7 @@ or drift from the run that measured it. Renderers:
 - `heldout`: a train.py run's before/after numbers (`heldout.results_file`): exact match, NLL, wall time.
 - `verdict`: an `evaluation.compare --results` verdict: a row per arm and seed, then each arm's difference to the
   baseline (mean, min..max over seeds).
+- `run:<arm>:<seed>`: one run of such a verdict, as `heldout` shows a run (a demo that is one arm of a comparison).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 from core.files import write_atomic
 from embedded.paths import REPO_ROOT
 
-BLOCK = re.compile(r"(<!-- results (\S+) (\w+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
+BLOCK = re.compile(r"(<!-- results (\S+) ([\w:.]+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
 DOCUMENTS = ("README.md",)
 
 
@@ -41,17 +42,28 @@ def _measured(record: dict[str, Any]) -> str:
     )
 
 
-def render_heldout(record: dict[str, Any]) -> str:
-    before, after = record["before"], record["after"]
+def _heldout_lines(heldout: dict[str, Any]) -> str:
+    before, after = heldout["before"], heldout["after"]
+    tokens = f"  ({heldout['reply_tokens']} reply tokens)" if "reply_tokens" in heldout else ""
     return (
         "```\n"
-        f"held-out exact match ({record['prompts']} prompts): before {before['exact_match']:.1%}  "
+        f"held-out exact match ({heldout['prompts']} prompts): before {before['exact_match']:.1%}  "
         f"after {after['exact_match']:.1%}\n"
-        f"held-out assistant NLL:            before {before['nll']:.3f}  after {after['nll']:.3f}  "
-        f"({record['reply_tokens']} reply tokens)\n"
-        "```\n\n"
-        f"{_measured(record)}.\n"
+        f"held-out assistant NLL:            before {before['nll']:.3f}  after {after['nll']:.3f}{tokens}\n"
+        "```\n"
     )
+
+
+def render_heldout(record: dict[str, Any]) -> str:
+    return f"{_heldout_lines(record)}\n{_measured(record)}.\n"
+
+
+def render_run(record: dict[str, Any], arm: str, seed: str) -> str:
+    run = next((r for r in record["runs"] if r["arm"] == arm and str(r["seed"]) == seed), None)
+    if run is None or run["heldout"] is None:
+        raise ValueError(f"no run of arm {arm!r}, seed {seed}, with held-out numbers in this verdict")
+    heldout = _heldout_lines(run["heldout"])
+    return f"{heldout}\nThe `{arm}` arm, seed {seed}, of the comparison below. {_measured(record)}.\n"
 
 
 def _percent(run: dict[str, Any], when: str) -> str:
@@ -88,7 +100,7 @@ def render_verdict(record: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nData order: {order}. {_measured(record)}.\n"
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"heldout": render_heldout, "verdict": render_verdict}
+RENDERERS: dict[str, Callable[..., str]] = {"heldout": render_heldout, "verdict": render_verdict, "run": render_run}
 
 
 def regenerate(text: str, root: Path = REPO_ROOT) -> str:
@@ -100,11 +112,12 @@ def regenerate(text: str, root: Path = REPO_ROOT) -> str:
 
     def render(match: re.Match) -> str:
         opening, path, kind, _, closing = match.groups()
-        if kind not in RENDERERS:
-            raise ValueError(f"results block {path} {kind}: no renderer {kind!r}; one of {sorted(RENDERERS)}")
+        name, *arguments = kind.split(":")
+        if name not in RENDERERS:
+            raise ValueError(f"results block {path} {kind}: no renderer {name!r}; one of {sorted(RENDERERS)}")
         if not (root / path).is_file():
             raise ValueError(f"results block {path} {kind}: no such file (run the command that measures it)")
-        return opening + RENDERERS[kind](json.loads((root / path).read_text())) + closing
+        return opening + RENDERERS[name](json.loads((root / path).read_text()), *arguments) + closing
 
     return BLOCK.sub(render, text)
 
