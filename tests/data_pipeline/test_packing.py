@@ -323,7 +323,9 @@ def test_train_py_with_a_token_budget_trains_one_epoch_of_packed_micro_batches(t
     packed = re.search(r"into (\d+) micro-batches of at most 512 tokens: ([\d.]+)% of the budget used", log)
     assert packed, log[-3000:]
     num_bins, fill_percent = int(packed.group(1)), float(packed.group(2))
-    assert fill_percent > 98
+    # Best-fit decreasing on ~20-token samples leaves less than one micro-batch's budget unused in all (the last
+    # micro-batch takes what is left): no fewer micro-batches could hold the epoch.
+    assert (1 - fill_percent / 100) * num_bins * 512 < 512, (num_bins, fill_percent)
     losses = [(r["step"], r["loss"]) for r in read_metrics(out) if "loss" in r]
     assert [step for step, _ in losses] == list(range(1, math.ceil(num_bins / 2) + 1))
     assert all(math.isfinite(loss) for _, loss in losses)
