@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -119,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.heldout_generation", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=60)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    result = {**provenance(), **measure(args.repeats, args.prompts)}
+    result = {**provenance(["python", "-m", "bench.heldout_generation", *argv]), **measure(args.repeats, args.prompts)}
     print("\n".join(table(result)))
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(RESULTS_PATH, json.dumps(result, indent=2) + "\n")
