@@ -206,7 +206,7 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error():  # a released model that is not cached and cannot be fetched: one line
         model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)
-    before = heldout_baseline(run, model_path) if run.heldout.file and is_rank_zero() else None
+    before = heldout_baseline(run, model_path, tokenizer) if run.heldout.file and is_rank_zero() else None
 
     training_args = to_training_arguments(run.training)
     # Catches preemption signals from here on; fine_tune lets it name a skipped step's samples.

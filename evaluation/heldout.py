@@ -152,13 +152,6 @@ def greedy_replies(
     return replies
 
 
-def greedy_reply(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], max_new_tokens: int
-) -> str:
-    """The model's greedy continuation of one prompt up to its end-of-turn token, decoded."""
-    return greedy_replies(model, tokenizer, [prompt_ids], max_new_tokens)[0]
-
-
 @torch.no_grad()
 def reply_nll(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, encoded: list[EncodedDialogue], batch_size: int = 16

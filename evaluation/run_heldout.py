@@ -9,7 +9,6 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from config.schema import RunConfig
-from data_pipeline.templates import load_chat_tokenizer
 from data_pipeline.tokenize import TokenizeOptions
 from evaluation.heldout import HeldoutResult, baseline_key, evaluate_heldout, load_heldout, load_result, save_result
 from modeling.loading import load_model
@@ -29,11 +28,10 @@ def heldout_eval(run: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTo
     )
 
 
-def heldout_baseline(run: RunConfig, model_path: str) -> HeldoutResult:
+def heldout_baseline(run: RunConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> HeldoutResult:
     """The base model's held-out pass, before training. Every run of a comparison (each arm and seed of
     `evaluation.compare`) has the same one, so it is kept under `data.cache_dir/heldout/` and reused when nothing it
     depends on changed (`evaluation.heldout.baseline_key`)."""
-    tokenizer = load_chat_tokenizer(run, model_path)
     settings = {
         "max_samples": run.heldout.max_samples,
         "max_new_tokens": run.heldout.max_new_tokens,

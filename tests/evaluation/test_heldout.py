@@ -127,14 +127,17 @@ def test_the_base_models_heldout_pass_is_computed_once_per_model_file_and_settin
     file or setting does not."""
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text((SAMPLE_DIR / "heldout.jsonl").read_text().splitlines()[0] + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     common = [f"heldout.file={heldout}", f"data.cache_dir={tmp_path / 'cache'}", "heldout.max_new_tokens=4"]
-    first = heldout_baseline(load_run_config(common), str(base_model_dir))
+    first = heldout_baseline(load_run_config(common), str(base_model_dir), tokenizer)
     (saved,) = (tmp_path / "cache" / "heldout").glob("*.json")
     with caplog.at_level(logging.INFO):
-        again = heldout_baseline(load_run_config(common), str(base_model_dir))
+        again = heldout_baseline(load_run_config(common), str(base_model_dir), tokenizer)
     assert "reused" in caplog.text and again == first
     heldout.write_text((SAMPLE_DIR / "heldout.jsonl").read_text().splitlines()[1] + "\n")
-    changed = heldout_baseline(load_run_config(common), str(base_model_dir))
-    other_setting = heldout_baseline(load_run_config([*common, "heldout.max_new_tokens=5"]), str(base_model_dir))
+    changed = heldout_baseline(load_run_config(common), str(base_model_dir), tokenizer)
+    other_setting = heldout_baseline(
+        load_run_config([*common, "heldout.max_new_tokens=5"]), str(base_model_dir), tokenizer
+    )
     assert changed.generations[0].prompt != first.generations[0].prompt
     assert len(list(saved.parent.glob("*.json"))) == 3 and other_setting.generations
