@@ -38,7 +38,15 @@ def file_digest(path: Path) -> str:
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of what decides the token ids: the tokenizer pipeline (or vocabulary), special tokens, template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        pipeline_json = json.loads(backend.to_str())
+        # Call-time state, not the pipeline: a call with padding=True (the held-out pass's batched generation)
+        # leaves the backend's padding set, and the same tokenizer would otherwise key another dataset.
+        pipeline_json.pop("padding", None)
+        pipeline_json.pop("truncation", None)
+        pipeline = json.dumps(pipeline_json, sort_keys=True)
+    else:
+        pipeline = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     special = json.dumps(tokenizer.all_special_tokens)
     # Several named templates (Hermes, Command-R) are a dict of them.
     template = tokenizer.chat_template

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 import data_pipeline.prepare as prepare
 from config.sources import parse_sources
+from data_pipeline.cache import tokenizer_digest
 from data_pipeline.stats import STATS_FILE, DatasetStats
 from tests.helpers import REPO_ROOT, TOKENIZER_DIR, data_config, write_chats
 
@@ -136,3 +137,20 @@ def test_the_split_drawn_by_index_is_the_one_train_test_split_draws(rows: int, s
     train, validation = prepare._split(indices, share, seed, DatasetStats(), "records")
     reference = Dataset.from_dict({"row": indices}).train_test_split(test_size=share, seed=seed)
     assert train.tolist() == reference["train"]["row"] and validation.tolist() == reference["test"]["row"]
+
+
+def test_the_cache_key_ignores_a_tokenizer_call_s_padding_and_truncation() -> None:
+    """A batched, padded call (the held-out pass runs one before training on a fresh cache) leaves the backend's
+    padding and truncation set; the same tokenizer must still key the same prepared dataset (it keyed another in
+    CI: the first run of a fresh checkout prepared a second copy), while a change to what decides the token ids
+    still changes the key."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    before = tokenizer_digest(tokenizer)
+    tokenizer.padding_side = "left"
+    tokenizer(["a", "bb cc dd"], padding=True, truncation=True, max_length=2)
+    assert json.loads(tokenizer.backend_tokenizer.to_str())["padding"] is not None  # the state the key must ignore
+    assert tokenizer_digest(tokenizer) == before
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert tokenizer_digest(tokenizer) != before
