@@ -49,6 +49,7 @@ from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
+from dft.objectives import build_objective, describe_objective
 from evaluation.heldout import HELDOUT_JSON, HELDOUT_TEXT, HeldoutResult, comparison_record, format_comparison
 from evaluation.run_heldout import heldout_baseline, heldout_eval
 from evaluation.samples import samples_markdown
@@ -56,6 +57,7 @@ from modeling.adapter import add_adapter, check_adapter_supported, load_adapter_
 from modeling.loading import load_model, resolve_model_path
 from observability.artifacts import CONFIG_FILE, RunArtifactsCallback, redact_secrets, use_readable_progress
 from observability.banner import end_summary, startup_banner
+from observability.drift_guard import DriftGuardCallback
 from observability.rank_logging import library_prints_to_log, setup_logging
 from observability.trackers import tracker_callbacks
 from trainer.sft_trainer import SFTTrainer
@@ -133,6 +135,13 @@ def fine_tune(
         training_args.do_eval = False
 
     model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
+    # A KL term compares the policy with the frozen starting model: a second copy for a full fine-tune (sharded
+    # like the policy under ZeRO-3); an adapter run uses its base with the adapter off instead, so none is loaded.
+    reference_model = (
+        load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
+        if build_objective(run.loss).needs_reference and run.model.adapter == "none"
+        else None
+    )
     with exit_on_user_error():
         model = add_adapter(model, run.model, training_args.seed)
     data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
@@ -152,14 +161,25 @@ def fine_tune(
             RunArtifactsCallback(output_dir, run.logger.console),
             *tracker_callbacks(run, run_config),
             resilience,
+            DriftGuardCallback(run.drift_guard),
         ],
         loss=run.loss,
+        reference_model=reference_model,
         source_keys=source_metric_names(list(data_stats.sources)),
         train_batch_sampler=train_batch_sampler,
     )
     resilience.step_origins = lambda: trainer.step_origins
     use_readable_progress(trainer)
-    banner = startup_banner(run, training_args, model, train_set, validation_set, resume_from, train_batch_sampler)
+    banner = startup_banner(
+        run,
+        training_args,
+        model,
+        train_set,
+        validation_set,
+        resume_from,
+        train_batch_sampler,
+        loss_line=describe_objective(run.loss, run.model.adapter),
+    )
     logger.info("Run:\n%s", banner)
     result = trainer.train(resume_from_checkpoint=resume_from)
     model.config.use_cache = True

@@ -22,11 +22,13 @@ logging every step, torch's default threads. Rows:
 - layout: `padded` (the padding collators: `DataCollatorForSeq2Seq` in train.py, TRL's own) or `packed`
   (padding-free, one row per micro-batch with position ids restarting per sample: `data.packing=true`, TRL's
   `padding_free=True`).
-- loss: `dft` (the project's fused DFT, `loss.type=dft`; TRL `loss_type="dft"`), `ce` (the project's `loss.type=ce`,
-  the model's own cross-entropy on full logits; TRL `loss_type="nll"`), and `fused ce`: the project's fused head at
-  alpha 0, cross-entropy without full logits, so that DFT and CE can be compared without also comparing a full-logits
-  head with a fused one. TRL has no full-logits path in its SFTTrainer: both its losses go through its chunked
-  log-prob head (`add_fused_lm_head`), which on CPU (no Triton) scores every position, padding and prompt included.
+- loss: `dft` (the project's fused DFT, `loss.type=dft`; TRL `loss_type="dft"`), `ce` (the project's cross-entropy
+  on full logits, `loss.type=ce loss.implementation=reference`; TRL `loss_type="nll"`), and `fused ce`: the project's
+  `loss.type=ce` on its default fused head, cross-entropy without full logits (rows measured before 2026-12-06 ran
+  it as `loss.type=dft loss.alpha=0`, the same computation: every weight 1), so that DFT and CE can be compared
+  without also comparing a full-logits head with a fused one. TRL has no full-logits path in its SFTTrainer: both its
+  losses go through its chunked log-prob head (`add_fused_lm_head`), which on CPU (no Triton) scores every position,
+  padding and prompt included.
 
 The project side is train.py's `SFTTrainer` (`trainer.sft_trainer`: `DFTTrainer` with the run's mixins), built
 with the collators and loss config `fine_tune` gives it; TRL's side is `trl.SFTTrainer` with an `SFTConfig` of
@@ -214,8 +216,8 @@ def project_trainer(
 
     loss = {
         DFT: LossConfig(type="dft"),
-        CE: LossConfig(type="ce"),
-        FUSED_CE: LossConfig(type="dft", alpha=0.0),
+        CE: LossConfig(type="ce", implementation="reference"),
+        FUSED_CE: LossConfig(type="ce"),
     }[spec["loss"]]
     collator = (
         PaddingFreeCollator()
@@ -428,9 +430,11 @@ def write_docs_section(result: dict) -> None:
         "about 2 is this benchmark alone; above that other jobs ran, and tokens/s can be off by tens of percent "
         "(alternating the sides spreads such load over both). Memory does not depend on load.",
         "",
-        "`loss.type=ce` is the stock Trainer's cross-entropy on full logits, by design, so its rows build the "
-        "`[tokens, vocab]` logits and miss the goals; the fused CE rows (`loss.type=dft loss.alpha=0`: every DFT "
-        "weight is 1) are the same loss through the fused head, the comparison to make against DFT.",
+        "The `ce` rows are cross-entropy on full logits (`loss.type=ce loss.implementation=reference`; until "
+        "2026-12-06 `loss.type=ce` itself, the stock Trainer's loss), so they build the `[tokens, vocab]` logits and "
+        "miss the goals; the fused CE rows (now the default `loss.type=ce`; rows measured before 2026-12-06 ran it as "
+        "`loss.type=dft loss.alpha=0`, the same computation with every weight 1) are the same loss through the fused "
+        "head, the comparison to make against DFT.",
         "",
         format_table(rows),
         "",

@@ -102,7 +102,9 @@ TrainingConfig = _training_config_class()
 
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-LOSS_TYPES = ("dft", "ce")
+# The objectives `dft.objectives` registers (checked equal there by a test): kept here so the config check does not
+# import torch.
+LOSS_TYPES = ("dft", "ce", "asft", "eaft")
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
 LOGGER_BACKENDS = ("none", "swanlab", "wandb", "tensorboard")
 CONSOLE_LINES = ("short", "full")
@@ -278,12 +280,21 @@ class DataConfig:
 @dataclass
 class LossConfig:
     type: str = "dft"
-    """dft: CE weighted by alpha * p_correct.detach() + (1 - alpha); ce: the model's own cross-entropy."""
+    """The objective (`dft.objectives`): dft, CE weighted by alpha * p_correct.detach() + (1 - alpha); ce, plain
+    cross-entropy; asft, DFT plus `kl_coef` x KL(starting model || policy); eaft, CE weighted by the model's
+    normalised top-k entropy."""
     alpha: float = 1.0
-    """DFT weight of the probability term: 1 is the paper's DFT, 0 is cross-entropy."""
+    """DFT weight of the probability term (dft and asft): 1 is the paper's DFT, 0 is cross-entropy."""
+    kl_coef: float = 0.1
+    """asft: weight of the per-token KL(reference || policy) to the frozen starting model (LLaMA-Factory's
+    `asft_alpha`, default 0.1)."""
+    eaft_top_k: int = 20
+    """eaft: how many of the largest logits the entropy is computed over (LLaMA-Factory's 20)."""
+    eaft_exponent: float = 1.0
+    """eaft: the weight is the normalised top-k entropy to this power (LLaMA-Factory's `eaft_alpha`, 1)."""
     implementation: str = "fused"
     """fused: chunked loss from the hidden states, the `[tokens, vocab]` logits are never built (works under
-    ZeRO-3); reference: the model's full logits, then the DFT loss. Only for `loss.type=dft`."""
+    ZeRO-3); reference: the model's full logits, then the same objective (`dft.loss.objective_loss`)."""
     alpha_warmup_steps: int = 0
     """Optimizer steps over which alpha rises linearly from 0 to `loss.alpha`; 0 keeps it constant."""
     chunk_size: Any = "auto"
@@ -296,6 +307,14 @@ class LossConfig:
         _check_choice("loss.implementation", self.implementation, LOSS_IMPLEMENTATIONS)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss.alpha={self.alpha} must be in [0, 1]")
+        if self.kl_coef < 0 or (self.type == "asft" and self.kl_coef == 0):
+            raise ValueError(
+                f"loss.kl_coef={self.kl_coef} must be >= 0, and above 0 for loss.type=asft (0 is plain dft)"
+            )
+        if self.eaft_top_k < 2:
+            raise ValueError(f"loss.eaft_top_k={self.eaft_top_k} must be >= 2: an entropy over one logit is 0")
+        if self.eaft_exponent < 0:
+            raise ValueError(f"loss.eaft_exponent={self.eaft_exponent} must be >= 0")
         if self.alpha_warmup_steps < 0:
             raise ValueError(f"loss.alpha_warmup_steps={self.alpha_warmup_steps} must be >= 0 (0: constant alpha)")
         chunk_is_count = isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
@@ -368,6 +387,43 @@ class ResilienceConfig:
             raise ValueError(f"resilience.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
 
 
+DRIFT_GUARD_ACTIONS = ("off", "warn", "stop")
+
+
+@dataclass
+class DriftGuardConfig:
+    """`drift_guard.*`: the watch for an objective that keeps falling while the plain cross-entropy of the same tokens
+    rises far above its best, as DFT collapses (observability/drift_guard.py, which states the rule and its why)."""
+
+    action: str = "warn"
+    """off: no check; warn: log a warning once (rank 0) and write `<output_dir>/drift_guard.json`; stop: the same,
+    and the run stops there, saving the model as at that step (exit status 0)."""
+    patience: int = 2
+    """Consecutive logging events of one kind (training logs, evaluations: counted apart) that must show the drift
+    before the guard acts."""
+    warmup_logs: int = 2
+    """The first logging events of each kind that are not checked (a noisy start); they still set the best nll. The
+    first event is always the best so far, so 1 checks from the second."""
+    min_rise: float = 0.5
+    """Nats: the nll must be more than this above its best so far (the floor of the margin, for a low best nll)."""
+    relative_rise: float = 0.5
+    """Share of the best nll: it must also be more than this above its best (the margin at a high best nll)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("drift_guard.action", self.action, DRIFT_GUARD_ACTIONS)
+        if self.patience < 1:
+            raise ValueError(f"drift_guard.patience={self.patience} must be >= 1")
+        if self.warmup_logs < 0:
+            raise ValueError(f"drift_guard.warmup_logs={self.warmup_logs} must be >= 0")
+        if self.min_rise <= 0:
+            raise ValueError(
+                f"drift_guard.min_rise={self.min_rise} must be > 0 nats: the floor keeps interval-to-interval noise, "
+                "and loss.type=ce's small gap between loss and nll, from reading as drift"
+            )
+        if self.relative_rise < 0:
+            raise ValueError(f"drift_guard.relative_rise={self.relative_rise} must be >= 0")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/demo"
@@ -380,6 +436,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
 
     def __post_init__(self) -> None:
         pretrain = self.training.objective == "pretrain"
@@ -391,6 +448,12 @@ class RunConfig:
                 if pretrain
                 else f"data.sources[0] ({spec.path!r}) is raw text (format text): continued pre-training on it takes "
                 "training.objective=pretrain; SFT takes chat data"
+            )
+        if self.training.label_smoothing_factor > 0:
+            raise ValueError(
+                f"training.label_smoothing_factor={self.training.label_smoothing_factor}: every loss.type computes "
+                "each token's loss itself (dft/objectives.py, on the fused head too), and none smooths labels; "
+                "set it to 0"
             )
 
 

@@ -14,7 +14,8 @@ import torch
 # The two kinds of logging interval.
 TRAIN, EVAL = "train", "eval"
 # One rank's sums over a logging interval, in this order: every global interval metric is computed from them.
-INTERVAL_SUM_COLUMNS = ("sum_p_correct", "sum_nll", "num_tokens", "input_tokens", "rows")
+# `sum_kl` is the KL to the starting model of the objectives that have that term (0 for the others).
+INTERVAL_SUM_COLUMNS = ("sum_p_correct", "sum_nll", "num_tokens", "input_tokens", "rows", "sum_kl")
 # Per data source, in this order: the loss's group sums (`sum_weighted_nll` is the group's `sum_t w_t * CE_t`,
 # its share of the loss before the division by the step's token count).
 GROUP_SUM_COLUMNS = ("sum_p_correct", "sum_nll", "sum_weighted_nll", "num_tokens")

@@ -42,7 +42,9 @@ from config.schema import LossConfig
 from core.keys import SAMPLE_BATCH_KEYS
 from core.metric_sums import EVAL, TRAIN, IntervalSums
 from dft.fused_head import fused_lm_head
-from dft.loss import DFTStats, dft_loss
+from dft.loss import LossStats, objective_loss
+from dft.objectives import build_objective, unit_weights
+from dft.reference import DisabledAdapter, FrozenCopy, ReferenceModel, zero3_inference_config
 
 
 class DFTTrainer(Trainer):
@@ -50,11 +52,19 @@ class DFTTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(
-        self, *args: Any, loss: LossConfig | None = None, source_keys: Sequence[str] = (), **kwargs: Any
+        self,
+        *args: Any,
+        loss: LossConfig | None = None,
+        source_keys: Sequence[str] = (),
+        reference_model: torch.nn.Module | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_config = loss if loss is not None else LossConfig()
+        self.reference_model = reference_model
+        self._reference_copy: FrozenCopy | None = None
         self._alpha_in_use = self.current_alpha()
+        self._objective = build_objective(self.loss_config, self._alpha_in_use)
         # Per-source metrics only mean something with two sources or more; with fewer none are computed.
         self.source_keys = list(source_keys) if len(source_keys) >= 2 else []
         self._interval_sums = {mode: IntervalSums.zeros(len(self.source_keys)) for mode in (TRAIN, EVAL)}
@@ -87,48 +97,83 @@ class DFTTrainer(Trainer):
             self._note_origins(origins)
         groups = self._token_groups(source_ids)
         group_kwargs = {} if groups is None else {"token_groups": groups, "num_groups": len(self.source_keys)}
-        labels = inputs["labels"]
-        if self.loss_config.type == "ce":
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            with torch.no_grad():
-                _, stats = dft_loss(outputs.logits, labels, alpha=0.0, **group_kwargs)
-        else:
-            self._alpha_in_use = alpha = self.current_alpha()
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            if self.loss_config.implementation == "fused":
-                unwrapped = self.accelerator.unwrap_model(model)
-                with fused_lm_head(
-                    unwrapped, labels, alpha, num_items_in_batch, self.loss_config.chunk_size, **group_kwargs
-                ) as head:
-                    # Through the (DeepSpeed/DDP) wrapper, so its forward bookkeeping runs as usual.
-                    outputs = model(**model_inputs)
-                if head.stats is None:
-                    raise RuntimeError(
-                        f"loss.implementation=fused: {type(unwrapped).__name__}'s forward did not call its LM head "
-                        "module, so the fused loss never ran; use loss.implementation=reference"
-                    )
-                # The head's output, as the wrapper returned it: under ZeRO-3 it carries the hook that
-                # gathers the head weight again before the loss's backward.
-                loss, stats = outputs.logits, head.stats
-                outputs = CausalLMOutputWithPast(loss=loss)  # no logits exist to return
-            else:
-                outputs = model(**model_inputs)
-                loss, stats = dft_loss(
-                    outputs.logits, labels, alpha, num_items_in_batch=num_items_in_batch, **group_kwargs
+        labels = inputs.pop("labels")
+        self._alpha_in_use = alpha = self.current_alpha()
+        self._objective = objective = build_objective(self.loss_config, alpha)
+        reference = self._reference(model) if objective.needs_reference else None
+        if self.loss_config.implementation == "fused":
+            unwrapped = self.accelerator.unwrap_model(model)
+            reference_inputs = reference.head_inputs(inputs) if reference is not None else None
+            with fused_lm_head(
+                unwrapped,
+                labels,
+                objective,
+                num_items_in_batch,
+                self.loss_config.chunk_size,
+                reference_head_inputs=reference_inputs,
+                reference_head=reference.head_parameters if reference is not None else None,
+                **group_kwargs,
+            ) as head:
+                # Through the (DeepSpeed/DDP) wrapper, so its forward bookkeeping runs as usual.
+                outputs = model(**inputs)
+            if head.stats is None:
+                raise RuntimeError(
+                    f"loss.implementation=fused: {type(unwrapped).__name__}'s forward did not call its LM head "
+                    "module, so the fused loss never ran; use loss.implementation=reference"
                 )
-            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-                # num_items_in_batch counts every rank's tokens while DDP/ZeRO average gradients over
-                # ranks: scale back up, as the stock compute_loss does.
-                loss = loss * self.accelerator.num_processes
-            elif num_items_in_batch is None and model.training:
-                loss = loss / self.current_gradient_accumulation_steps
+            # The head's output, as the wrapper returned it: under ZeRO-3 it carries the hook that
+            # gathers the head weight again before the loss's backward.
+            loss, stats = outputs.logits, head.stats
+            outputs = CausalLMOutputWithPast(loss=loss)  # no logits exist to return
+        else:
+            reference_logits = reference.logits(inputs) if reference is not None else None
+            outputs = model(**inputs)
+            loss, stats = objective_loss(
+                outputs.logits,
+                labels,
+                objective,
+                num_items_in_batch=num_items_in_batch,
+                reference_logits=reference_logits,
+                **group_kwargs,
+            )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every rank's tokens while DDP/ZeRO average gradients over
+            # ranks: scale back up, as the stock compute_loss does.
+            loss = loss * self.accelerator.num_processes
+        elif num_items_in_batch is None and model.training:
+            loss = loss / self.current_gradient_accumulation_steps
         attention_mask = inputs.get("attention_mask")
         input_tokens = int(attention_mask.sum()) if attention_mask is not None else inputs["input_ids"].numel()
         self._current_rows = inputs["input_ids"].shape[0]
         self._record(stats, input_tokens, TRAIN if model.training else EVAL)
         return (loss, outputs) if return_outputs else loss
+
+    def _reference(self, model: torch.nn.Module) -> ReferenceModel:
+        """The starting model for the KL term: the frozen copy given at construction (prepared on first use, when
+        the accelerator and the device are known), else, for an adapter run, the policy with its adapter off."""
+        if self._reference_copy is not None:
+            return self._reference_copy
+        if self.reference_model is not None:
+            self._reference_copy = self._prepare_reference(self.reference_model)
+            return self._reference_copy
+        unwrapped = self.accelerator.unwrap_model(model)
+        if not hasattr(unwrapped, "disable_adapter"):
+            raise ValueError(
+                f"loss.type={self.loss_config.type}: the KL term needs the starting model: pass reference_model "
+                "(train.py loads it for a full fine-tune) or train an adapter (model.adapter=lora)"
+            )
+        return DisabledAdapter(model, unwrapped)
+
+    def _prepare_reference(self, reference_model: torch.nn.Module) -> FrozenCopy:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+            import deepspeed
+
+            hidden_size = getattr(reference_model.config, "hidden_size", None)
+            config = zero3_inference_config(plugin.deepspeed_config, hidden_size)
+            engine, *_ = deepspeed.initialize(model=reference_model, config=config)
+            return FrozenCopy(reference_model, engine)
+        return FrozenCopy(reference_model.to(self.args.device))
 
     def prediction_step(
         self,
@@ -160,7 +205,7 @@ class DFTTrainer(Trainer):
             )
         return source_ids
 
-    def _record(self, stats: DFTStats, input_tokens: int, mode: str) -> None:
+    def _record(self, stats: LossStats, input_tokens: int, mode: str) -> None:
         sums = self._interval_sums[mode]
         sums.totals.add_(
             torch.tensor(
@@ -170,6 +215,7 @@ class DFTTrainer(Trainer):
                     float(stats.num_tokens),
                     float(input_tokens),
                     float(self._current_rows),
+                    float(stats.sum_kl) if stats.sum_kl is not None else 0.0,
                 ],
                 dtype=torch.float64,
             )
@@ -196,9 +242,11 @@ class DFTTrainer(Trainer):
         if num_tokens > 0:
             logs[f"{prefix}nll"] = total.total("sum_nll") / num_tokens
             logs[f"{prefix}avg_p_correct"] = total.total("sum_p_correct") / num_tokens
+            if self._objective.needs_reference:
+                logs[f"{prefix}kl"] = total.total("sum_kl") / num_tokens
         logs.update(self._source_metrics(total.sources, prefix))
         self.log_interval_sums(mode, local, total, logs)
-        if mode == TRAIN and self.loss_config.type == "dft":
+        if mode == TRAIN and self._objective.alpha is not None:
             logs["dft_alpha"] = self._alpha_in_use
         super().log(logs, start_time)
 
@@ -213,7 +261,7 @@ class DFTTrainer(Trainer):
                 continue
             metrics[f"{prefix}nll/{key}"] = sum_nll / tokens
             metrics[f"{prefix}avg_p_correct/{key}"] = sum_p / tokens
-            if self.loss_config.type == "dft":
-                metrics[f"{prefix}dft_loss/{key}"] = sum_weighted / tokens
+            if self._objective.token_weights is not unit_weights:
+                metrics[f"{prefix}{self._objective.name}_loss/{key}"] = sum_weighted / tokens
             metrics[f"{prefix}num_tokens/{key}"] = int(tokens)
         return metrics

@@ -1,6 +1,6 @@
 """Does DFT help my data? Train the same base model on the same data with each loss setting, then the verdict.
 
-    python -m evaluation.compare                                  # ce, dft, dft alpha 0.5 on the embedded demo
+    python -m evaluation.compare                      # ce, dft, dft alpha 0.5, asft, eaft on the embedded demo
     python -m evaluation.compare --seeds 1,2 data=custom data.sources=[/data/chats.jsonl] model=hf \\
         model.name_or_path=/models/Qwen2.5-1.5B-Instruct
     python -m evaluation.compare --arm ce=loss.type=ce --arm "dft-lr2x=loss.type=dft training.learning_rate=1e-4"
@@ -42,10 +42,13 @@ from embedded.paths import REPO_ROOT
 from evaluation.heldout import HELDOUT_JSON
 from observability.artifacts import read_metrics
 
+# Every registered objective at its published setting, and DFT at alpha 0.5 (half CE, half DFT).
 DEFAULT_ARMS = {
     "ce": ["loss.type=ce"],
     "dft": ["loss.type=dft", "loss.alpha=1"],
     "alpha0.5": ["loss.type=dft", "loss.alpha=0.5"],
+    "asft": ["loss.type=asft", "loss.alpha=1", "loss.kl_coef=0.1"],
+    "eaft": ["loss.type=eaft"],
 }
 # What an arm may not change: the runs of a seed must share base, data, order, steps and batch.
 SHARED_KEYS = (
@@ -108,8 +111,16 @@ def run_overrides(common: list[str], arm: list[str], seed: int, directory: Path)
     return [*common, *arm, f"training.seed={seed}", f"output_dir={directory}"]
 
 
+def weighs_by_p_correct(run: RunConfig) -> bool:
+    """Whether the run's objective weighs tokens by the model's own p(correct) (DFT's weights, alpha above 0)."""
+    from dft.objectives import build_objective
+
+    alpha = build_objective(run.loss).alpha
+    return alpha is not None and alpha > 0
+
+
 def probe_base_model(run: RunConfig) -> None:
-    """Refuse DFT on a model that is not pre-trained (exit 2), before any run trains."""
+    """Refuse DFT's weights on a model that is not pre-trained (exit 2), before any run trains."""
     from data_pipeline.prepare import build_datasets
     from data_pipeline.templates import load_chat_tokenizer
     from evaluation.probe import average_p_correct, untrained_message
@@ -124,7 +135,7 @@ def probe_base_model(run: RunConfig) -> None:
     p_correct = average_p_correct(model, tokenizer, rows)
     message = untrained_message(p_correct, model.config.vocab_size, run.model.name_or_path, len(rows))
     if message:
-        raise ValueError(f"loss.type=dft: {message}")
+        raise ValueError(f"loss.type={run.loss.type}: {message}")
     print(f"compare: base model {run.model.name_or_path}: average p(correct) {p_correct:.3f}", flush=True)  # noqa: T201
 
 
@@ -395,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         arms = parse_arms(args.arm)
         base_run = load_run_config(list(args.overrides))
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base_run.training.seed]
-        if any(load_run_config([*args.overrides, *arm]).loss.type == "dft" for arm in arms.values()):
+        if any(weighs_by_p_correct(load_run_config([*args.overrides, *arm])) for arm in arms.values()):
             probe_base_model(base_run)
         failed = []
         for seed in seeds:

@@ -13,6 +13,7 @@ from config.deepspeed import zero_stage
 from config.schema import RunConfig
 from modeling.adapter import count_parameters
 from observability.artifacts import read_metrics
+from observability.drift_guard import drift_summary
 
 
 def startup_banner(
@@ -23,7 +24,10 @@ def startup_banner(
     validation_set: Dataset | None,
     resume_from: str | None,
     train_batch_sampler: Sized | None = None,
+    loss_line: str | None = None,
 ) -> str:
+    """The run's settings, one per line; `loss_line` describes the objective (`dft.objectives.describe_objective`:
+    this package does not import the loss), `loss.type` alone when None."""
     micro_batches_per_step = args.gradient_accumulation_steps * args.world_size
     total_tokens = sum(len(ids) for ids in train_set["input_ids"])
     if train_batch_sampler is None:
@@ -47,7 +51,7 @@ def startup_banner(
         ("precision", f"{precision} (weights {next(model.parameters()).dtype})".replace("torch.", "")),
         ("trainable", f"{trainable:,} of {total:,} parameters ({trainable / max(total, 1):.2%}), {trained}"),
         ("activation ckpt", "on" if args.activation_checkpointing else "off"),
-        ("loss", f"{run.loss.type} (alpha {run.loss.alpha})" if run.loss.type == "dft" else run.loss.type),
+        ("loss", loss_line or run.loss.type),
         ("samples", f"train {len(train_set)}, validation {len(validation_set) if validation_set is not None else 0}"),
         ("effective batch", f"{effective_batch}, ~{tokens_per_step:,.0f} tokens per step"),
         ("output dir", str(Path(run.output_dir).resolve())),
@@ -66,4 +70,6 @@ def end_summary(output_dir: str | Path, train_metrics: dict[str, float]) -> str:
         f"  best eval_nll    {best['eval_nll']:.4f} at step {best['step']}" if best else "  best eval_nll    (no eval)",
         f"  model            {Path(output_dir).resolve()}",
     ]
+    if (drift := drift_summary(output_dir)) is not None:
+        lines.append(f"  drift guard      {drift}")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -875,3 +876,18 @@ def float64_sgd_steps(
             for p in params:
                 p.sub_(learning_rate * p.grad)
     return {name: p.detach() for name, p in model64.named_parameters()}
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out

@@ -7,16 +7,15 @@ micro-batch, gradient-accumulation invariance, and that no full `[tokens, vocab]
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.keys import IGNORE_INDEX
 from dft.loss import AUTO_CHUNK_MIN_TOKENS, auto_chunk_size, dft_loss, fused_dft_loss
 from tests.helpers import (
     LOSS_VOCAB,
+    LargestAllocation,
     float32_bound,
     float64_dft_sum,
     leaves,
@@ -276,21 +275,6 @@ def test_hand_worked_uniform_logits() -> None:
     assert stats.sum_p_correct.item() == pytest.approx(1.0, rel=float32_bound(2), abs=0)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor any aten op returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
 @pytest.mark.parametrize("with_groups", [False, True], ids=["plain", "token_groups"])
 def test_never_allocates_full_logits(with_groups: bool) -> None:
     batch, seq, hidden_size, vocab, chunk = 2, 64, 8, 301, 16
@@ -303,13 +287,13 @@ def test_never_allocates_full_logits(with_groups: bool) -> None:
     # Bound: one chunk of logits, the weight's gradient, or the hidden states' - far below tokens * vocab.
     bound = max(chunk * vocab, vocab * hidden_size, batch * seq * hidden_size)
     assert bound * 4 < num_valid(labels) * vocab
-    with _LargestAllocation() as tracker:
+    with LargestAllocation() as tracker:
         loss, stats = fused_dft_loss(hidden, weight, labels, 1.0, chunk_size=chunk, **(groups if with_groups else {}))
         loss.backward()
     assert 0 < tracker.largest <= bound
     if with_groups:
         assert stats.group_sums[:, -1].sum().item() == num_valid(labels)
-    with _LargestAllocation() as naive:
+    with LargestAllocation() as naive:
         dft_loss(hidden @ weight.T, labels, 1.0)[0].backward()
     assert naive.largest >= num_valid(labels) * vocab  # the tracker sees a full-logits allocation when there is one
 

@@ -6,15 +6,19 @@ Run by tests/dft/test_zero3_fused_loss.py under the DeepSpeed launcher (2 CPU ra
 
 Four samples make one optimizer step (2 ranks x gradient accumulation 2 x batch 1); one of them has no trainable
 token, so some rank runs a micro-batch with nothing to train on. With plain SGD (lr 1, no clipping) the update of
-each parameter is minus its gradient, so each path's ZeRO-3 update is compared to the gradient of the step's DFT
-loss, normalised by the step's token count, computed in float64 in one process without DeepSpeed (the two float32
-paths are never compared with each other). Rank 0 writes the comparison as JSON; the test judges it.
+each parameter is minus its gradient, so each path's ZeRO-3 update is compared to the gradient of the step's loss,
+normalised by the step's token count, computed in float64 in one process without DeepSpeed (the float32 paths are
+never compared with each other). Runs: DFT on the full-logits and the fused head; ASFT (fused, with activation
+checkpointing) against a reference model of other weights, which the Trainer partitions as a ZeRO-3 engine of its
+own (the run reports the share of its parameters each rank holds); EAFT (fused). Rank 0 writes the comparison as
+JSON; the test judges it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import deepspeed
@@ -27,7 +31,13 @@ from core.keys import IGNORE_INDEX
 from dft.trainer import DFTTrainer
 from tests.helpers import FLOAT32_EPS, VOCAB, float32_bound, float64_dft_sum, tiny_qwen2, training_args
 
-ALPHA, SEED = 0.7, 0
+ALPHA, SEED, REFERENCE_SEED, KL_COEF, TOP_K = 0.7, 0, 5, 0.5, 20
+RUNS = {
+    "reference": LossConfig(alpha=ALPHA, implementation="reference"),
+    "fused": LossConfig(alpha=ALPHA),
+    "asft": LossConfig(type="asft", alpha=ALPHA, kl_coef=KL_COEF),
+    "eaft": LossConfig(type="eaft", eaft_top_k=TOP_K),
+}
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition every parameter
     "zero_allow_untested_optimizer": True,  # the Trainer's torch SGD
@@ -56,28 +66,51 @@ def collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([f[key] for f in features]) for key in features[0]}
 
 
-def expected_step(data: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
-    """The step's DFT loss and d(step loss)/d(param) in one process, in float64 on a float64 copy of the model:
-    every sample's DFT sum over the step's trainable tokens."""
+def float64_sum(
+    logits: torch.Tensor, labels: torch.Tensor, loss: LossConfig, reference_logits: torch.Tensor
+) -> torch.Tensor:
+    """The sample's objective sum over its trainable tokens, from the definitions, in float64."""
+    if loss.type == "eaft":
+        targets, valid = labels[:, 1:], labels[:, 1:] != IGNORE_INDEX
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        top = torch.softmax(logits[:, :-1].detach().topk(TOP_K, dim=-1).values, dim=-1)
+        weights = -(top * top.log()).sum(-1) / math.log(TOP_K)
+        return (weights * nll)[valid].sum()
+    weighted_sum, _, valid = float64_dft_sum(logits, labels, loss.alpha)
+    if loss.type != "asft":
+        return weighted_sum
+    log_p = torch.log_softmax(logits[:, :-1], dim=-1)
+    log_q = torch.log_softmax(reference_logits[:, :-1], dim=-1)
+    return weighted_sum + KL_COEF * (log_q.exp() * (log_q - log_p)).sum(-1)[valid].sum()
+
+
+def expected_step(data: list[dict[str, torch.Tensor]], loss: LossConfig) -> tuple[float, dict[str, torch.Tensor]]:
+    """The step's loss and d(step loss)/d(param) in one process, in float64 on a float64 copy of the model:
+    every sample's objective sum over the step's trainable tokens."""
     model = tiny_qwen2(SEED).double()
+    reference = tiny_qwen2(REFERENCE_SEED).double()
     num_items = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in data)
     total = 0.0
     for sample in data:
         batch = collate([sample])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        weighted_sum, _, _ = float64_dft_sum(logits, batch["labels"], ALPHA)
-        loss = weighted_sum / num_items
-        loss.backward()
-        total += loss.item()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            reference_logits = reference(**inputs).logits
+        loss_value = float64_sum(model(**inputs).logits, batch["labels"], loss, reference_logits) / num_items
+        loss_value.backward()
+        total += loss_value.item()
     return total, {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], output_dir: Path) -> dict:
-    """Parameters' change after one ZeRO-3 optimizer step of DFTTrainer, and the step's logged loss."""
+def zero3_update(name: str, data: list[dict[str, torch.Tensor]], output_dir: Path) -> dict:
+    """Parameters' change after one ZeRO-3 optimizer step of DFTTrainer, the step's logged loss, and, for a run
+    with a reference model, the share of that model's parameters this rank holds."""
+    loss = RUNS[name]
     model = tiny_qwen2(SEED)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     args = training_args(
-        output_dir / implementation,
+        output_dir / name,
         deepspeed=ZERO3,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=2,
@@ -89,15 +122,22 @@ def zero3_update(implementation: str, data: list[dict[str, torch.Tensor]], outpu
         weight_decay=0.0,
         logging_steps=1,
         seed=SEED,
+        gradient_checkpointing=loss.type == "asft",
     )
-    loss = LossConfig(alpha=ALPHA, implementation=implementation)
-    trainer = DFTTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss=loss)
+    reference = tiny_qwen2(REFERENCE_SEED) if loss.type == "asft" else None
+    trainer = DFTTrainer(
+        model=model, args=args, train_dataset=data, data_collator=collate, loss=loss, reference_model=reference
+    )
     result = trainer.train()
     params = list(model.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in params]):
         update = {name: (p.detach() - before[name]).clone() for name, p in params}
+    out = {"update": update, "train_loss": result.training_loss}
+    if reference is not None:
+        held = sum(p.ds_tensor.numel() for p in reference.parameters())
+        out["reference_share_held"] = held / sum(p.ds_numel for p in reference.parameters())
     trainer.accelerator.free_memory()
-    return {"update": update, "train_loss": result.training_loss}
+    return out
 
 
 # The float32 gradient of each path, reduced over 2 ranks and 2 micro-batches, against the float64 one: relative in
@@ -128,24 +168,25 @@ def main() -> None:
     cli = parser.parse_args()
     torch.set_num_threads(1)
     data = samples()
-    expected_loss, expected = expected_step(data)
     init_deepspeed_distributed()  # zero.Init reads the world size from deepspeed.comm, unset under use_cpu
     before = {name: p.detach() for name, p in tiny_qwen2(SEED).named_parameters()}
     report: dict = {"world_size": dist.get_world_size()}
-    for implementation in ("reference", "fused"):
-        run = zero3_update(implementation, data, cli.out.parent)
+    for name, loss in RUNS.items():
+        expected_loss, expected = expected_step(data, loss)
+        run = zero3_update(name, data, cli.out.parent)
         # SGD with lr 1: update = -gradient.
-        ratios = {name: tolerance_ratio(u, expected[name], before[name]) for name, u in run["update"].items()}
-        report[implementation] = {
+        ratios = {param: tolerance_ratio(u, expected[param], before[param]) for param, u in run["update"].items()}
+        report[name] = {
             "train_loss": run["train_loss"],
+            "expected_train_loss": expected_loss,
             "train_loss_relative_error": abs(run["train_loss"] - expected_loss) / abs(expected_loss),
             "max_tolerance_ratio": max(ratios.values()),
             "worst_parameter": max(ratios, key=ratios.get),
             "all_finite": all(bool(torch.isfinite(u).all()) for u in run["update"].values()),
             "all_moved": all(bool(u.abs().sum() > 0) for u in run["update"].values()),
             "num_parameters": len(ratios),
+            **({"reference_share_held": run["reference_share_held"]} if "reference_share_held" in run else {}),
         }
-    report["expected_train_loss"] = expected_loss
     if dist.get_rank() == 0:
         cli.out.write_text(json.dumps(report, indent=2))
     # Without the barrier about 1 run in 12 aborted at exit (FACTS.md).
