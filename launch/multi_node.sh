@@ -3,6 +3,7 @@
 # torchrun's static rendezvous at MASTER_ADDR:MASTER_PORT joins them, and node 0 holds global rank 0
 # (which writes the model and metrics). With HOSTFILE set, run it once, on node 0: the DeepSpeed launcher
 # starts every host listed there over ssh (pdsh), so each needs the repo and the env at the same path.
+# With HOSTFILE and NO_SSH=1, run it on every node with its NODE_RANK instead (the launcher's --no_ssh).
 # With NNODES=1 it is a plain single-node torchrun.
 #
 # Variables (and those of launch/env.sh: REPO_DIR, PYTHON, NUM_GPUS, CPU_THREADS_PER_RANK):
@@ -11,6 +12,7 @@
 #   MASTER_ADDR  address of node 0 that every node can reach (default 127.0.0.1)
 #   MASTER_PORT  rendezvous port on node 0 (default 29500)
 #   HOSTFILE     a DeepSpeed hostfile ("node0 slots=8" lines): launch with DeepSpeed instead of torchrun
+#   NO_SSH       1: with HOSTFILE, start only this node's ranks (no ssh; NODE_RANK = its line in HOSTFILE)
 #   SHUTDOWN_TIMEOUT  seconds torchrun gives its ranks, after forwarding a SIGUSR1/SIGTERM, to save a checkpoint
 #                and exit before it kills them (default 300; keep it under Slurm's signal lead time)
 # Arguments: Hydra overrides for train.py.
@@ -20,7 +22,8 @@
 # Example (2 nodes of 8 GPUs):
 #   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3
 #   node1$ NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3
-#   node0$ HOSTFILE=hostfile MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3
+#   node0$ HOSTFILE=hostfile MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3   # every node, over ssh
+#   nodeN$ HOSTFILE=hostfile NO_SSH=1 NODE_RANK=N MASTER_ADDR=node0 launch/multi_node.sh deepspeed=zero3   # no ssh
 set -euo pipefail
 
 NNODES=${NNODES:-1}
@@ -28,6 +31,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 HOSTFILE=${HOSTFILE:-}
+NO_SSH=${NO_SSH:-0}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
 # shellcheck source=launch/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -35,7 +39,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [[ -n "$HOSTFILE" ]]; then
   # The world size is the hostfile's slot count: DeepSpeed checks a resume against it in train.py.
   "$PYTHON" -m cluster.check "$@"
-  exec "$PYTHON" -m deepspeed.launcher.runner --hostfile="$HOSTFILE" \
+  this_node_only=()
+  if [[ "$NO_SSH" == 1 ]]; then
+    this_node_only=(--no_ssh --node_rank="$NODE_RANK")
+  fi
+  exec "$PYTHON" -m deepspeed.launcher.runner --hostfile="$HOSTFILE" "${this_node_only[@]}" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" train.py "$@"
 fi
 setup_ranks_per_node

@@ -1,6 +1,7 @@
 """What several tests share, in one module: paths and run configs, tiny models, training arguments, the trainers
-the tests compose, loss inputs, data files, released chat templates and LLaMA-Factory's data (from PyPI sdists), and
-the runners of `train.py` and the launch scripts with the checks of what they leave behind.
+the tests compose, loss inputs, data files, released chat templates and LLaMA-Factory's data (from PyPI sdists),
+the runners of `train.py` and the launch scripts with the checks of what they leave behind, and cluster nodes made of
+network namespaces (`netns_nodes`) with a runner of one launcher per node.
 
 Test modules import from here only (never from another test module, nor from a conftest, which holds fixtures);
 the scripts the tests start in subprocesses (`tests/data_pipeline/token_budget_ranks.py`,
@@ -14,6 +15,7 @@ and why. Runs that are compared with each other use one configuration, `COMPARAB
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import itertools
@@ -28,9 +30,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -642,9 +646,9 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def describe_run(output: str, log_dirs: list[Path]) -> str:
+def describe_run(output: str, log_dirs: list[Path], launcher: str = "launcher") -> str:
     """The tail of the launcher's output and of every `*.log` and `*.out` file in `log_dirs`."""
-    parts = [f"--- launcher output (last {TAIL_LINES} lines) ---", tail(output)]
+    parts = [f"--- {launcher} output (last {TAIL_LINES} lines) ---", tail(output)]
     for log_dir in log_dirs:
         for log in sorted([*log_dir.glob("*.log"), *log_dir.glob("*.out")]):
             parts += [
@@ -673,11 +677,16 @@ def run_script(
         pytest.fail(f"{' '.join(command)} did not finish in {timeout:.0f} s\n{describe_run(output, log_dirs)}")
     if process.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited with {process.returncode}\n{describe_run(output, log_dirs)}")
+    assert_no_shm_buffer_left(command, env)
+    return output
+
+
+def assert_no_shm_buffer_left(command: list[str], env: dict[str, str]) -> None:
+    """No DeepSpeed CPU all-reduce buffer (cluster.distributed.init_deepspeed_distributed: 67 MB of RAM each) of the
+    launch on `env`'s MASTER_PORT is left in /dev/shm."""
     if "MASTER_PORT" in env:
-        # DeepSpeed's CPU all-reduce buffers (cluster.distributed.init_deepspeed_distributed): 67 MB of RAM each.
         left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*"))
         assert not left, f"{' '.join(command)} left shared memory behind: {[str(path) for path in left]}"
-    return output
 
 
 def run_on_two_deepspeed_ranks(script: Path, *arguments: str, timeout: float = DISTRIBUTED_TIMEOUT_S) -> str:
@@ -764,6 +773,179 @@ def assert_same_training(output_dir: Path, reference_dir: Path, atol: float) -> 
         msg=lambda m: f"per-step losses differ:\n{losses}\n{reference}\n{m}",
     )
     assert_same_weights(output_dir, reference_dir, atol)
+
+
+# data_pipeline/prepare.py's line, after our log format's time stamp (observability/rank_logging.py).
+PREPARED_LINE = re.compile(
+    r"^(?P<time>\d{4}-\d\d-\d\d [\d:]+,\d+) INFO data_pipeline\.prepare: "
+    r"(?P<action>Wrote|Reusing) the prepared dataset (?P<directory>\S+)$",
+    re.MULTILINE,
+)
+
+
+def prepared_lines(output_dir: Path) -> dict[int, tuple[str, Path, datetime]]:
+    """Per rank, from `logs/rank<N>.log`: whether it wrote or reused the prepared dataset, which directory, and
+    when it said so."""
+    lines = {}
+    for rank in (0, 1):
+        log = (output_dir / "logs" / f"rank{rank}.log").read_text(encoding="utf-8")
+        found = PREPARED_LINE.findall(log)
+        assert len(found) == 1, f"rank {rank} logged {len(found)} prepared-dataset lines:\n{log[-3000:]}"
+        (time_stamp, action, directory) = found[0]
+        lines[rank] = (action, Path(directory), datetime.strptime(time_stamp, "%Y-%m-%d %H:%M:%S,%f"))
+    return lines
+
+
+def assert_prepared_once(output_dir: Path, cache_dir: Path) -> Path:
+    """The 2 ranks of the run in `output_dir` prepared the data once: one tokenised into `cache_dir`, the other
+    waited on the lock, then reused it; nothing else was built there. Returns the prepared directory."""
+    lines = prepared_lines(output_dir)
+    actions = sorted(action for action, _, _ in lines.values())
+    assert actions == ["Reusing", "Wrote"], f"expected one rank to tokenise and the other to reuse: {lines}"
+    (prepared,) = {directory for _, directory, _ in lines.values()}
+    assert prepared.parent == cache_dir and (prepared / "train").is_dir()
+    # The rank that reused did so once the other had written (it waited on the lock), not in parallel.
+    (written_at,) = (time_stamp for action, _, time_stamp in lines.values() if action == "Wrote")
+    (reused_at,) = (time_stamp for action, _, time_stamp in lines.values() if action == "Reusing")
+    assert reused_at >= written_at
+    # Nothing else was built: one prepared directory, and no temporary build directory or second fingerprint.
+    assert sorted(p.name for p in cache_dir.iterdir() if p.is_dir()) == [prepared.name]
+    return prepared
+
+
+# --- Nodes on this machine: network namespaces (scripts/netns_nodes.sh) -------------------------------------------
+
+NETNS_SCRIPT = REPO_ROOT / "scripts" / "netns_nodes.sh"
+_NETNS_SETS = itertools.count()
+
+
+@dataclass(frozen=True)
+class NetnsNode:
+    """A node of `netns_nodes`: a network stack, an address and a hostname of its own; this machine's disk and cores."""
+
+    index: int
+    hostname: str
+    address: str
+    prefix: str
+    """The NETNS_PREFIX of its set: its namespace is `<prefix>-node<index>`."""
+
+    def command(self, argv: list[str]) -> list[str]:
+        """`argv` run on this node, from the caller's directory and with the caller's environment."""
+        return ["env", f"NETNS_PREFIX={self.prefix}", str(NETNS_SCRIPT), "exec", str(self.index), *argv]
+
+
+def netns_leftovers(prefix: str, subnet: str) -> list[str]:
+    """What a set of nodes left behind: namespaces (a process still in one keeps it), their /etc/netns files, and
+    DeepSpeed all-reduce buffers named after the nodes' addresses. Their veths live and die with the namespaces."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+    return [
+        *(f"namespace {name}" for name in listed if name.startswith(f"{prefix}-")),
+        *(str(path) for path in Path("/etc/netns").glob(f"{prefix}-*")),
+        *(str(path) for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{subnet}.*")),
+    ]
+
+
+def netns_missing() -> str:
+    """Why `netns_nodes` cannot make nodes on this machine (not root, no `ip` or `unshare`), or "" if it can try."""
+    if os.geteuid() != 0:
+        return "nodes in network namespaces need root (ip netns add)"
+    missing = [name for name in ("ip", "unshare") if shutil.which(name) is None]
+    if missing:
+        return f"no {', '.join(missing)} on PATH: scripts/ci_netns.sh installs iproute2 and util-linux"
+    return ""
+
+
+@contextlib.contextmanager
+def netns_nodes(count: int) -> Iterator[list[NetnsNode]]:
+    """`count` nodes (`scripts/netns_nodes.sh create`), destroyed however the body ends, with every process still in
+    them; then fails if anything of theirs is left (`netns_leftovers`). Skips where namespaces cannot be made: not
+    root, no `ip` or `unshare`, or no right to add one (an unprivileged container)."""
+    if netns_missing():
+        pytest.skip(netns_missing())
+    serial = next(_NETNS_SETS)
+    # One prefix and subnet per set, so that two test sessions on this machine never share a name.
+    prefix, subnet = f"dft{os.getpid()}-{serial}", f"10.231.{(os.getpid() + serial) % 254 + 1}"
+    env = {**os.environ, "NETNS_PREFIX": prefix, "NETNS_SUBNET": subnet}
+    try:
+        created = subprocess.run([str(NETNS_SCRIPT), "create", str(count)], env=env, capture_output=True, text=True)
+        if created.returncode != 0 and not netns_leftovers(prefix, subnet):
+            pytest.skip(f"cannot add a network namespace here: {created.stderr.strip()}")
+        assert created.returncode == 0, f"scripts/netns_nodes.sh create {count} failed:\n{created.stderr}"
+        yield [NetnsNode(index, f"node{index}", f"{subnet}.{index + 1}", prefix) for index in range(count)]
+    finally:
+        destroyed = subprocess.run([str(NETNS_SCRIPT), "destroy"], env=env, capture_output=True, text=True)
+        left = netns_leftovers(prefix, subnet)
+        assert destroyed.returncode == 0 and not left, f"the nodes left {left}:\n{destroyed.stderr}"
+
+
+def start_sshd(nodes: list[NetnsNode]) -> None:
+    """An sshd on every node of the set (`scripts/netns_nodes.sh sshd`): root on one node logs in to another with
+    `ssh node<i>`, which passes OMP_NUM_THREADS on; `netns_nodes` stops them with the nodes. Skips without sshd, ssh,
+    ssh-keygen or pdsh (the DeepSpeed launcher's way to start the nodes)."""
+    missing = [name for name in ("ssh", "ssh-keygen", "pdsh") if shutil.which(name) is None]
+    missing += [] if Path("/usr/sbin/sshd").exists() else ["/usr/sbin/sshd"]
+    if missing:
+        pytest.skip(f"no {', '.join(missing)}: scripts/ci_netns.sh installs openssh-server, openssh-client and pdsh")
+    env = {**os.environ, "NETNS_PREFIX": nodes[0].prefix}
+    started = subprocess.run([str(NETNS_SCRIPT), "sshd"], env=env, capture_output=True, text=True)
+    assert started.returncode == 0, f"scripts/netns_nodes.sh sshd failed:\n{started.stdout}{started.stderr}"
+
+
+def cores_per_node(nodes: int) -> int:
+    """This machine's cores shared between `nodes` nodes: each node's ranks get their share, none oversubscribes."""
+    return max(1, len(os.sched_getaffinity(0)) // nodes)
+
+
+def run_on_nodes(
+    launches: list[tuple[NetnsNode, list[str], dict[str, str]]], timeout: float, log_dirs: list[Path]
+) -> list[str]:
+    """Each `(node, command, env)` at once, as one launcher per node of a cluster job, from the repo root; their
+    outputs. Each gets a session of its own; the first that fails, or the deadline, stops them all (a node whose
+    peer died waits in a collective until its timeout) and fails the test with every node's output and the tails
+    of the logs in `log_dirs`."""
+    with contextlib.ExitStack() as stack:
+        outputs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in launches]
+        processes = [
+            subprocess.Popen(
+                node.command(command),
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            for (node, command, env), output in zip(launches, outputs, strict=True)
+        ]
+        deadline, failure = time.monotonic() + timeout, ""
+        while not failure:
+            codes = [process.poll() for process in processes]
+            failed = [(node, code) for (node, *_), code in zip(launches, codes, strict=True) if code not in (None, 0)]
+            if failed:
+                failure = f"{failed[0][0].hostname}'s launcher exited with {failed[0][1]}; the others were stopped"
+            elif None not in codes:
+                break
+            elif time.monotonic() > deadline:
+                failure = f"the launchers did not finish in {timeout:.0f} s"
+            time.sleep(0.2)
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        texts = []
+        for output in outputs:
+            output.seek(0)
+            texts.append(output.read())
+    if failure:
+        # Each node's output, then the logs once.
+        described = [
+            describe_run(text, [] if node is not launches[-1][0] else log_dirs, f"{node.hostname}'s launcher")
+            for (node, *_), text in zip(launches, texts, strict=True)
+        ]
+        pytest.fail(f"{failure}\n" + "\n".join(described))
+    for _, command, env in launches:
+        assert_no_shm_buffer_left(command, env)
+    return texts
 
 
 # --- A save that stalls, to be killed in the middle --------------------------------------------------------------

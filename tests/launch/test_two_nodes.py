@@ -1,0 +1,138 @@
+"""Two nodes, one CPU rank each, training the embedded default with ZeRO-3 as a cluster job does.
+
+Each node is a network namespace of this machine with its own interface, address, hostname and /etc/hosts
+(scripts/netns_nodes.sh, through `netns_nodes`), so the ranks meet over a network between hosts, never 127.0.0.1:
+MASTER_ADDR is node 0's address. The disk is shared, as a cluster's filesystem is: so are output_dir and
+data.cache_dir. launch/multi_node.sh runs as a user would run it: on each node under torchrun (NNODES=2, NODE_RANK);
+on each node under the DeepSpeed launcher with a hostfile and no ssh (NO_SSH=1); and on node 0 only, where the
+DeepSpeed launcher starts both nodes over ssh with pdsh (an sshd on each node, `start_sshd`).
+
+Each run must train exactly as the same 2 ranks on one node do, to the bit. The runs differ in how the ranks' sums
+travel: gloo over the nodes' network, against gloo over loopback (torchrun) or DeepSpeed's shared-memory all-reduce
+(its launcher on one node). With 2 ranks each all-reduced or reduce-scattered element is one float32 addition of two
+values, and IEEE addition is commutative, so the order in which the two arrive cannot change a bit. The rest is the
+same: data order, micro-batches, and each rank's thread count (the cores split between the 2 nodes, as the one-node
+launch splits them between its 2 ranks), so the kernels sum in the same order too. So the bound is 0: any difference
+means something besides the transport changed. (With n > 2 ranks a sum of n terms may round differently by about
+eps * sqrt(n) relative, and the bound would follow tests/dft/test_split_invariance.py.)
+
+Data preparation across nodes: with a fresh data.cache_dir, exactly one rank tokenises and the other, on the other
+node, waits on the cache's file lock over the shared disk and reuses the result (each rank's log says which).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    COMPARABLE_RUN,
+    DISTRIBUTED_TIMEOUT_S,
+    LAUNCH_DIR,
+    NO_HELDOUT,
+    LaunchedRun,
+    NetnsNode,
+    assert_prepared_once,
+    assert_same_training,
+    check_saved_run,
+    cores_per_node,
+    launch_environment,
+    netns_missing,
+    netns_nodes,
+    run_on_nodes,
+    start_sshd,
+)
+
+# Before any fixture: the one-node reference is a session fixture, made before the module's nodes would skip.
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(bool(netns_missing()), reason=netns_missing())]
+
+NODES = 2
+RUN = ("deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT)
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[list[NetnsNode]]:
+    with netns_nodes(NODES) as made:
+        yield made
+
+
+def launch_on(nodes: list[NetnsNode], run_dir: Path, env: dict[str, str]) -> tuple[Path, Path, list[str]]:
+    """launch/multi_node.sh on each of `nodes` with its NODE_RANK and `env`, MASTER_ADDR node 0's address, and a
+    fresh data cache under `run_dir`; the output dir, the cache and each node's launcher output."""
+    output_dir, cache_dir = run_dir / "run", run_dir / "cache"
+    command = [str(LAUNCH_DIR / "multi_node.sh"), *RUN, f"output_dir={output_dir}", f"data.cache_dir={cache_dir}"]
+    outputs = run_on_nodes(
+        [(node, command, {**env, "NODE_RANK": str(node.index), "MASTER_ADDR": nodes[0].address}) for node in nodes],
+        timeout=DISTRIBUTED_TIMEOUT_S,
+        log_dirs=[output_dir / "logs"],
+    )
+    return output_dir, cache_dir, outputs
+
+
+def hostfile_environment(nodes: list[NetnsNode], run_dir: Path) -> dict[str, str]:
+    """A DeepSpeed hostfile of one slot per node, and the environment that launches with it."""
+    hostfile = run_dir / "hostfile"
+    hostfile.write_text("".join(f"{node.hostname} slots=1\n" for node in nodes))
+    # The DeepSpeed launcher leaves the thread count to the caller, as on a cluster.
+    return {**launch_environment(), "HOSTFILE": str(hostfile), "OMP_NUM_THREADS": str(cores_per_node(NODES))}
+
+
+@pytest.fixture(scope="module")
+def torchrun_on_two_nodes(
+    nodes: list[NetnsNode], tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
+) -> tuple[Path, Path, list[str]]:
+    """NNODES=2 launch/multi_node.sh on each node: torchrun's rendezvous at node 0's address."""
+    env = {**launch_environment(), "NNODES": str(NODES), "NUM_GPUS": "1"}
+    env["CPU_THREADS_PER_RANK"] = str(cores_per_node(NODES))
+    return launch_on(nodes, tmp_path_factory.mktemp("torchrun_two_nodes"), env)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_on_two_nodes(
+    nodes: list[NetnsNode], tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
+) -> tuple[Path, Path, list[str]]:
+    """HOSTFILE=... NO_SSH=1 launch/multi_node.sh on each node: the DeepSpeed launcher on every node, no ssh."""
+    run_dir = tmp_path_factory.mktemp("deepspeed_two_nodes")
+    return launch_on(nodes, run_dir, {**hostfile_environment(nodes, run_dir), "NO_SSH": "1"})
+
+
+@pytest.fixture(scope="module")
+def deepspeed_over_ssh(
+    nodes: list[NetnsNode], tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
+) -> tuple[Path, Path, list[str]]:
+    """HOSTFILE=... launch/multi_node.sh on node 0 only: the DeepSpeed launcher starts both nodes over ssh (pdsh)."""
+    start_sshd(nodes)
+    run_dir = tmp_path_factory.mktemp("deepspeed_over_ssh")
+    output_dir, cache_dir, (console,) = launch_on(nodes[:1], run_dir, hostfile_environment(nodes, run_dir))
+    # pdsh prefixes what each host prints with its name: node 1's ranks were started there, over ssh.
+    assert "\nnode1: " in console, f"nothing came back from node1 over pdsh:\n{console[-3000:]}"
+    return output_dir, cache_dir, [console]
+
+
+def test_torchrun_across_two_nodes_trains_as_two_ranks_on_one_node(
+    nodes: list[NetnsNode], torchrun_on_two_nodes: tuple[Path, Path, list[str]], base_model_dir: Path, tmp_path: Path
+) -> None:
+    output_dir, cache_dir, _ = torchrun_on_two_nodes
+    check_saved_run(output_dir, base_model_dir, ranks=2)
+    one_node = tmp_path / "one_node"
+    env = {**launch_environment(), "NNODES": "1", "NUM_GPUS": "2"}
+    command = [str(LAUNCH_DIR / "multi_node.sh"), *RUN, f"output_dir={one_node}", f"data.cache_dir={cache_dir}"]
+    run_on_nodes([(nodes[0], command, env)], timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[one_node / "logs"])
+    assert_same_training(output_dir, one_node, atol=0.0)
+
+
+@pytest.mark.parametrize("launch", ["deepspeed_on_two_nodes", "deepspeed_over_ssh"])
+def test_deepspeed_launcher_across_two_nodes_trains_as_on_one_node(
+    launch: str, request: pytest.FixtureRequest, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
+) -> None:
+    output_dir, _, _ = request.getfixturevalue(launch)
+    check_saved_run(output_dir, base_model_dir, ranks=2)
+    assert_same_training(output_dir, zero3_deepspeed_run.output_dir, atol=0.0)
+
+
+@pytest.mark.parametrize("launch", ["torchrun_on_two_nodes", "deepspeed_on_two_nodes", "deepspeed_over_ssh"])
+def test_one_rank_prepares_the_data_and_the_other_node_reuses_it(launch: str, request: pytest.FixtureRequest) -> None:
+    output_dir, cache_dir, _ = request.getfixturevalue(launch)
+    assert_prepared_once(output_dir, cache_dir)
