@@ -104,6 +104,15 @@ SHORT_LINE = {
 progress_logger = logging.getLogger("progress")
 
 
+def keep_history(path: Path, step: int) -> None:
+    """Rewrite a JSON-lines metrics file with only its records up to `step` (none at step 0: a fresh run)."""
+    if not path.is_file():
+        return
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [r for r in records if 0 < step and r.get("step", 0) <= step]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 class RunArtifactsCallback(TrainerCallback):
     """Appends each log event to `metrics.jsonl`, logs a plain step line with elapsed time and ETA, and redraws
     `loss.png`. `console`: `short` (SHORT_LINE) or `full` (every logged value) on the step line."""
@@ -118,13 +127,11 @@ class RunArtifactsCallback(TrainerCallback):
     ) -> None:
         # The ETA counts from this run's first step: a resumed run's earlier steps took no time here.
         self._start = (time.monotonic(), state.global_step)
-        if not state.is_world_process_zero:
-            return
-        # A fresh run starts a fresh file; a resumed one keeps the history up to its checkpoint.
-        kept = [r for r in read_metrics(self.output_dir) if r.get("step", 0) <= state.global_step]
-        if state.global_step == 0:
-            kept = []
-        write_atomic(self.output_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+        # A fresh run starts fresh files; a resumed one keeps the history up to its checkpoint. Each rank its own
+        # interval sums (`logs/rank<N>_metrics.jsonl`, `observability.training_metrics`), rank 0 the run's metrics.
+        keep_history(self.output_dir / "logs" / f"rank{args.process_index}_metrics.jsonl", state.global_step)
+        if state.is_world_process_zero:
+            keep_history(self.output_dir / METRICS_FILE, state.global_step)
 
     def on_log(
         self,

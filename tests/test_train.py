@@ -29,6 +29,10 @@ TRAIN_METRICS = ("loss", "nll", "avg_p_correct", "learning_rate", "grad_norm", "
 SAMPLE_SOURCE_KEYS = ("chat_letters", "reverse_alpaca")  # conf/data/sample.yaml's two files, by stem
 
 
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def train_losses(output_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
 
@@ -185,8 +189,14 @@ def test_training_output_dir_alone_holds_the_whole_run_and_a_second_run_says_wha
     for name in ("model.safetensors", "config.yaml", "metrics.jsonl", "logs/rank0.log", "logs/rank0_metrics.jsonl"):
         assert (run_dir / name).is_file(), name
     assert f"Output directory {run_dir.resolve()}" in first.stdout
+    first_records = {name: lines(run_dir / name) for name in ("metrics.jsonl", "logs/rank0_metrics.jsonl")}
     second = run_ok(None, *overrides)
     assert f"{run_dir} already holds a trained model (model.safetensors): this run replaces it" in second.stdout
+    # The replacing run's metrics start afresh: the same steps once each, not appended to the first run's (an
+    # appended per-rank file made evaluation.compare see another data order in a reused output directory).
+    for name, before in first_records.items():
+        after = lines(run_dir / name)
+        assert [r["step"] for r in after] == [r["step"] for r in before] and before, name
 
 
 @pytest.mark.slow
