@@ -834,12 +834,22 @@ class NetnsNode:
         return ["env", f"NETNS_PREFIX={self.prefix}", str(NETNS_SCRIPT), "exec", str(self.index), *argv]
 
 
+def netns_names() -> list[str]:
+    """The network namespaces `ip netns` names now."""
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+
+
+def destroy_netns_nodes(prefix: str) -> subprocess.CompletedProcess:
+    """`scripts/netns_nodes.sh destroy` for the set of `prefix`."""
+    env = {**os.environ, "NETNS_PREFIX": prefix}
+    return subprocess.run([str(NETNS_SCRIPT), "destroy"], env=env, capture_output=True, text=True)
+
+
 def netns_leftovers(prefix: str, subnet: str) -> list[str]:
     """What a set of nodes left behind: namespaces (a process still in one keeps it), their /etc/netns files, and
     DeepSpeed all-reduce buffers named after the nodes' addresses. Their veths live and die with the namespaces."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
     return [
-        *(f"namespace {name}" for name in listed if name.startswith(f"{prefix}-")),
+        *(f"namespace {name}" for name in netns_names() if name.startswith(f"{prefix}-")),
         *(str(path) for path in Path("/etc/netns").glob(f"{prefix}-*")),
         *(str(path) for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{subnet}.*")),
     ]
@@ -862,6 +872,11 @@ def netns_nodes(count: int) -> Iterator[list[NetnsNode]]:
     root, no `ip` or `unshare`, or no right to add one (an unprivileged container)."""
     if netns_missing():
         pytest.skip(netns_missing())
+    # Sets of test processes that were killed before their teardown ran (the prefix holds the process id).
+    sets = {match[1]: match[2] for name in netns_names() if (match := re.fullmatch(r"(dft(\d+)-\d+)-.*", name))}
+    for stale, pid in sets.items():
+        if not Path(f"/proc/{pid}").exists():
+            destroy_netns_nodes(stale)
     serial = next(_NETNS_SETS)
     # One prefix and subnet per set, so that two test sessions on this machine never share a name.
     prefix, subnet = f"dft{os.getpid()}-{serial}", f"10.231.{(os.getpid() + serial) % 254 + 1}"
@@ -873,7 +888,7 @@ def netns_nodes(count: int) -> Iterator[list[NetnsNode]]:
         assert created.returncode == 0, f"scripts/netns_nodes.sh create {count} failed:\n{created.stderr}"
         yield [NetnsNode(index, f"node{index}", f"{subnet}.{index + 1}", prefix) for index in range(count)]
     finally:
-        destroyed = subprocess.run([str(NETNS_SCRIPT), "destroy"], env=env, capture_output=True, text=True)
+        destroyed = destroy_netns_nodes(prefix)
         left = netns_leftovers(prefix, subnet)
         assert destroyed.returncode == 0 and not left, f"the nodes left {left}:\n{destroyed.stderr}"
 

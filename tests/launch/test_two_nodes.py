@@ -50,6 +50,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.skipif(bool(netns_missing()),
 
 NODES = 2
 RUN = ("deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT)
+# Each rank's threads: this machine's cores split between the 2 nodes, as launch/env.sh splits them between 2 ranks on
+# one node (the one-node references), so every run's kernels sum in the same order.
+THREADS = str(cores_per_node(NODES))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def hostfile_environment(nodes: list[NetnsNode], run_dir: Path) -> dict[str, str
     hostfile = run_dir / "hostfile"
     hostfile.write_text("".join(f"{node.hostname} slots=1\n" for node in nodes))
     # The DeepSpeed launcher leaves the thread count to the caller, as on a cluster.
-    return {**launch_environment(), "HOSTFILE": str(hostfile), "OMP_NUM_THREADS": str(cores_per_node(NODES))}
+    return {**launch_environment(), "HOSTFILE": str(hostfile), "OMP_NUM_THREADS": THREADS}
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +87,7 @@ def torchrun_on_two_nodes(
     nodes: list[NetnsNode], tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
 ) -> tuple[Path, Path, list[str]]:
     """NNODES=2 launch/multi_node.sh on each node: torchrun's rendezvous at node 0's address."""
-    env = {**launch_environment(), "NNODES": str(NODES), "NUM_GPUS": "1"}
-    env["CPU_THREADS_PER_RANK"] = str(cores_per_node(NODES))
+    env = {**launch_environment(), "NNODES": str(NODES), "NUM_GPUS": "1", "CPU_THREADS_PER_RANK": THREADS}
     return launch_on(nodes, tmp_path_factory.mktemp("torchrun_two_nodes"), env)
 
 
@@ -117,7 +119,7 @@ def test_torchrun_across_two_nodes_trains_as_two_ranks_on_one_node(
     output_dir, cache_dir, _ = torchrun_on_two_nodes
     check_saved_run(output_dir, base_model_dir, ranks=2)
     one_node = tmp_path / "one_node"
-    env = {**launch_environment(), "NNODES": "1", "NUM_GPUS": "2"}
+    env = {**launch_environment(), "NNODES": "1", "NUM_GPUS": "2", "CPU_THREADS_PER_RANK": THREADS}
     command = [str(LAUNCH_DIR / "multi_node.sh"), *RUN, f"output_dir={one_node}", f"data.cache_dir={cache_dir}"]
     run_on_nodes([(nodes[0], command, env)], timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[one_node / "logs"])
     assert_same_training(output_dir, one_node, atol=0.0)
