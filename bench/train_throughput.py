@@ -215,7 +215,7 @@ def project_trainer(
     from trainer.sft_trainer import SFTTrainer
 
     loss = {
-        DFT: LossConfig(type="dft"),
+        DFT: LossConfig(type="dft", alpha=1.0),  # the paper's DFT, as TRL's loss_type="dft"
         CE: LossConfig(type="ce", implementation="reference"),
         FUSED_CE: LossConfig(type="ce"),
     }[spec["loss"]]

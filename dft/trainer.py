@@ -43,7 +43,7 @@ from core.keys import SAMPLE_BATCH_KEYS
 from core.metric_sums import EVAL, TRAIN, IntervalSums
 from dft.fused_head import fused_lm_head
 from dft.loss import LossStats, objective_loss
-from dft.objectives import build_objective, unit_weights
+from dft.objectives import build_objective, resolve_alpha, unit_weights
 from dft.reference import DisabledAdapter, FrozenCopy, ReferenceModel, zero3_inference_config
 
 
@@ -73,10 +73,12 @@ class DFTTrainer(Trainer):
         self._origins_step: int | None = None
 
     def current_alpha(self) -> float:
-        """`alpha * min(1, step / alpha_warmup_steps)` at the current optimizer step; `alpha` without warm-up."""
+        """`alpha * min(1, step / alpha_warmup_steps)` at the current optimizer step, `alpha` the configured or the
+        objective's default (`resolve_alpha`); `alpha` without warm-up."""
+        alpha = resolve_alpha(self.loss_config)
         if self.loss_config.alpha_warmup_steps == 0:
-            return self.loss_config.alpha
-        return self.loss_config.alpha * min(1.0, self.state.global_step / self.loss_config.alpha_warmup_steps)
+            return alpha
+        return alpha * min(1.0, self.state.global_step / self.loss_config.alpha_warmup_steps)
 
     def _set_signature_columns_if_needed(self) -> None:
         # remove_unused_columns keeps only the model's inputs: also keep the columns the collator reads.

@@ -16,6 +16,16 @@ def test_defaults_are_the_fused_loss_with_a_constant_alpha_and_auto_chunks() -> 
     assert (config.implementation, config.alpha_warmup_steps, config.chunk_size) == ("fused", 0, "auto")
 
 
+def test_the_shipped_default_is_dft_at_alpha_half_and_alpha_one_is_one_override_away() -> None:
+    from dft.objectives import build_objective, resolve_alpha
+
+    assert (load_run_config([]).loss.type, resolve_alpha(load_run_config([]).loss)) == ("dft", 0.5)
+    assert build_objective(load_run_config(["loss.alpha=1"]).loss).alpha == 1.0
+    # ASFT keeps the paper's alpha unless told otherwise; objectives without alpha ignore it.
+    assert resolve_alpha(load_run_config(["loss.type=asft"]).loss) == 1.0
+    assert build_objective(load_run_config(["loss.type=eaft"]).loss).alpha is None
+
+
 @pytest.mark.parametrize(("override", "expected"), [("loss.chunk_size=auto", "auto"), ("loss.chunk_size=512", 512)])
 def test_chunk_size_takes_auto_or_a_token_count_from_the_command_line(override: str, expected: str | int) -> None:
     assert load_run_config([override]).loss.chunk_size == expected
