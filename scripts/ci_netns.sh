@@ -13,11 +13,4 @@ if command -v ip >/dev/null && command -v unshare >/dev/null && command -v ssh >
   && command -v ssh-keygen >/dev/null && command -v pdsh >/dev/null && [[ -x /usr/sbin/sshd ]]; then
   exit 0
 fi
-sudo=()
-if (( EUID != 0 )); then
-  sudo=(sudo)
-fi
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends iproute2 util-linux openssh-server openssh-client pdsh \
-  >/dev/null
+"$(dirname "$0")/apt_install.sh" iproute2 util-linux openssh-server openssh-client pdsh

@@ -11,10 +11,4 @@ if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v
   && command -v sbatch >/dev/null; then
   exit 0
 fi
-sudo=()
-if (( EUID != 0 )); then
-  sudo=(sudo)
-fi
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+"$(dirname "$0")/apt_install.sh" slurm-wlm munge
