@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## Create .venv and install the project (CPU torch when there is no GPU)
 
-demo: $(STAMP)  ## Run the embedded default: tiny model, bundled data, CPU, DFT
+demo: $(STAMP)  ## Run the embedded default: tiny model, bundled data, CPU, DFT at alpha 0.5
 	$(PYTHON) train.py
 
-compare: $(STAMP)  ## CE vs DFT vs alpha 0.5 on the embedded demo, 2 seeds: docs/results/compare_demo/verdict.md
+compare: $(STAMP)  ## ce, dft, alpha 0.5, asft, eaft on the embedded demo, 2 seeds: docs/results/compare_demo/verdict.md
 	$(PYTHON) -m evaluation.compare --seeds 1,2 --results docs/results/compare_demo
 
 test: $(STAMP)  ## Run every test (what CI runs), distributed ones included
