@@ -1,4 +1,5 @@
-"""Peak memory and time of one forward+backward through the LM head and loss: five implementations (issues 5, 17).
+"""Peak memory and time of one forward+backward through the LM head and loss: five implementations of DFT, and ASFT
+and EAFT fused vs on full logits (issues 5, 17, 26).
 
 Variants, all float32 with every token trained, on `hidden [1, tokens, hidden]`, `weight [vocab, hidden]`:
 
@@ -19,6 +20,24 @@ Variants, all float32 with every token trained, on `hidden [1, tokens, hidden]`,
   SFTTrainer asks for (`log_probs`, `entropy`, `is_top1`), then `sum(-log_p * exp(log_p).detach()) / N`. Without
   Triton (CPU) TRL folds each tile with torch ops and scores every position; on a Triton device it scores the
   trained positions only, as here. Needs the `bench` extra (`pip install -e .[bench]`).
+- The other objectives of `dft.objectives` (issue 26), each fused against the full-logits formulation
+  LLaMA-Factory uses (`asft_loss_func`, `eaft_loss_func`), at `build_objective(LossConfig(type=...))`'s defaults
+  and alpha 1:
+  - `ASFT full logits`: `dft.loss.objective_loss(hidden @ weight.T, ..., reference_logits=reference_hidden @
+    reference_weight.T)`: the policy's and the reference's full float32 `[tokens, vocab]` logits, the log-softmax
+    of each, `KL(reference || policy)` summed over the vocabulary, plus the DFT term (kl_coef 0.1).
+    LLaMA-Factory's shifted `.contiguous()` copies of both logits are not made here, so it is a lower bound of
+    theirs. The reference model's side is a second random `[1, tokens, hidden]` tensor and a second `[vocab,
+    hidden]` head weight, without gradients, made with the inputs (so outside the measured peak, like theirs).
+  - `ASFT fused`: `dft.loss.fused_objective_loss` with the same reference, chunk `auto` (which divides the block
+    budget among its `KL_BLOCKS` float32 blocks per chunk): neither model's `[tokens, vocab]` logits exist.
+  - `EAFT full logits` / `EAFT fused`: the same two heads for EAFT, CE weighted by the normalised entropy of the
+    top 20 logits (`objective_loss` on full logits, which takes `topk` of the `[tokens, vocab]` block, and
+    `fused_objective_loss` chunk `auto`).
+  A second table sets each fused objective against its full-logits form, and against `fused_dft_loss` (chunk
+  `auto`), which a fused objective's process times too, step for step after each of its own timed steps, on the
+  same inputs (`fused_dft_median_s` in the JSON): what the objective's extra work costs per step, with other jobs'
+  load falling on both alike.
 
 How memory is measured: each variant runs in a fresh Python process (so no allocator cache or earlier peak carries
 over). After torch is imported and the inputs exist, the process resets the kernel's peak-RSS counter
@@ -45,11 +64,17 @@ Sizes (`--sizes`, default all): `full` is the issue's 8192 tokens x hidden 896 x
 head; about 1.1 TFLOP per matmul, tens of minutes on 2 cores), `medium` the same head on 2048 tokens, `small`
 512 x 256 x 16,384, `vocab64k` 2048 x 256 x 65,536 (issue 17).
 
-Run: `.venv/bin/python bench/loss_head.py --sizes small medium vocab64k` (about 10 minutes on 2 cores; `full`
-alone takes about an hour, and `--sizes full --variants fused_dft_loss` about 5 minutes). The rows of 2026-12-03 came
-from `--sizes small vocab64k --repeats 3`, `--sizes medium`, `--sizes medium --variants fused_dft_loss --repeats 2`
-and `--sizes full --variants fused_dft_loss`. Prints a table, writes `bench/results/loss_head.json` (rows run now
-replace the same rows of earlier runs; other rows are kept, each with its date) and writes the table, with the
+Run: `.venv/bin/python bench/loss_head.py --sizes small medium vocab64k` (about 10 minutes on 2 cores; `full` alone
+takes about an hour, and `--sizes full --variants fused_dft_loss` about 5 minutes). The rows of 2026-12-03 came from
+`--sizes small vocab64k --repeats 3`, `--sizes medium`, `--sizes medium --variants fused_dft_loss --repeats 2` and
+`--sizes full --variants fused_dft_loss`. Those of 2026-12-06 (issue 26), on a machine loaded by other jobs, from
+`--variants "ASFT full logits" "EAFT full logits" "ASFT fused" "EAFT fused" fused_dft_loss` with `--sizes small vocab64k
+--repeats 3`, `--sizes medium --repeats 2` and `--sizes full` (about 80 minutes under that load), and then the fused
+objectives again, timed against fused_dft_loss step for step, with `--variants "ASFT fused" "EAFT fused"` and the same
+three size options, then the small size's four rows again, round-robin, with `--sizes small --variants "ASFT full
+logits" "ASFT fused" "EAFT full logits" "EAFT fused" --repeats 5`; the first run's fused_dft_loss rows, slowed up to 3x
+by the load, were not kept (the rows of 2026-12-03 stand). Prints a table, writes `bench/results/loss_head.json` (rows
+run now replace the same rows of earlier runs; other rows are kept, each with its date) and writes the table, with the
 issues' goals checked against the measured numbers, into `docs/benchmarks.md` under its own heading (`--docs-only`
 rewrites that section from the JSON).
 """
@@ -84,6 +109,14 @@ SIZES = {
 TIMED_RUNS = {"full": 1, "medium": 1, "small": 3, "vocab64k": 3}
 AUTO = "auto"
 NAIVE, DFT_LOSS, FUSED, CHUNKED_CE, TRL = "naive softmax", "dft_loss", "fused_dft_loss", "chunked CE", "TRL tiled, DFT"
+ASFT_FULL, ASFT_FUSED, EAFT_FULL, EAFT_FUSED = "ASFT full logits", "ASFT fused", "EAFT full logits", "EAFT fused"
+# variant: (loss.type, fused); ASFT's also need the reference model's hidden states and head.
+OBJECTIVE_VARIANTS = {
+    ASFT_FULL: ("asft", False),
+    ASFT_FUSED: ("asft", True),
+    EAFT_FULL: ("eaft", False),
+    EAFT_FUSED: ("eaft", True),
+}
 # (variant, chunk): chunk is tokens per block for ours and the checkpointed CE, vocabulary entries per tile for TRL.
 FUSED_CHUNK = 1024  # loss.chunk_size default before `auto`: issue 5's goals are checked at this chunk
 TRL_VOCAB_TILE, TRL_TOKEN_TILE = 32768, 4096  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, kernels TOKEN_CHUNK_SIZE
@@ -95,6 +128,10 @@ VARIANTS = [
     (FUSED, 256),
     (CHUNKED_CE, FUSED_CHUNK),
     (TRL, TRL_VOCAB_TILE),
+    (ASFT_FULL, None),
+    (ASFT_FUSED, AUTO),
+    (EAFT_FULL, None),
+    (EAFT_FUSED, AUTO),
 ]
 ALPHA = 1.0
 # Besides the loss's own need: the child's torch import and inputs, and room for the rest of the machine.
@@ -106,15 +143,20 @@ def gradient_buffers_bytes(tokens: int, hidden: int, vocab: int) -> int:
     return (vocab + tokens) * hidden * 4
 
 
-def resolved_chunk(chunk: int | str | None, tokens: int, hidden: int, vocab: int) -> int | None:
-    """The chunk a variant runs with: `auto` as `fused_dft_loss` sizes it (float32 hidden states here)."""
+def needs_reference(variant: str) -> bool:
+    return OBJECTIVE_VARIANTS.get(variant, (None,))[0] == "asft"
+
+
+def resolved_chunk(variant: str, chunk: int | str | None, tokens: int, hidden: int, vocab: int) -> int | None:
+    """The chunk a variant runs with: `auto` as `fused_objective_loss` sizes it (float32 hidden states here)."""
     if chunk != AUTO:
         return chunk
     import torch
 
-    from dft.loss import auto_chunk_size
+    from dft.loss import KL_BLOCKS, auto_chunk_size
 
-    return auto_chunk_size(tokens, hidden, vocab, torch.float32)
+    blocks = KL_BLOCKS if needs_reference(variant) else 1
+    return auto_chunk_size(tokens, hidden, vocab, torch.float32, blocks=blocks)
 
 
 def estimated_bytes(variant: str, chunk: int | None, tokens: int, hidden: int, vocab: int) -> int:
@@ -127,6 +169,13 @@ def estimated_bytes(variant: str, chunk: int | None, tokens: int, hidden: int, v
         return 3 * logits + 2 * weight
     if variant == TRL:
         return 6 * min(tokens, TRL_TOKEN_TILE) * chunk * 4 + 2 * weight  # the tile and the torch fold's temporaries
+    if variant == ASFT_FULL:
+        # Both models' logits and log-softmax, q, q * (log q - log p), CE's saved log-softmax, then their gradients.
+        return 9 * logits + 3 * weight
+    if variant == EAFT_FULL:
+        return 3 * logits + 2 * weight  # as dft_loss: topk adds [tokens, 20]
+    if variant == ASFT_FUSED:
+        return 6 * min(tokens, chunk) * vocab * 4 + 4 * weight  # KL_BLOCKS blocks of a chunk and their temporaries
     return 4 * min(tokens, chunk) * vocab * 4 + 3 * weight  # fused and chunked CE: a few blocks of one chunk
 
 
@@ -160,13 +209,16 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def loss_function(variant: str, chunk: int | None) -> Callable[..., Any]:
-    """`(hidden [1, T, H], weight [V, H], labels [1, T]) -> scalar loss` for one variant."""
+def loss_function(variant: str, chunk: int | None, reference: tuple[Any, Any] | None = None) -> Callable[..., Any]:
+    """`(hidden [1, T, H], weight [V, H], labels [1, T]) -> scalar loss` for one variant; `reference`, the reference
+    model's `(hidden [1, T, H], weight [V, H])`, for ASFT's variants."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from dft.loss import IGNORE_INDEX, dft_loss, fused_dft_loss, shift_labels
+    from config.schema import LossConfig
+    from dft.loss import IGNORE_INDEX, dft_loss, fused_dft_loss, fused_objective_loss, objective_loss, shift_labels
+    from dft.objectives import build_objective
 
     def naive(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = (hidden @ weight.T).float().reshape(-1, weight.size(0))
@@ -224,6 +276,26 @@ def loss_function(variant: str, chunk: int | None) -> Callable[..., Any]:
         return lambda hidden, weight, labels: fused_dft_loss(hidden, weight, labels, ALPHA, chunk_size=chunk)[0]
     if variant == CHUNKED_CE:
         return chunked_ce
+    if variant in OBJECTIVE_VARIANTS:
+        loss_type, fused = OBJECTIVE_VARIANTS[variant]
+        objective = build_objective(LossConfig(type=loss_type), ALPHA)
+        reference_hidden, reference_weight = reference or (None, None)
+        if fused:  # chunk "auto" as in training: with the KL term it shares the budget among KL_BLOCKS blocks
+            return lambda hidden, weight, labels: fused_objective_loss(
+                hidden,
+                weight,
+                labels,
+                objective,
+                chunk_size=chunk,
+                reference_hidden_states=reference_hidden,
+                reference_lm_head_weight=reference_weight,
+            )[0]
+        return lambda hidden, weight, labels: objective_loss(
+            hidden @ weight.T,
+            labels,
+            objective,
+            reference_logits=None if reference is None else reference_hidden @ reference_weight.T,
+        )[0]
     if variant == TRL:
         # Imported here, before the baseline, not in the measured step: the kernel's backward imports
         # trl.trainer.utils (and with it transformers), hundreds of MiB of RSS that are not the loss's.
@@ -242,16 +314,25 @@ def measure_one(
 
     sys.path.insert(0, str(REPO_ROOT))
     tokens, hidden_size, vocab = size
-    loss_fn = loss_function(variant, chunk)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, tokens, hidden_size, generator=generator).to(device).requires_grad_()
     weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size**0.5).to(device).requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens), generator=generator).to(device)
+    reference = None
+    if needs_reference(variant):  # the frozen model's side: drawn after the policy's, which stay as in every row
+        reference = (
+            torch.randn(1, tokens, hidden_size, generator=generator).to(device),
+            (torch.randn(vocab, hidden_size, generator=generator) / hidden_size**0.5).to(device),
+        )
+    loss_fn = loss_function(variant, chunk, reference)
+    # A fused objective is timed step for step against fused_dft_loss (chunk auto) on the same inputs, so that other
+    # jobs' load falls on both alike: the ratio is what the objective's extra work costs per step.
+    dft_fn = loss_function(FUSED, AUTO) if OBJECTIVE_VARIANTS.get(variant, (None, False))[1] else None
     cuda = device.startswith("cuda")
 
-    def step() -> float:
+    def step(fn: Callable[..., Any] = loss_fn) -> float:
         hidden.grad, weight.grad = None, None
-        loss = loss_fn(hidden, weight, labels)
+        loss = fn(hidden, weight, labels)
         loss.backward()
         return loss.item()  # .item() also waits for the device
 
@@ -270,12 +351,23 @@ def measure_one(
         peak, method = peak_rss_bytes(), "VmHWM after clear_refs"
     else:
         peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-    seconds, cpu_seconds = [], []
+    if dft_fn is not None:
+        step(dft_fn)  # its warm-up, once the peak has been read
+    timings = {fn: ([], []) for fn in (loss_fn, dft_fn) if fn is not None}
     for _ in range(timed_runs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step()
-        seconds.append(time.perf_counter() - start)
-        cpu_seconds.append(time.process_time() - cpu_start)
+        for fn, (seconds, cpu_seconds) in timings.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step(fn)
+            seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
+    seconds, cpu_seconds = timings[loss_fn]
+    paired = {}
+    if dft_fn is not None:
+        dft_seconds, dft_cpu_seconds = timings[dft_fn]
+        paired = {
+            "fused_dft_median_s": statistics.median(dft_seconds),
+            "fused_dft_median_cpu_s": statistics.median(dft_cpu_seconds),
+        }
     return {
         "loss": loss,
         "peak_mib": (peak - baseline) / MIB,
@@ -286,6 +378,7 @@ def measure_one(
         "baseline_below_earlier_peak": (not peak_reset) and baseline_maxrss > baseline,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        **paired,
     }
 
 
@@ -300,7 +393,7 @@ def run_variant(size_name: str, variant: str, chunk: int | str | None, device: s
         "vocab": vocab,
         "variant": variant,
         "chunk": chunk,
-        "chunk_tokens": resolved_chunk(chunk, tokens, hidden_size, vocab),
+        "chunk_tokens": resolved_chunk(variant, chunk, tokens, hidden_size, vocab),
         "device": device,
         "full_logits_mib": tokens * vocab * 4 / MIB,
         "weight_grad_mib": vocab * hidden_size * 4 / MIB,
@@ -367,6 +460,50 @@ def format_table(rows: list[dict]) -> str:
             lines.append(
                 f"| {shape} | {row['variant']} | {chunk} | {row['peak_mib']:,.0f} | {row['extra_peak_mib']:,.0f} "
                 f"| {row['median_s']:.2f} | {cpu} | {row['loss']:.6f} | {row['date']} |"
+            )
+    return "\n".join(lines)
+
+
+def _ratio(numerator: dict | None, denominator: dict | None, key: str, digits: int = 2) -> str:
+    if numerator is None or denominator is None or key not in numerator or key not in denominator:
+        return "-"
+    return f"{numerator[key] / denominator[key]:.{digits}f}"
+
+
+def _cell(row: dict | None, key: str, digits: int = 0, reason: bool = True) -> str:
+    if row is None:
+        return "not run"
+    if "skipped" in row:
+        return f"skipped: {row['skipped']}" if reason else "skipped"
+    return f"{row[key]:,.{digits}f}"
+
+
+def format_objective_table(rows: list[dict]) -> str:
+    """Each objective fused vs on full logits, and its fused time over `fused_dft_loss`'s (chunk auto), per size."""
+    lines = [
+        "| tokens x hidden x vocab | objective | extra peak MiB, fused | extra peak MiB, full logits | fused / full "
+        "logits, extra peak | fwd+bwd s, fused | fwd+bwd s, full logits | fused / full logits, time | fused / "
+        "fused_dft_loss, time (CPU time) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size_name in SIZES:
+        by_variant = {r["variant"]: r for r in rows if r["size"] == size_name and r["chunk"] in (None, AUTO)}
+        for full_name, fused_name in ((ASFT_FULL, ASFT_FUSED), (EAFT_FULL, EAFT_FUSED)):
+            full, fused = by_variant.get(full_name), by_variant.get(fused_name)
+            if full is None and fused is None:
+                continue
+            shape = " x ".join(map(str, SIZES[size_name]))
+            vs_dft = "-"
+            if fused is not None and "fused_dft_median_s" in fused:
+                vs_dft = (
+                    f"{fused['median_s'] / fused['fused_dft_median_s']:.2f} "
+                    f"({fused['median_cpu_s'] / fused['fused_dft_median_cpu_s']:.2f})"
+                )
+            lines.append(
+                f"| {shape} | {OBJECTIVE_VARIANTS[fused_name][0]} | {_cell(fused, 'extra_peak_mib')} "
+                f"| {_cell(full, 'extra_peak_mib')} | {_ratio(fused, full, 'extra_peak_mib', 3)} "
+                f"| {_cell(fused, 'median_s', 2)} | {_cell(full, 'median_s', 2, reason=False)} "
+                f"| {_ratio(fused, full, 'median_s')} | {vs_dft} |"
             )
     return "\n".join(lines)
 
@@ -476,6 +613,11 @@ def write_docs_section(result: dict) -> None:
     threads = sorted({r["threads"] for r in measured})
     loads = [x for r in measured for x in r["load_average_1min"]]
     dates = ", ".join(f"{name} on {date}" for name, date in result["dates"].items())
+    sys.path.insert(0, str(REPO_ROOT))  # as in measure_one: run as a script, bench/ is on the path, not the repo
+    from bench.docs import replace_docs_section
+    from config.schema import LossConfig
+
+    defaults = LossConfig()  # the objectives' settings the rows ran with
     section = [
         SECTION_HEADING,
         "",
@@ -513,7 +655,9 @@ def write_docs_section(result: dict) -> None:
         "",
         format_table(rows),
         "",
-        "`chunked CE` trains plain cross-entropy, so its loss column is the CE, not the DFT loss of the others.",
+        "`chunked CE` trains plain cross-entropy, so its loss column is the CE, not the DFT loss of the others; "
+        f"ASFT's loss adds {defaults.kl_coef} x the KL to a random reference model, and EAFT's is the "
+        "entropy-weighted CE.",
         *(
             [
                 "Measured while other jobs ran (1-minute load average above 3 when the row started or ended, where "
@@ -530,6 +674,21 @@ def write_docs_section(result: dict) -> None:
             if name not in result["dates"]
         ],
         "",
+        "The other objectives (issue 26), from the `ASFT` and `EAFT` rows above: each fused (`fused_objective_loss`, "
+        "chunk auto) against the full-logits formulation LLaMA-Factory uses (`objective_loss` on float32 `[tokens, "
+        "vocab]` logits: for ASFT the reference model's logits too, the log-softmax of both and the KL summed over "
+        f"the vocabulary, kl_coef {defaults.kl_coef}; for EAFT the entropy of the top {defaults.eaft_top_k} "
+        "logits). The reference model's side is a "
+        "second random hidden-states tensor and head weight without gradients, made with the inputs, so outside "
+        "the peak as the policy's are. The last column is the fused objective's time over `fused_dft_loss`'s "
+        "(chunk auto), timed step for step in the same process on the same inputs, so that other jobs' load falls "
+        "on both alike: what the objective's extra work costs per step (for ASFT, the reference head's matmul and "
+        "the KL of each chunk). The fused and full-logits rows of an objective ran in separate processes, "
+        "round-robin, so under load their time ratio is the least reliable figure here. A full-logits row whose "
+        "estimated need exceeded the available memory is skipped, with the estimate.",
+        "",
+        format_objective_table(rows),
+        "",
         "Goals of issue 5 (the fused loss at chunk 1024, then the default), checked against these rows:",
         "",
         *goal_lines(rows),
@@ -540,9 +699,6 @@ def write_docs_section(result: dict) -> None:
         *auto_goal_lines(rows),
         "",
     ]
-    sys.path.insert(0, str(REPO_ROOT))  # as in measure_one: run as a script, bench/ is on the path, not the repo
-    from bench.docs import replace_docs_section
-
     replace_docs_section(section, old_headings=("## DFT loss: memory and time (CPU)",))
 
 
@@ -617,6 +773,7 @@ def main() -> None:
         new_rows += [fastest_of(rows) for rows in repeats.values()]
     result = merge_results(new_rows)
     print(format_table(result["rows"]))
+    print(format_objective_table(result["rows"]))
     print("\n".join(goal_lines(result["rows"]) + auto_goal_lines(result["rows"])))
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(result, indent=2) + "\n")
