@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from config.schema import LoraConfig, ModelConfig
+from config.schema import LoraConfig, LossConfig, ModelConfig
 from dft.fused_head import fused_lm_head
 from dft.loss import dft_loss
+from dft.objectives import build_objective
 from embedded.families import FAMILIES, family_model
 from modeling.adapter import (
     ADAPTER_WEIGHTS,
@@ -41,6 +42,8 @@ from tests.helpers import (
 
 LORA = ModelConfig(adapter="lora")
 LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+DFT = build_objective(LossConfig(alpha=1.0))  # the paper's DFT, as `dft_loss(..., 1.0)` computes it
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
@@ -127,7 +130,7 @@ def fused_and_reference(model: torch.nn.Module, seed: int) -> tuple[tuple[float,
     def loss_and_grads(fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
         model.zero_grad()
         if fused:
-            with fused_lm_head(model, labels, 1.0, None, 4):
+            with fused_lm_head(model, labels, DFT, None, 4):
                 loss = model(input_ids=input_ids).logits
         else:
             loss, _ = dft_loss(model(input_ids=input_ids).logits, labels, 1.0)
@@ -175,7 +178,7 @@ def test_fused_loss_refuses_a_lora_head() -> None:
     model = add_adapter(tiny_qwen2(), config, seed=0)
     labels = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="LM head carries a LoRA adapter"):
-        with fused_lm_head(model, labels, 1.0, None, 4):
+        with fused_lm_head(model, labels, DFT, None, 4):
             pass
 
 
