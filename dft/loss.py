@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from config.schema import LossConfig
 from core.keys import IGNORE_INDEX
 from core.metric_sums import GROUP_SUM_COLUMNS
-from dft.objectives import Objective, dft_weights
+from dft.objectives import Objective, dft_objective
 
 
 class LossStats(NamedTuple):
@@ -141,7 +141,7 @@ def objective_loss(
 
 def dft_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, **kwargs: Any) -> tuple[torch.Tensor, LossStats]:
     """`objective_loss` with DFT's weights at `alpha` (0 gives cross-entropy); the keywords are its."""
-    return objective_loss(logits, labels, Objective("dft", dft_weights(alpha)), **kwargs)
+    return objective_loss(logits, labels, dft_objective(alpha), **kwargs)
 
 
 def _loss_denominator(num_valid: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int:
@@ -466,4 +466,4 @@ def fused_dft_loss(
     hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, alpha: float, **kwargs: Any
 ) -> tuple[torch.Tensor, LossStats]:
     """`fused_objective_loss` with DFT's weights at `alpha` (0 gives cross-entropy); the keywords are its."""
-    return fused_objective_loss(hidden_states, lm_head_weight, labels, Objective("dft", dft_weights(alpha)), **kwargs)
+    return fused_objective_loss(hidden_states, lm_head_weight, labels, dft_objective(alpha), **kwargs)

@@ -149,6 +149,11 @@ def dynamic_fine_tuning(config: LossConfig, alpha: float) -> Objective:
     holds the model near where it started, so it can drift (the objective keeps falling while CE rises); `alpha =
     0` is plain CE. Default alpha 0.5: half of each, the best held-out exact match on both tasks README's verdicts
     measure (the letters demo and a released 135M model's addition), where alpha 1 was the weakest arm."""
+    return dft_objective(alpha)
+
+
+def dft_objective(alpha: float) -> Objective:
+    """DFT at `alpha`, whatever the config says (`dft.loss.dft_loss` and `fused_dft_loss` take it this way)."""
     return Objective("dft", dft_weights(alpha), alpha=alpha, settings=f"alpha {alpha:g}")
 
 

@@ -1,14 +1,17 @@
-"""`DFTTrainer`: a `transformers.Trainer` whose loss is DFT, and the loss metrics of each logging interval.
+"""`DFTTrainer`: a `transformers.Trainer` whose loss is one of the registered objectives, and the loss metrics of
+each logging interval.
 
 Features and their config keys (`loss.*`, passed as a `LossConfig`):
-- `loss.type=dft`: `sum_t CE_t * (alpha * p_t.detach() + 1 - alpha) / N` (see `dft.loss`);
-  `loss.type=ce`: the model's own cross-entropy, exactly as the stock Trainer computes it.
+- `loss.type`: the objective (`dft.objectives`: ce, dft, asft, eaft), built at each step (alpha can warm up);
+  `compute_loss` runs whichever it is the same way. An objective with a KL term gets the frozen starting model
+  (`dft.reference`): the `reference_model` given at construction (prepared on first use: a ZeRO-3 engine of its
+  own under ZeRO-3), or, for an adapter run, the policy with its adapter off; `kl` is logged.
 - `loss.implementation=fused` (default): the model runs with its LM head swapped, for that call only,
-  for `fused_dft_loss` (`dft.fused_head`), so the `[tokens, vocab]` logits are never built, under ZeRO-3 too.
-  `loss.implementation=reference`: full logits, then `dft_loss`. `loss.chunk_size`: tokens per chunk of the
-  fused loss, or `auto` (default: sized from the batch's shapes, `dft.loss.auto_chunk_size`).
-- `loss.alpha`, `loss.alpha_warmup_steps`: alpha rises linearly from 0 to `loss.alpha` over that many
-  optimizer steps (0: constant); the value in use is logged as `dft_alpha`.
+  for `fused_objective_loss` (`dft.fused_head`), so the `[tokens, vocab]` logits are never built, under ZeRO-3
+  too. `loss.implementation=reference`: full logits, then `objective_loss`. `loss.chunk_size`: tokens per chunk
+  of the fused loss, or `auto` (default: sized from the batch's shapes, `dft.loss.auto_chunk_size`).
+- `loss.alpha`, `loss.alpha_warmup_steps`: alpha (configured, or the objective's default) rises linearly from 0
+  over that many optimizer steps (0: constant); the value in use is logged as `dft_alpha`.
 - Exact normalisation: `N` is the Trainer's `num_items_in_batch`, the trainable tokens of the
   whole optimizer step over gradient accumulation and ranks (`training.average_tokens_across_devices`).
 - Metrics beside `loss`: `nll` (plain cross-entropy of the same tokens), `avg_p_correct`
@@ -17,10 +20,10 @@ Features and their config keys (`loss.*`, passed as a `LossConfig`):
   all-reduced over ranks, then divided, never averages of averages.
 - Per-source metrics, when `source_keys` (the metric names of the prepared data's sources, in order:
   `data_pipeline.stats.source_metric_names`) lists two or more sources and the batches carry `source_ids`
-  (`data_pipeline.collate.SampleIdCollator`): `nll/<source>`, `avg_p_correct/<source>`, `dft_loss/<source>`
-  (the mean per-token `w_t * CE_t`, `loss.type=dft` only) and `num_tokens/<source>`, `eval_`-prefixed in
-  evaluation. Token-weighted like the rest, reduced in the same single all-reduce; a source with no token in
-  the interval is left out.
+  (`data_pipeline.collate.SampleIdCollator`): `nll/<source>`, `avg_p_correct/<source>`, `<type>_loss/<source>`
+  (the mean per-token `w_t * CE_t`, for objectives whose weights are not all 1) and `num_tokens/<source>`,
+  `eval_`-prefixed in evaluation. Token-weighted like the rest, reduced in the same single all-reduce; a source
+  with no token in the interval is left out.
 - Sample origins: `step_origins` holds the `file:line` of every sample this rank fed to the current
   optimizer step (from the batches' `origins`); it is reset at the first micro-batch of the next step,
   so callbacks read the finished step's samples in `on_pre_optimizer_step` and `on_step_end`.

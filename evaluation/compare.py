@@ -40,7 +40,7 @@ from core.files import write_atomic
 from core.provenance import provenance
 from embedded.paths import REPO_ROOT
 from evaluation.heldout import HELDOUT_JSON
-from observability.artifacts import read_metrics
+from observability.artifacts import read_json_lines, read_metrics
 
 # Every registered objective at its published setting, and DFT at alpha 0.5 (half CE, half DFT).
 DEFAULT_ARMS = {
@@ -166,11 +166,8 @@ def read_run(arm: str, seed: int, directory: Path) -> RunResult:
     evals = [r for r in records if "eval_nll" in r]
     speeds = [r["tokens_per_second"] for r in records if "tokens_per_second" in r]
     heldout_path = directory / HELDOUT_JSON
-    rank0 = directory / "logs" / "rank0_metrics.jsonl"
-    samples = []
-    if rank0.is_file():
-        rows = [json.loads(line) for line in rank0.read_text(encoding="utf-8").splitlines() if line.strip()]
-        samples = [row["samples"] for row in rows if row.get("mode") == "train" and "samples" in row]
+    rows = read_json_lines(directory / "logs" / "rank0_metrics.jsonl")
+    samples = [row["samples"] for row in rows if row.get("mode") == "train" and "samples" in row]
     return RunResult(
         arm=arm,
         seed=seed,

@@ -43,11 +43,15 @@ def redact_secrets(value: Any) -> Any:
     return value
 
 
-def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / METRICS_FILE
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics.jsonl, a rank's interval sums); none when it does not exist."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    return read_json_lines(Path(output_dir) / METRICS_FILE)
 
 
 def plot_loss(output_dir: str | Path) -> Path | None:
@@ -108,8 +112,7 @@ def keep_history(path: Path, step: int) -> None:
     """Rewrite a JSON-lines metrics file with only its records up to `step` (none at step 0: a fresh run)."""
     if not path.is_file():
         return
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [r for r in records if 0 < step and r.get("step", 0) <= step]
+    kept = [r for r in read_json_lines(path) if 0 < step and r.get("step", 0) <= step]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 

@@ -18,7 +18,7 @@ import config.schema
 from config.schema import LOSS_TYPES, LossConfig
 from core.keys import IGNORE_INDEX
 from dft.loss import fused_objective_loss, objective_loss
-from dft.objectives import OBJECTIVES, Objective, build_objective, register_objective, unit_weights
+from dft.objectives import OBJECTIVES, Objective, build_objective, dft_objective, register_objective, unit_weights
 from tests.helpers import (
     LOSS_VOCAB,
     LargestAllocation,
@@ -133,7 +133,7 @@ def test_the_kl_is_reference_to_policy_and_zero_at_the_start() -> None:
     hidden, weight, _, labels = random_inputs(2)
     ref_hidden, ref_weight, _ = reference_head(12)
     objective = build_objective(CONFIGS["asft"])
-    dft_only = Objective("dft", build_objective(LossConfig(alpha=1.0)).token_weights)
+    dft_only = dft_objective(1.0)
     _, stats = fused_objective_loss(
         hidden, weight, labels, objective, reference_hidden_states=ref_hidden, reference_lm_head_weight=ref_weight
     )
