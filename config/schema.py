@@ -6,7 +6,7 @@ composition time, before anything is built, with Hydra naming the full key.
 `TrainingConfig` is generated from `transformers.TrainingArguments` itself, so
 every Trainer field is settable as `training.<field>=...` under its usual
 name and type, and a new transformers release brings its new fields along;
-it adds one field of its own, `training.objective` (`sft` or `pretrain`),
+it adds one field of its own, `training.objective` (`sft`, `pretrain`, `reward` or `dpo`),
 which `to_training_arguments` leaves out.
 `to_run_config` turns the composed config into these dataclasses, which runs
 each `__post_init__` value check.
@@ -32,7 +32,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 from transformers import TrainingArguments
 
-from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec, parse_sources
+from config.sources import ON_ERROR_CHOICES, PAIRS_FORMAT, TEXT_FORMAT, TEXT_SUFFIXES, SourceSpec, parse_sources
 
 _PRIMITIVES = (bool, int, float, str)
 
@@ -65,9 +65,13 @@ def _schema_default(f: dataclasses.Field) -> Any:
 
 
 # training.objective: sft trains the assistant turns of chat data; pretrain (continued pre-training) trains every
-# token of raw text (`format: text` sources, see data_pipeline/text.py). Not a TrainingArguments field.
+# token of raw text (`format: text` sources, see data_pipeline/text.py); reward trains a scalar score head on
+# preference pairs (`format: pairs`), dpo the language model itself on them. Not a TrainingArguments field.
 OBJECTIVE_KEY = "objective"
-OBJECTIVES = ("sft", "pretrain")
+OBJECTIVES = ("sft", "pretrain", "reward", "dpo")
+# The source format each objective reads; a source with `format: auto` (or none) takes it. SFT detects its chat
+# format per record.
+OBJECTIVE_SOURCE_FORMAT = {"sft": None, "pretrain": TEXT_FORMAT, "reward": PAIRS_FORMAT, "dpo": PAIRS_FORMAT}
 
 
 def _check_objective(training: Any) -> None:
@@ -92,7 +96,7 @@ def _training_config_class() -> type:
         "TrainingConfig",
         fields,
         namespace={
-            "__doc__": "Every `transformers.TrainingArguments` field, typed, and `objective` (sft or pretrain).",
+            "__doc__": "Every `transformers.TrainingArguments` field, typed, and `objective` (`OBJECTIVES`).",
             "__post_init__": _check_objective,
         },
     )
@@ -184,6 +188,24 @@ class ModelConfig:
             raise ValueError("model.merge_adapter=true needs an adapter run: set model.adapter=lora")
 
 
+SOURCE_KINDS = {TEXT_FORMAT: "raw text", PAIRS_FORMAT: "preference pairs", "chat": "chat"}
+OBJECTIVES_OF_KIND = {
+    TEXT_FORMAT: "training.objective=pretrain",
+    PAIRS_FORMAT: "training.objective=reward or dpo",
+    "chat": "training.objective=sft",
+}
+SOURCE_KIND_HINTS = {
+    TEXT_FORMAT: "Raw text: .txt files or records with a 'text' field (format: text)",
+    PAIRS_FORMAT: "Pairs: records with a prompt and 'chosen'/'rejected' replies (format: pairs)",
+    "chat": "Chat: ChatML messages, ShareGPT conversations, Alpaca or prompt/completion records",
+}
+
+
+def source_kind(spec: SourceSpec) -> str:
+    """`text`, `pairs`, or `chat` for every chat format."""
+    return spec.format if spec.format in (TEXT_FORMAT, PAIRS_FORMAT) else "chat"
+
+
 @dataclass
 class DataConfig:
     sources: list[Any] = MISSING
@@ -243,14 +265,17 @@ class DataConfig:
             raise ValueError("data.sources is empty: give at least one chat file, e.g. data.sources=[chats.jsonl]")
         # Parsed once per run; a bad entry fails here, naming data.sources[i]. Not a field: not a config key.
         self.specs: list[SourceSpec] = parse_sources(self.sources)
-        # Raw text for continued pre-training, or chat data: one run trains one objective (RunConfig checks which).
-        self.raw_text = self.specs[0].format == TEXT_FORMAT
+        # Raw text for continued pre-training, preference pairs, or chat data: one run trains one objective
+        # (RunConfig checks which).
+        self.record_kind = source_kind(self.specs[0])
+        self.raw_text = self.record_kind == TEXT_FORMAT
+        self.pairs = self.record_kind == PAIRS_FORMAT
         for index, spec in enumerate(self.specs):
-            if (spec.format == TEXT_FORMAT) != self.raw_text:
-                kinds = ("chat", "raw text") if self.raw_text else ("raw text", "chat")
+            if source_kind(spec) != self.record_kind:
                 raise ValueError(
-                    f"data.sources[{index}] ({spec.path!r}) is {kinds[0]} but data.sources[0] is {kinds[1]}: "
-                    "continued pre-training (raw text) and SFT (chat) are separate runs; give one kind of source"
+                    f"data.sources[{index}] ({spec.path!r}) is {SOURCE_KINDS[source_kind(spec)]} but data.sources[0] "
+                    f"is {SOURCE_KINDS[self.record_kind]}: continued pre-training (raw text), SFT (chat) and "
+                    "preference training (pairs) are separate runs; give one kind of source"
                 )
         _check_choice("data.pretrain_blocks", self.pretrain_blocks, PRETRAIN_BLOCKS)
         _check_choice("data.sample_by", self.sample_by, SAMPLE_BY)
@@ -323,6 +348,28 @@ class LossConfig:
         chunk_is_count = isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool)
         if self.chunk_size != "auto" and not (chunk_is_count and self.chunk_size >= 1):
             raise ValueError(f"loss.chunk_size={self.chunk_size!r} must be auto or a whole number of tokens >= 1")
+
+
+@dataclass
+class PreferenceConfig:
+    """`preference.*`: training on chosen/rejected pairs, `training.objective=reward` (a scalar score head) or `dpo`
+    (the language model against a frozen reference). See preference/."""
+
+    margin: float = 0.0
+    """reward: the pairwise loss is -log sigmoid(r_chosen - r_rejected - margin); 0 is the Bradley-Terry loss."""
+    center_rewards_coefficient: Optional[float] = None
+    """reward: adds this x mean((r_chosen + r_rejected)^2), which keeps the rewards centred on 0 (TRL's
+    `center_rewards_coefficient`, 0.01 in its docs); null: off."""
+    beta: float = 0.1
+    """dpo: the temperature of the implicit reward beta * (log pi - log pi_ref); TRL's default 0.1."""
+
+    def __post_init__(self) -> None:
+        if self.margin < 0:
+            raise ValueError(f"preference.margin={self.margin} must be >= 0")
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(f"preference.center_rewards_coefficient={self.center_rewards_coefficient} must be >= 0")
+        if self.beta <= 0:
+            raise ValueError(f"preference.beta={self.beta} must be > 0")
 
 
 @dataclass
@@ -435,6 +482,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
@@ -442,15 +490,15 @@ class RunConfig:
     drift_guard: DriftGuardConfig = field(default_factory=DriftGuardConfig)
 
     def __post_init__(self) -> None:
-        pretrain = self.training.objective == "pretrain"
-        if pretrain != self.data.raw_text:
+        objective = self.training.objective
+        wanted = OBJECTIVE_SOURCE_FORMAT[objective] or "chat"
+        have = self.data.record_kind
+        if have != wanted:
             spec = self.data.specs[0]
             raise ValueError(
-                f"training.objective=pretrain trains on raw text, but data.sources[0] ({spec.path!r}) has format "
-                f"{spec.format}: give .txt files or records with a 'text' field (format: text)"
-                if pretrain
-                else f"data.sources[0] ({spec.path!r}) is raw text (format text): continued pre-training on it takes "
-                "training.objective=pretrain; SFT takes chat data"
+                f"training.objective={objective} trains on {SOURCE_KINDS[wanted]}, but data.sources[0] "
+                f"({spec.path!r}) is {SOURCE_KINDS[have]} (format {spec.format}): {SOURCE_KINDS[have]} takes "
+                f"{OBJECTIVES_OF_KIND[have]}. {SOURCE_KIND_HINTS[wanted]}"
             )
         if self.training.label_smoothing_factor > 0:
             raise ValueError(
@@ -490,7 +538,7 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
         raise ValueError(
             f"missing mandatory config values: {missing} (set them on the command line, e.g. {missing[0]}=...)"
         )
-    _text_sources_for_pretrain(cfg)
+    _objective_source_format(cfg)
     if cfg.training.get("hub_token"):
         raise ValueError(
             "training.hub_token: set the HF_TOKEN environment variable instead; a token in the config "
@@ -499,10 +547,13 @@ def to_run_config(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunConfig:
     return OmegaConf.to_object(cfg)
 
 
-def _text_sources_for_pretrain(cfg: DictConfig) -> None:
-    """Under `training.objective=pretrain` a source without a format reads as raw text (`format: text`): a JSONL of
-    `{"text": ...}` records needs no mapping. Written into the composed config, so the saved config.yaml says so."""
-    if cfg.training.get(OBJECTIVE_KEY) != "pretrain":
+def _objective_source_format(cfg: DictConfig) -> None:
+    """A source without a format reads as its objective's (`OBJECTIVE_SOURCE_FORMAT`): under
+    `training.objective=pretrain` raw text (`format: text`), so a JSONL of `{"text": ...}` records needs no mapping;
+    under reward and dpo preference pairs (`format: pairs`). Written into the composed config, so the saved
+    config.yaml says so."""
+    record_format = OBJECTIVE_SOURCE_FORMAT.get(cfg.training.get(OBJECTIVE_KEY))
+    if record_format is None:
         return
     sources = []
     for entry in cfg.data.sources:
@@ -510,10 +561,15 @@ def _text_sources_for_pretrain(cfg: DictConfig) -> None:
             entry = OmegaConf.to_container(entry, resolve=True)
         elif isinstance(entry, str):
             entry = {"path": entry}
-        if isinstance(entry, dict) and entry.get("format") in (None, "auto"):
-            entry = {**entry, "format": TEXT_FORMAT}
+        # A .txt file is raw text whatever the objective (parse_sources), and refused as such where text is not wanted.
+        if isinstance(entry, dict) and entry.get("format") in (None, "auto") and not _is_text_path(entry.get("path")):
+            entry = {**entry, "format": record_format}
         sources.append(entry)  # anything else is refused by parse_sources, naming data.sources[i]
     cfg.data.sources = sources
+
+
+def _is_text_path(path: Any) -> bool:
+    return isinstance(path, str) and path.endswith(TEXT_SUFFIXES)
 
 
 def _one_output_dir(cfg: DictConfig, overrides: Sequence[str]) -> None:

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# `text`: raw text for continued pre-training (`training.objective=pretrain`), every other one a chat format.
+# `text`: raw text for continued pre-training (`training.objective=pretrain`); `pairs`: preference pairs, a prompt
+# with a chosen and a rejected reply (`training.objective=reward|dpo`, layout detected per record); every other
+# one a chat format.
 TEXT_FORMAT = "text"
-FORMATS = ("auto", "chatml", "sharegpt", "alpaca", "prompt_completion", TEXT_FORMAT)
+PAIRS_FORMAT = "pairs"
+FORMATS = ("auto", "chatml", "sharegpt", "alpaca", "prompt_completion", TEXT_FORMAT, PAIRS_FORMAT)
 # Files that hold one raw-text document each.
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 # The record keys a `fields` mapping may rename to, i.e. the canonical column names of every format.

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("embedded",),  # the tiny default model, its tokenizer and sample data
     ("modeling",),  # loading a model and its tokenizer
     ("data_pipeline",),  # sources -> canonical dialogues -> tokens with labels -> batches
-    ("dft", "observability"),  # the loss and its Trainer; logs, metrics, trackers, banner
+    ("dft", "observability", "preference"),  # the loss and its Trainer; logs, metrics, trackers; pair losses
     ("cluster", "evaluation"),  # checkpoints, resume, resilience, export, preflight; held-out evaluation
     ("trainer",),  # the run's Trainer, assembled from the mixins above
     ("train", "bench"),  # entry points

@@ -38,17 +38,27 @@ def test_packing_follows_the_block_mode_unless_set() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["training.objective=dpo"], "training.objective='dpo' is not one of ['sft', 'pretrain']"),
+        (["training.objective=orpo"], "training.objective='orpo' is not one of ['sft', 'pretrain', 'reward', 'dpo']"),
         ([PRETRAIN, "data.pretrain_blocks=grouped"], "data.pretrain_blocks='grouped' is not one of"),
         (
             [PRETRAIN, "data.sources=[{path: chats.jsonl, format: chatml}]"],
-            "training.objective=pretrain trains on raw text, but data.sources[0] ('chats.jsonl') has format chatml",
+            "training.objective=pretrain trains on raw text, but data.sources[0] ('chats.jsonl') is chat (format "
+            "chatml): chat takes training.objective=sft",
         ),
         (
             ["data.sources=[book.txt]"],
-            "data.sources[0] ('book.txt') is raw text (format text): continued pre-training on it takes "
-            "training.objective=pretrain",
+            "training.objective=sft trains on chat, but data.sources[0] ('book.txt') is raw text (format text): "
+            "raw text takes training.objective=pretrain",
         ),
+        (
+            ["training.objective=dpo", "data.sources=[{path: chats.jsonl, format: sharegpt}]"],
+            "training.objective=dpo trains on preference pairs, but data.sources[0] ('chats.jsonl') is chat",
+        ),
+        (
+            ["training.objective=reward", "data.sources=[pairs.jsonl,{path: book.txt}]"],
+            "data.sources[1] ('book.txt') is raw text but data.sources[0] is preference pairs",
+        ),
+        (["training.objective=dpo", "preference.beta=0"], "preference.beta=0.0 must be > 0"),
         (
             [PRETRAIN, "data.sources=[book.txt,{path: chats.jsonl, format: sharegpt}]"],
             "data.sources[1] ('chats.jsonl') is chat but data.sources[0] is raw text",
@@ -63,6 +73,13 @@ def test_bad_objective_settings_fail_at_start_up_naming_the_key(overrides: list[
     with pytest.raises(ValueError) as raised:
         load_run_config(overrides)
     assert message in str(raised.value)
+
+
+def test_preference_objectives_read_their_sources_as_pairs_unless_told() -> None:
+    for objective in ("reward", "dpo"):
+        run = load_run_config([f"training.objective={objective}", "data.sources=[a.jsonl,{path: b.json}]"])
+        assert [spec.format for spec in run.data.specs] == ["pairs", "pairs"] and run.data.pairs
+        assert not run.data.raw_text
 
 
 def test_a_txt_source_is_text_whatever_the_objective_and_chat_data_stays_chat() -> None:
