@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
@@ -31,6 +30,7 @@ from transformers import (
 )
 
 from config.schema import ModelConfig
+from modeling.heads import CAUSAL_LM, SCORE, auto_model_class, head_config, head_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def add_adapter(model: PreTrainedModel, model_cfg: ModelConfig, seed: int) -> Pr
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     target = lora.target_modules[0] if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
     config = peft.LoraConfig(
-        task_type="CAUSAL_LM",
+        # SEQ_CLS (a reward model's score head) makes peft train the new `score` head in full (modules_to_save).
+        task_type="SEQ_CLS" if head_of(model) == SCORE else "CAUSAL_LM",
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -159,9 +160,16 @@ def load_adapter_model(base: PreTrainedModel, adapter_dir: str | Path) -> PreTra
     return peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-def merge_adapter(base_path: str, adapter_dir: str | Path, trust_remote_code: bool = False) -> Path:
+def merge_adapter(
+    base_path: str,
+    adapter_dir: str | Path,
+    trust_remote_code: bool = False,
+    head: str = CAUSAL_LM,
+    pad_token_id: int | None = None,
+) -> Path:
     """Write the base with the adapter merged into `<adapter_dir>/merged`, in the base's saved dtype, then check
-    it against the unmerged adapter model; rank 0 only. Returns the merged directory.
+    it against the unmerged adapter model; rank 0 only. Returns the merged directory. A reward model (`head`
+    `SCORE`) merges onto the base with its score head, which the adapter saved whole (`pad_token_id` as trained).
 
     The merge runs in float32 on CPU, in place (one copy of the base in host memory, as any merge needs), is
     written to a temporary directory and renamed into place only once it passed `check_merged`.
@@ -172,9 +180,13 @@ def merge_adapter(base_path: str, adapter_dir: str | Path, trust_remote_code: bo
     from transformers import AutoTokenizer
 
     adapter_dir = Path(adapter_dir)
-    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        base_path, trust_remote_code=trust_remote_code, **head_config(head, pad_token_id)
+    )
     saved_dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    base = auto_model_class(head).from_pretrained(
+        base_path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     adapted = load_adapter_model(base, adapter_dir)
     probe = AutoTokenizer.from_pretrained(adapter_dir)(PROBE_TEXT, return_tensors="pt")
     with torch.no_grad():
@@ -186,7 +198,7 @@ def merge_adapter(base_path: str, adapter_dir: str | Path, trust_remote_code: bo
         merged.save_pretrained(staging)
         del merged, adapted, base
         _copy_tokenizer_files(adapter_dir, staging)
-        check_merged(staging, config, probe, expected_logits, saved_dtype, trust_remote_code)
+        check_merged(staging, config, probe, expected_logits, saved_dtype, trust_remote_code, head)
         if destination.exists():
             shutil.rmtree(destination)
         staging.rename(destination)
@@ -203,10 +215,10 @@ def _copy_tokenizer_files(source: Path, destination: Path) -> None:
             shutil.copy2(path, destination / path.name)
 
 
-def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The architecture of `config` on the meta device: its parameters' names and shapes, no memory."""
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False, head: str = CAUSAL_LM) -> PreTrainedModel:
+    """The architecture of `config` (with `head`) on the meta device: its parameters' names and shapes, no memory."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return auto_model_class(head).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def merge_tolerance(dtype: torch.dtype) -> float:
@@ -229,12 +241,15 @@ def check_merged(
     expected_logits: torch.Tensor,
     dtype: torch.dtype,
     trust_remote_code: bool = False,
+    head: str = CAUSAL_LM,
 ) -> None:
     """The merged model reloads with the base architecture's parameter names and shapes (from its config, on the
     meta device: no weights) and the adapter model's logits on `probe` within `merge_tolerance(dtype)`."""
-    skeleton = meta_model(base_config, trust_remote_code)
+    skeleton = meta_model(base_config, trust_remote_code, head)
     base_shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    merged = auto_model_class(head).from_pretrained(
+        merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     merged_shapes = {name: tuple(p.shape) for name, p in merged.named_parameters()}
     if merged_shapes != base_shapes:
         differ = sorted(set(merged_shapes.items()) ^ set(base_shapes.items()))[:5]

@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from config.schema import ModelConfig
 from embedded.base_model import resolve_embedded_model
 from embedded.paths import TOKENIZER_DIR, is_embedded
 from embedded.released import is_released
 from modeling.adapter import count_parameters, quantization_config
+from modeling.heads import CAUSAL_LM, SCORE, auto_model_class, head_config
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,30 @@ def choose_dtype(requested: str, bf16: bool, deepspeed: bool) -> torch.dtype:
     return getattr(torch, requested)
 
 
-def load_model(model_cfg: ModelConfig, model_path: str, bf16: bool, deepspeed: bool) -> PreTrainedModel:
+def load_model(
+    model_cfg: ModelConfig,
+    model_path: str,
+    bf16: bool,
+    deepspeed: bool,
+    head: str = CAUSAL_LM,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """The base model, with the language-model head or a new scalar score head (`modeling.heads`).
+
+    Args:
+        pad_token_id: the score head reads each row's last token that is not padding, so it must know the pad id
+            (a causal LM's config often has none): the tokenizer's.
+        seed: a score head that the checkpoint lacks is drawn at random: every rank draws the same one.
+    """
     attn = choose_attn_implementation(model_cfg.attn_implementation)
     dtype = choose_dtype(model_cfg.dtype, bf16, deepspeed)
     quantization = quantization_config(model_cfg)
-    model = AutoModelForCausalLM.from_pretrained(
+    if head == SCORE:
+        set_seed(seed)
+    model = auto_model_class(head).from_pretrained(
         model_path,
+        **head_config(head, pad_token_id),
         dtype=dtype,
         attn_implementation=attn,
         trust_remote_code=model_cfg.trust_remote_code,
