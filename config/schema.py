@@ -220,7 +220,11 @@ class DataConfig:
     truncation: str = "keep_start"
     """A sample longer than `max_length`: keep_start keeps its first `max_length` tokens (a long prompt can leave no
     answer); keep_end keeps its last ones, so the last assistant turn survives and the prompt is cut from the left;
-    drop drops it (counted as longer_than_max_length). A sample left with no trainable token is dropped and counted."""
+    drop drops it (counted as longer_than_max_length). A sample left with no trainable token is dropped and counted.
+    Preference pairs keep both sequences comparable: one prompt cut for both (keep_start keeps its start, keep_end
+    cuts it from the left to leave room for the longer reply, keeping at least half of `max_length` of it), then
+    both replies cut at their end to fit; drop drops a pair either of whose sequences is too long, and a pair left
+    with an empty reply on either side is dropped and counted (see data_pipeline/pairs.py)."""
     num_proc: int = 2
     """Worker processes for tokenisation."""
     validation_split_percentage: float = 0.0
@@ -255,7 +259,7 @@ class DataConfig:
     packing: Optional[bool] = None
     """Padding-free packing: each micro-batch becomes one row, position ids restarting per sample and a
     block-diagonal attention mask, so no token is padding (see data_pipeline/packing.py). null: on for raw text with
-    `pretrain_blocks=packed`, off otherwise."""
+    `pretrain_blocks=packed`, off otherwise. Not for preference pairs (refused)."""
     packing_max_tokens: Optional[int] = None
     """With packing: micro-batches of at most this many tokens, filled by best-fit decreasing bin packing (over 98%
     full), instead of `training.per_device_train_batch_size` samples each; at least `data.max_length`. null: off."""
@@ -283,6 +287,11 @@ class DataConfig:
         self.padding_free = (
             self.packing if self.packing is not None else self.raw_text and self.pretrain_blocks == "packed"
         )
+        if self.pairs and self.packing:
+            raise ValueError(
+                "data.packing=true with preference pairs: a pair's chosen and rejected sequences are padded side by "
+                "side (data_pipeline/pairs.py), not packed; set data.packing=false (or null)"
+            )
         if self.packing_max_tokens is not None:
             if not self.padding_free:
                 raise ValueError("data.packing_max_tokens is set but data.packing=false: set data.packing=true")

@@ -36,6 +36,9 @@ CANONICAL_FIELDS = (
     "prompt",
     "completion",
     "text",
+    "question",
+    "chosen",
+    "rejected",
 )
 ON_ERROR_CHOICES = ("raise", "skip")
 SOURCE_KEYS = ("path", "weight", "max_samples", "format", "fields")

@@ -18,3 +18,9 @@ SOURCE_ID_KEY, ORIGIN_KEY = "source_id", "origin"
 # ids shaped like `labels`, and each sample's `file:line` as a list of str.
 SOURCE_IDS_KEY, ORIGINS_KEY = "source_ids", "origins"
 SAMPLE_BATCH_KEYS = (SOURCE_IDS_KEY, ORIGINS_KEY)
+# Preference pairs (`data_pipeline.pairs`): each prepared row holds its chosen and its rejected sequence, and
+# `length`, the longer of the two (the Trainer's `length_column_name` default, for length grouping).
+CHOSEN_INPUT_IDS_KEY, CHOSEN_LABELS_KEY = "chosen_input_ids", "chosen_labels"
+REJECTED_INPUT_IDS_KEY, REJECTED_LABELS_KEY = "rejected_input_ids", "rejected_labels"
+LENGTH_KEY = "length"
+PAIR_SEQUENCE_KEYS = (CHOSEN_INPUT_IDS_KEY, CHOSEN_LABELS_KEY, REJECTED_INPUT_IDS_KEY, REJECTED_LABELS_KEY)

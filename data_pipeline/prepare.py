@@ -17,6 +17,10 @@ each is tokenised and closed with the end-of-text token instead of rendered as a
 repetition each part is cut into samples of at most `data.max_length` tokens (`data_pipeline.text`), every token
 labelled; the same cache, report and `prepare` command serve both.
 
+Preference pairs (`format: pairs` sources, `training.objective=reward|dpo`) take the same steps with pairs for
+records: each is read into a canonical pair and tokenised into its chosen and rejected sequences, which share their
+prompt tokens (`data_pipeline.pairs`); a pair is held out for validation or trained whole.
+
 Only finding the records runs in this process: conversion and tokenisation are Arrow-batch maps across
 `data.num_proc` forked workers (`data_pipeline.parallel`) that hand Arrow tables to each other (the canonical
 dialogue as one JSON string per record), and the accounting, filtering, split and repetition are column operations
@@ -35,7 +39,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -44,12 +48,21 @@ from datasets import Dataset
 from datasets.fingerprint import get_temporary_cache_files_directory
 from transformers import PreTrainedTokenizerBase
 
-from config.schema import SAMPLE_BY_LINE, DataConfig, RunConfig, load_run_config
-from config.sources import ON_ERROR_CHOICES, TEXT_FORMAT, SourceSpec
+from config.schema import SAMPLE_BY_LINE, DataConfig, RunConfig, load_run_config, source_kind
+from config.sources import ON_ERROR_CHOICES, PAIRS_FORMAT, TEXT_FORMAT, SourceSpec
 from core.errors import exit_on_user_error
 from core.files import build_once
-from core.keys import ATTENTION_MASK_KEY, INPUT_IDS_KEY, LABELS_KEY, ORIGIN_KEY, SOURCE_ID_KEY
+from core.keys import (
+    ATTENTION_MASK_KEY,
+    INPUT_IDS_KEY,
+    LABELS_KEY,
+    LENGTH_KEY,
+    ORIGIN_KEY,
+    PAIR_SEQUENCE_KEYS,
+    SOURCE_ID_KEY,
+)
 from data_pipeline.cache import dataset_fingerprint
+from data_pipeline.pairs import to_pair, tokenize_pair_batch
 from data_pipeline.parallel import BATCH_SIZE, map_arrow_batches, release_mapped_pages
 from data_pipeline.schema import MESSAGES_KEY, TEXT_KEY, TOOLS_KEY, to_canonical, to_text
 from data_pipeline.sources import DataFormatError, iter_raw_records, parse_record, resolve_files
@@ -75,6 +88,8 @@ from modeling.loading import resolve_tokenizer_path
 logger = logging.getLogger(__name__)
 
 MODEL_INPUT_KEYS = (INPUT_IDS_KEY, ATTENTION_MASK_KEY, LABELS_KEY)
+# A prepared pair's sequences (`PairCollator` makes the model inputs of them) and its longer length.
+PAIR_KEYS = (*PAIR_SEQUENCE_KEYS, LENGTH_KEY)
 # Carried beside the model inputs, for per-source metrics and for naming a bad batch's samples.
 SAMPLE_KEYS = (SOURCE_ID_KEY, ORIGIN_KEY)
 COPIES_KEY = "copies"
@@ -90,6 +105,7 @@ _SCAN_BATCH_ROWS = 10 * BATCH_SIZE
 # What the validation share is drawn from (`stats.json`'s `validation_split`): chat records, raw-text documents, or
 # the blocks they were cut into when the documents are too few for the share.
 VALIDATION_BY_RECORD, VALIDATION_BY_DOCUMENT, VALIDATION_BY_BLOCK = "records", "documents", "blocks"
+VALIDATION_BY_PAIR = "pairs"
 # Located warnings per source under `skip`; the counts cover the rest.
 _SKIP_WARNINGS_PER_SOURCE = 3
 # Columns of the conversion step: each record's bytes and place, then its canonical JSON or why it is bad.
@@ -159,19 +175,22 @@ def load_canonical(
         sample_by: how a `.txt` file becomes documents (`data.sample_by`).
 
     Returns:
-        The canonical rows in file and line order (`conversation` JSON, or the document's `text` for raw-text
-        sources, `source_id`, `origin`, and the number of `copies` each gets in training) and the accounting.
+        The canonical rows in file and line order (`conversation` JSON, a dialogue or for `pairs` sources a pair,
+        or the document's `text` for raw-text sources), `source_id`, `origin`, and the number of `copies` each gets
+        in training, and the accounting.
 
     Raises:
         DataFormatError: a bad record under `raise`, or a file that cannot be read to its end.
-        ValueError: a bad `on_error`, files that hold no record at all, or raw-text and chat sources together.
+        ValueError: a bad `on_error`, files that hold no record at all, or sources of different kinds (raw text,
+            pairs, chat) together.
     """
     if on_error not in ON_ERROR_CHOICES:
         raise ValueError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR_CHOICES)}")
-    formats = {spec.format == TEXT_FORMAT for spec in specs}
-    if len(formats) > 1:
-        raise ValueError("data.sources: raw text (format text) and chat sources cannot be trained in one run")
-    content_key = TEXT_KEY if formats == {True} else CONVERSATION_KEY
+    kinds = {source_kind(spec) for spec in specs}
+    if len(kinds) > 1:
+        raise ValueError(f"data.sources: sources of kinds {sorted(kinds)} cannot be trained in one run")
+    (kind,) = kinds
+    content_key = TEXT_KEY if kind == TEXT_FORMAT else CONVERSATION_KEY
     files = [
         _SourceFile(path, spec, f"{index}:{path}")
         for index, spec in enumerate(specs)
@@ -189,7 +208,7 @@ def load_canonical(
     if not len(raw):
         raise ValueError(f"data.sources: no record in {', '.join(str(file.path) for file in files)}")
     converted = map_arrow_batches(
-        raw, partial(_convert_batch, files=files, source_ids=source_ids, content_key=content_key), num_proc, "Checking"
+        raw, partial(_convert_batch, files=files, source_ids=source_ids, kind=kind), num_proc, "Checking"
     )
     del raw
     columns = converted.with_format("arrow").select_columns([FILE_ID_KEY, LINE_KEY, REASON_KEY, PROBLEM_KEY])[:]
@@ -263,11 +282,36 @@ def _raw_rows(files: list[_SourceFile], sample_by: str) -> tuple[Dataset, list[i
     return Dataset.from_file(str(path)), blank_rows
 
 
-def _convert_batch(
-    batch: pa.Table, files: list[_SourceFile], source_ids: dict[str, int], content_key: str = CONVERSATION_KEY
-) -> pa.Table:
-    """Parse, check and convert raw records: the canonical JSON (the document's text under `TEXT_KEY`), or the
-    reason and problem of a bad record."""
+def _chat_content(record: Any, file: _SourceFile, line: int) -> tuple[str, list[str]]:
+    canonical, dropped_columns = to_canonical(record, file.path, line, file.spec.format, file.spec.fields)
+    # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps Arrow from
+    # having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
+    return json.dumps(
+        {key: canonical[key] for key in (MESSAGES_KEY, TOOLS_KEY) if key in canonical}, ensure_ascii=False
+    ), dropped_columns
+
+
+def _pair_content(record: Any, file: _SourceFile, line: int) -> tuple[str, list[str]]:
+    pair, dropped_columns = to_pair(record, file.path, line, file.spec.fields)
+    return json.dumps(pair, ensure_ascii=False), dropped_columns
+
+
+def _text_content(record: Any, file: _SourceFile, line: int) -> tuple[str, list[str]]:
+    return to_text(record, file.path, line, file.spec.fields)
+
+
+# Each record kind (`config.schema.source_kind`): the column its content goes to, and the conversion into it.
+_RECORD_CONTENT = {
+    TEXT_FORMAT: (TEXT_KEY, _text_content),
+    PAIRS_FORMAT: (CONVERSATION_KEY, _pair_content),
+    "chat": (CONVERSATION_KEY, _chat_content),
+}
+
+
+def _convert_batch(batch: pa.Table, files: list[_SourceFile], source_ids: dict[str, int], kind: str) -> pa.Table:
+    """Parse, check and convert raw records of one `kind`: the canonical JSON (the document's text under
+    `TEXT_KEY`), or the reason and problem of a bad record."""
+    content_key, convert = _RECORD_CONTENT[kind]
     contents, origins, reasons, problems, dropped, sample_sources, lines = [], [], [], [], [], [], []
     for raw, file_id, line in zip(
         batch.column(RAW_KEY).to_pylist(),
@@ -279,16 +323,7 @@ def _convert_batch(
         sample_sources.append(source_ids[str(file.path)])
         origins.append(f"{file.path}:{line}")
         try:
-            record = parse_record(file.path, line, raw)
-            if content_key == TEXT_KEY:
-                content, dropped_columns = to_text(record, file.path, line, file.spec.fields)
-            else:
-                canonical, dropped_columns = to_canonical(record, file.path, line, file.spec.format, file.spec.fields)
-                # Tool schemas and call arguments differ from record to record: one JSON string per dialogue keeps
-                # Arrow from having to unify their types (the `datasets` schema-mismatch crash on mixed sources).
-                content = json.dumps(
-                    {key: canonical[key] for key in (MESSAGES_KEY, TOOLS_KEY) if key in canonical}, ensure_ascii=False
-                )
+            content, dropped_columns = convert(parse_record(file.path, line, raw), file, line)
         except DataFormatError as e:
             lines.append(e.line)  # where in the record: a bad byte of a .txt document is on a line of its own
             contents.append(None)
@@ -360,7 +395,7 @@ def _sample(records: int, spec: SourceSpec, seed: int, salt: str, stats: SourceS
 
 def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Read, tokenise, account and split, without any cache (see `build_datasets`); raw text is cut into blocks
-    around the split (`_split_text`)."""
+    around the split (`_split_text`), pairs are tokenised into two sequences each (`data_pipeline.pairs`)."""
     num_proc, share = data.num_proc, data.validation_split_percentage / 100.0
     canonical, stats = load_canonical(data.specs, data.on_error, seed, num_proc, data.sample_by)
     if not len(canonical):
@@ -371,17 +406,22 @@ def build_prepared(data: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: i
         train, validation = _split_text(documents, share, seed, data, stats)
     else:
         _probe_template(canonical, tokenizer, data.on_error)
+        tokenize, account, unit, columns = (
+            (tokenize_pair_batch, _account_pairs, VALIDATION_BY_PAIR, PAIR_KEYS)
+            if data.pairs
+            else (tokenize_batch, _account, VALIDATION_BY_RECORD, MODEL_INPUT_KEYS)
+        )
         tokenized = map_arrow_batches(
             canonical,
-            partial(tokenize_batch, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
+            partial(tokenize, tokenizer=tokenizer, options=TokenizeOptions.from_data(data)),
             num_proc,
             "Tokenising",
         )
-        _account(tokenized, stats, data.truncation, data.on_error)
+        account(tokenized, stats, data.truncation, data.on_error)
         kept = np.flatnonzero(_column(tokenized, NUM_TRAINABLE_KEY) > 0)
-        train_rows, validation_rows = _split(kept, share, seed, stats, VALIDATION_BY_RECORD)
-        train = _Rows(tokenized, _repeat(tokenized, train_rows))
-        validation = _Rows(tokenized, validation_rows) if validation_rows is not None else None
+        train_rows, validation_rows = _split(kept, share, seed, stats, unit)
+        train = _Rows(tokenized, _repeat(tokenized, train_rows), columns)
+        validation = _Rows(tokenized, validation_rows, columns) if validation_rows is not None else None
     for part in (train, validation) if validation is not None else (train,):
         samples = np.bincount(_column(part.dataset, SOURCE_ID_KEY)[part.rows], minlength=len(stats.sources))
         for source, count in zip(stats.sources.values(), samples.tolist(), strict=True):
@@ -397,9 +437,11 @@ class _Rows(NamedTuple):
 
     dataset: Dataset
     rows: np.ndarray
+    columns: tuple[str, ...] = MODEL_INPUT_KEYS
+    """The columns a prepared row keeps besides `SAMPLE_KEYS`: the model inputs, or a pair's sequences."""
 
     def select(self) -> Dataset:
-        return self.dataset.select_columns([*MODEL_INPUT_KEYS, *SAMPLE_KEYS]).select(self.rows)
+        return self.dataset.select_columns([*self.columns, *SAMPLE_KEYS]).select(self.rows)
 
 
 def _split(
@@ -640,6 +682,44 @@ def _account(tokenized: Dataset, stats: DatasetStats, truncation: str, on_error:
         ):
             if count:
                 source.drop(reason, count)
+
+
+def _account_pairs(tokenized: Dataset, stats: DatasetStats, truncation: str, on_error: str = "raise") -> None:
+    """Per source: the pairs kept and truncated, the tokens of both sequences and their labelled tokens, the
+    assistant turns left untrained, and the pairs dropped: refused (by the chat template, or rendered with two
+    different prompts; stops the run under `data.on_error=raise`), with an empty reply on either side, or too long."""
+    read = [*PAIR_SEQUENCE_KEYS[::2], SOURCE_ID_KEY, ORIGIN_KEY, NUM_TRAINABLE_KEY, TRUNCATED_KEY, UNTRAINED_TURNS_KEY]
+    columns = tokenized.select_columns([*read, REFUSAL_REASON_KEY, REFUSAL_KEY]).with_format("arrow")[:]
+    refused = pc.is_valid(columns[REFUSAL_REASON_KEY]).to_numpy(zero_copy_only=False)
+    _account_refusals(columns, np.flatnonzero(refused), stats, on_error)
+    source_ids = columns[SOURCE_ID_KEY].to_numpy()
+    trainable = columns[NUM_TRAINABLE_KEY].to_numpy()
+    truncated = columns[TRUNCATED_KEY].to_numpy(zero_copy_only=False)
+    tokens = sum(pc.list_value_length(columns[key]).to_numpy() for key in PAIR_SEQUENCE_KEYS[::2])
+    kept = trainable > 0
+    per_source = partial(_per_source, source_ids, len(stats.sources))
+    too_long = "longer_than_max_length" if truncation == "drop" else "no_trainable_tokens_after_truncation"
+    sums = zip(
+        stats.sources.values(),
+        per_source(kept),
+        per_source(kept & truncated),
+        per_source(np.where(kept, tokens, 0)),
+        per_source(trainable),
+        per_source(columns[UNTRAINED_TURNS_KEY].to_numpy()),
+        per_source(~kept & truncated & ~refused),
+        per_source(~kept & ~truncated & ~refused),
+        strict=True,
+    )
+    for source, n_kept, n_truncated, n_tokens, n_trainable, untrained, cut_empty, empty in sums:
+        source.kept += n_kept
+        source.truncated += n_truncated
+        source.tokens += n_tokens
+        source.trainable_tokens += n_trainable
+        source.untrained_turns += untrained
+        for reason, count in ((too_long, cut_empty), ("no_trainable_tokens", empty)):
+            if count:
+                source.drop(reason, count)
+    stats.pairs = True
 
 
 def prepare_run(run: RunConfig) -> tuple[Path, bool, PreTrainedTokenizerBase]:

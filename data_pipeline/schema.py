@@ -124,10 +124,7 @@ def to_canonical(
     where = _Where(path, line)
     if not isinstance(record, dict):
         raise where.error("not_an_object", f"a record must be a JSON object, got {type(record).__name__}")
-    if fields:
-        record = {canonical: record[column] for canonical, column in fields.items() if column in record} | {
-            key: value for key, value in record.items() if key not in fields.values()
-        }
+    record = rename_fields(record, fields)
     detected = detect_format(record) if record_format == "auto" else record_format
     if detected is None:
         raise where.error(
@@ -141,6 +138,15 @@ def to_canonical(
     if tools:
         canonical[TOOLS_KEY] = tools
     return canonical, sorted(set(record) - set(FORMAT_KEYS[detected]))
+
+
+def rename_fields(record: dict[str, Any], fields: dict[str, str] | None) -> dict[str, Any]:
+    """The record with its columns renamed to their canonical names (a source's `fields`: canonical -> column)."""
+    if not fields:
+        return record
+    return {canonical: record[column] for canonical, column in fields.items() if column in record} | {
+        key: value for key, value in record.items() if key not in fields.values()
+    }
 
 
 def to_text(record: Any, path: Path, line: int, fields: dict[str, str] | None = None) -> tuple[str, list[str]]:

@@ -63,6 +63,8 @@ class DatasetStats:
     """Raw text: how documents became samples (`data.pretrain_blocks`); None for chat data."""
     short_blocks: int = 0
     """Raw text, `concat`: blocks shorter than `data.max_length`, one at the end of each part's stream at most."""
+    pairs: bool = False
+    """Preference pairs: records are pairs, `kept` counts pairs, `tokens`/`trainable_tokens` both sequences'."""
     validation_split: str | None = None
     """What the validation share was drawn from: `records` (chat), `documents` or `blocks` (raw text whose documents
     are too few for the share); None without a validation set."""
@@ -110,6 +112,10 @@ class DatasetStats:
             lines.append(
                 f"raw text: records are documents, every token trained, pretrain_blocks={self.pretrain_blocks}"
                 + (f"; {self.short_blocks} block(s) shorter than max_length kept" if self.short_blocks else "")
+            )
+        if self.pairs:
+            lines.append(
+                "preference pairs: a record is a prompt with a chosen and a rejected reply; tokens count both sequences"
             )
         validation = f" (drawn from {self.validation_split})" if self.validation_split else ""
         lines.append(f"train samples: {self.train_samples}  validation samples: {self.validation_samples}{validation}")
