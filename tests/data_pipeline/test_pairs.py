@@ -31,6 +31,7 @@ from data_pipeline.collate import PairCollator, SampleIdCollator
 from data_pipeline.pairs import to_pair, tokenize_pairs, truncate_pair
 from data_pipeline.sources import DataFormatError
 from data_pipeline.tokenize import TokenizeOptions
+from embedded.preference import PREFERENCE_DIR
 from tests.helpers import data_config
 
 LLAMAFACTORY_DIR = Path(__file__).parent / "llamafactory"
@@ -322,3 +323,9 @@ def test_pair_collator_lays_out_chosen_then_rejected(chatml_tokenizer: PreTraine
         [ignore, 7, 8, 9],
     ]
     assert torch.equal(batch[SOURCE_IDS_KEY], torch.tensor([1, 0])) and batch["origins"] == ["a.jsonl:1", "b.jsonl:2"]
+
+
+def test_the_bundled_preference_demo_prepares_whole(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
+    sources = [PREFERENCE_DIR / "train.jsonl", PREFERENCE_DIR / "heldout.jsonl"]
+    _, _, stats = prepare.build_datasets(pairs_config(sources), chatml_tokenizer, 0)
+    assert [(s.records, s.kept, s.dropped) for s in stats.sources.values()] == [(1200, 1200, {}), (60, 60, {})]

@@ -14,6 +14,7 @@ import pytest
 
 from embedded.addition import ADDITION_DIR
 from embedded.paths import SAMPLE_DIR
+from embedded.preference import PREFERENCE_DIR, generate_pairs
 
 TASKS = {
     "letters": (SAMPLE_DIR / "heldout.jsonl", [SAMPLE_DIR / "chat_letters.jsonl", SAMPLE_DIR / "reverse_alpaca.json"]),
@@ -76,3 +77,15 @@ def test_the_check_finds_a_heldout_reply_copied_into_training(tmp_path: Path) ->
     leaked.write_text(chat_path.read_text() + json.dumps({"messages": first}) + "\n")
     text = training_text([leaked, alpaca_path])
     assert any(re.search(rf"(?<![\w]){re.escape(item)}(?![\w])", text) for item in heldout_items(first))
+
+
+def test_no_heldout_preference_prompt_word_or_reply_appears_in_the_training_pairs() -> None:
+    """The preference demo (`embedded.preference`): no held-out prompt word, chosen or rejected reply in training."""
+    read = {name: PREFERENCE_DIR / f"{name}.jsonl" for name in ("train", "heldout")}
+    pairs = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in read.items()}
+    assert pairs == generate_pairs()  # the files are what the module generates
+    text = training_text([read["train"]])
+    heldout = [(p["question"].splitlines()[-1], p["chosen"], p["rejected"]) for p in pairs["heldout"]]
+    assert len(heldout) == 60 and all(chosen != rejected for _, chosen, rejected in heldout)
+    seen = [item for items in heldout for item in items if re.search(rf"(?<![\w]){re.escape(item)}(?![\w])", text)]
+    assert not seen, f"preference: held-out prompts or replies found in the training pairs: {seen[:10]}"
