@@ -31,6 +31,8 @@ from config.schema import LossConfig
 from core.keys import IGNORE_INDEX
 from core.metric_sums import GROUP_SUM_COLUMNS
 from dft.objectives import Objective, dft_objective
+from modeling.lm_head import auto_chunk_size as auto_chunk_size  # re-exported: the `loss.chunk_size=auto` rule
+from modeling.lm_head import chunk_logits, resolve_chunk_size, shift_labels
 
 
 class LossStats(NamedTuple):
@@ -46,11 +48,6 @@ class LossStats(NamedTuple):
     num_tokens: torch.Tensor
     group_sums: torch.Tensor | None = None
     sum_kl: torch.Tensor | None = None
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Labels aligned with input ids (HF convention) -> the target of each position's logits."""
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def _check_groups(token_groups: torch.Tensor | None, num_groups: int | None, labels: torch.Tensor) -> None:
@@ -150,66 +147,6 @@ def _loss_denominator(num_valid: torch.Tensor, num_items_in_batch: torch.Tensor 
     return denominator.to(num_valid.device) if torch.is_tensor(denominator) else denominator
 
 
-AUTO_CHUNK_SIZE = "auto"
-AUTO_CHUNK_MIN_TOKENS = 256
-_LOGITS_BYTES = 4  # the chunk's logits are float32, whatever the model's dtype
-
-
-def auto_chunk_size(
-    num_tokens: int, hidden_size: int, vocab_size: int, hidden_dtype: torch.dtype, blocks: int = 1
-) -> int:
-    """Tokens per chunk of `fused_dft_loss` with `chunk_size="auto"`: `max(256, tokens * hidden * itemsize // (vocab
-    * 4))`, from the shapes alone, so the same batch shape always gets the same chunk (and the same float32 sums).
-
-    Memory budget: one chunk holds one float32 `[chunk, vocab]` block of logits (turned into the softmax and then the
-    logits' gradient in place), so the block is kept no larger than the batch's hidden states, `[tokens, hidden]` in
-    their own dtype, a tensor the step holds anyway. The naive head holds at least three float32 `[tokens, vocab]`
-    blocks at once (logits, softmax, their gradient), `3 * 4 * vocab / (hidden * itemsize)` times that budget: over
-    1,000 times at Qwen2.5-0.5B's float32 head (vocab 151,936, hidden 896), so the budget alone would allow a few
-    tokens per chunk at the sizes of `bench/loss_head.py`; it only exceeds the floor for long batches with a wide
-    hidden size (32,768 tokens x 4096 bf16 over 151,936 entries: 441 tokens).
-
-    Floor, 256 tokens: whatever its size, each chunk streams the `[vocab, hidden]` weight twice (logits, hidden
-    gradient) and the float32 weight gradient once in and out (`addmm_`), while its three matmuls do `6 * chunk *
-    hidden * vocab` flops: a chunk of c rows does about c / 3 flops per byte of those passes in float32, so small
-    chunks become bound by memory traffic and per-chunk overhead. At 256 rows the fused head's forward+backward took
-    1.07-1.15x the time at 1024 at the sizes of `bench/loss_head.py`, and its extra peak over the gradient buffers
-    was 0.014-0.064x the naive head's from 2048 tokens up (docs/benchmarks.md, 2026-12-03). At 512 x 256 x 16,384 it
-    is 0.43x, and no chunk size reaches 1/8 there (measured: 0.18x at 64 tokens, 0.16x at 16, 0.10x at 1 token but
-    ten times slower): the chunk's fixed temporaries and allocator slack alone are about the 13 MiB allowed.
-
-    Args:
-        num_tokens: positions in the batch (all of them: the hidden states exist for each).
-        hidden_size: width of the hidden states.
-        vocab_size: rows of the LM-head weight.
-        hidden_dtype: dtype of the hidden states, for their bytes per element.
-        blocks: `[chunk, vocab]` float32 blocks the objective holds at once (`KL_BLOCKS` with a KL term): the
-            budget is shared among them.
-
-    Returns:
-        The chunk size, in trainable tokens; at least `AUTO_CHUNK_MIN_TOKENS`.
-    """
-    budget_tokens = num_tokens * hidden_size * hidden_dtype.itemsize // (vocab_size * _LOGITS_BYTES * blocks)
-    return max(AUTO_CHUNK_MIN_TOKENS, budget_tokens)
-
-
-def _chunk_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """float32 logits of one chunk of rows, soft-capped when asked, and `tanh(logits / cap)` for the chain rule.
-
-    The matmul runs in the weight's dtype (the hidden rows are cast, not the `[vocab, hidden]` weight) with autocast
-    off, so the logits, and the gradients computed from them, do not depend on the caller's autocast state.
-    """
-    with torch.autocast(hidden.device.type, enabled=False):
-        logits = F.linear(hidden.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).float()
-    if softcap is None:
-        return logits, None
-    # Gemma-2 style: cap * tanh(z / cap); d/dz = 1 - tanh^2, so tanh is kept for the backward.
-    tanh = logits.div_(softcap).tanh_()
-    return tanh * softcap, tanh
-
-
 class _ChunkReference(NamedTuple):
     """The frozen starting model's side of a KL term: its hidden states (flattened) and LM head."""
 
@@ -263,7 +200,7 @@ class _FusedLinearObjective(torch.autograd.Function):
             end = start + chunk_size
             chunk_rows = rows[start:end]
             chunk_hidden = hidden.index_select(0, chunk_rows)
-            logits, tanh = _chunk_logits(chunk_hidden, weight, bias, softcap)
+            logits, tanh = chunk_logits(chunk_hidden, weight, bias, softcap)
             feature = objective.logit_feature(logits) if objective.logit_feature is not None else None
             target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
             # logsumexp by hand, in place: torch.logsumexp would allocate a second [chunk, vocab] block, and the
@@ -275,7 +212,7 @@ class _FusedLinearObjective(torch.autograd.Function):
             if reference is not None:
                 # KL(q || p) = sum_v q log q - sum_v q z' + log sum_v exp(z'), z' = z - max z: every term a few
                 # nats at most, so float32 keeps the small KL of a policy near its start (no cancellation of lse).
-                log_q, _ = _chunk_logits(reference.hidden.index_select(0, chunk_rows), *reference[1:], softcap)
+                log_q, _ = chunk_logits(reference.hidden.index_select(0, chunk_rows), *reference[1:], softcap)
                 log_q = log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))
                 q = log_q.exp()
                 kl[start:end] = _row_dot(q, log_q) - _row_dot(q, shifted)
@@ -416,16 +353,9 @@ def fused_objective_loss(
             reference_lm_head_weight.detach(),
             None if reference_lm_head_bias is None else reference_lm_head_bias.detach(),
         )
-    if chunk_size == AUTO_CHUNK_SIZE:
-        chunk_size = auto_chunk_size(
-            labels.numel(),
-            hidden_states.size(-1),
-            lm_head_weight.size(0),
-            hidden_states.dtype,
-            blocks=KL_BLOCKS if reference is not None else 1,
-        )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r}: must be a positive number of tokens or {AUTO_CHUNK_SIZE!r}")
+    chunk_size = resolve_chunk_size(
+        chunk_size, hidden_states, lm_head_weight, blocks=KL_BLOCKS if reference is not None else 1
+    )
     _check_groups(token_groups, num_groups, labels)
     targets = shift_labels(labels, ignore_index).reshape(-1).to(hidden_states.device)
     valid = targets != ignore_index

@@ -22,19 +22,14 @@ from typing import Any, Protocol
 
 import torch
 
-from dft.fused_head import head_module, lm_head_input
+from modeling.lm_head import ReferenceHead, final_logit_softcap, head_module, lm_head_input
 
 
-class ReferenceModel(Protocol):
-    def head_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """`[batch, seq, hidden]`: what the reference's LM head gets for these model inputs; no gradient."""
+class ReferenceModel(ReferenceHead, Protocol):
+    """A `ReferenceHead` (what the fused heads need) that also gives full logits (the reference head's need)."""
 
     def logits(self, inputs: dict[str, Any]) -> torch.Tensor:
         """`[batch, seq, vocab]`: the reference's logits for these model inputs; no gradient."""
-
-    @contextlib.contextmanager
-    def head_parameters(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The reference head's full weight and bias, for the duration of the context."""
 
 
 @contextlib.contextmanager
@@ -74,6 +69,7 @@ class FrozenCopy:
         self.engine = engine if engine is not None else model
         self.model.requires_grad_(False)
         self.engine.eval()
+        self.logit_softcap = final_logit_softcap(model)
 
     @torch.no_grad()
     def head_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -102,6 +98,7 @@ class DisabledAdapter:
         """
         self.wrapped = wrapped
         self.peft_model = peft_model
+        self.logit_softcap = final_logit_softcap(peft_model)
 
     @torch.no_grad()
     def head_inputs(self, inputs: dict[str, Any]) -> torch.Tensor:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from core.keys import IGNORE_INDEX
-from dft.loss import AUTO_CHUNK_MIN_TOKENS, auto_chunk_size, dft_loss, fused_dft_loss
+from dft.loss import auto_chunk_size, dft_loss, fused_dft_loss
+from modeling.lm_head import AUTO_CHUNK_MIN_TOKENS
 from tests.helpers import (
     LOSS_VOCAB,
     LargestAllocation,
