@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 import bench.docs
-from bench import data_prepare_throughput, heldout_generation, loss_head, train_throughput
+from bench import (
+    data_prepare_throughput,
+    heldout_generation,
+    loss_head,
+    packing_throughput,
+    prepare_memory,
+    train_throughput,
+)
 
 WRITERS: dict[str, tuple[Path, Callable[[dict], None]]] = {
     "loss_head": (loss_head.RESULTS_PATH, loss_head.write_docs_section),
@@ -22,6 +29,11 @@ WRITERS: dict[str, tuple[Path, Callable[[dict], None]]] = {
         lambda r: data_prepare_throughput.write_docs_section(data_prepare_throughput.format_table(r["rows"]), r),
     ),
     "train_throughput": (train_throughput.RESULTS_PATH, train_throughput.write_docs_section),
+    "packing_throughput": (packing_throughput.RESULTS_PATH, packing_throughput.write_docs_section),
+    "prepare_memory": (
+        prepare_memory.RESULTS_PATH,
+        lambda r: prepare_memory.write_docs_section(prepare_memory.format_table(r["rows"]), r),
+    ),
     "heldout_generation": (
         heldout_generation.RESULTS_PATH,
         lambda r: bench.docs.replace_docs_section(heldout_generation.docs_section(r)),
