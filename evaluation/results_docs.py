@@ -14,6 +14,7 @@ or drift from the run that measured it. Renderers:
 - `verdict`: an `evaluation.compare --results` verdict: a row per arm and seed, then each arm's difference to the
   baseline (mean, min..max over seeds).
 - `run:<arm>:<seed>`: one run of such a verdict, as `heldout` shows a run (a demo that is one arm of a comparison).
+- `eval`: a run's validation NLL, first and last evaluation (`evaluation.run_record`: continued pre-training).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ DOCUMENTS = ("README.md",)
 
 def _measured(record: dict[str, Any]) -> str:
     wall = f", {record['wall_seconds']:.0f} s wall" if "wall_seconds" in record else ""
+    load = record["load_average_1min"]
+    if isinstance(load, list):  # before and after the run
+        load = f"{load[0]} before, {load[1]} after"
     return (
-        f"Measured {record['date']} at commit {record['commit']}{wall}, 1-minute load {record['load_average_1min']} "
+        f"Measured {record['date']} at commit {record['commit']}{wall}, 1-minute load {load} "
         f"on {record['cpus']} cores: `{record['command']}`"
     )
 
@@ -100,7 +104,23 @@ def render_verdict(record: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n\nData order: {order}. {_measured(record)}.\n"
 
 
-RENDERERS: dict[str, Callable[..., str]] = {"heldout": render_heldout, "verdict": render_verdict, "run": render_run}
+def render_eval(record: dict[str, Any]) -> str:
+    first, last = record["eval_first"], record["eval_last"]
+    return (
+        "```\n"
+        f"validation NLL (nats per token): step {first['step']} {first['nll']:.2f} -> step {last['step']} "
+        f"{last['nll']:.2f}  ({record['steps']} steps, final training loss {record['train_loss']:.2f})\n"
+        "```\n"
+        f"\n{_measured(record)}.\n"
+    )
+
+
+RENDERERS: dict[str, Callable[..., str]] = {
+    "heldout": render_heldout,
+    "verdict": render_verdict,
+    "run": render_run,
+    "eval": render_eval,
+}
 
 
 def regenerate(text: str, root: Path = REPO_ROOT) -> str:
