@@ -25,7 +25,7 @@ from datasets import Dataset
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 from transformers.trainer_utils import IntervalStrategy, TrainOutput
 
@@ -39,18 +39,15 @@ from config.schema import RunConfig, register_configs, start_up_warnings, to_run
 from config.sources import SourceSpec
 from core.errors import exit_on_user_error
 from core.files import write_atomic
-from core.keys import IGNORE_INDEX
 from core.provenance import provenance
 from core.ranks import is_rank_zero, launch_world_size
-from data_pipeline.collate import SampleIdCollator
 from data_pipeline.loader import token_budget_sampler
-from data_pipeline.packing import PaddingFreeCollator
 from data_pipeline.prepare import build_datasets
 from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
-from dft.objectives import build_objective, describe_objective
 from evaluation.heldout import HELDOUT_JSON, HELDOUT_TEXT, HeldoutResult, comparison_record, format_comparison
+from evaluation.pairs import format_pair_comparison, heldout_pairs_config, pair_comparison
 from evaluation.run_heldout import heldout_baseline, heldout_eval
 from evaluation.samples import samples_markdown
 from modeling.adapter import add_adapter, check_adapter_supported, load_adapter_model, merge_adapter
@@ -60,7 +57,7 @@ from observability.banner import end_summary, startup_banner
 from observability.drift_guard import DriftGuardCallback
 from observability.rank_logging import library_prints_to_log, setup_logging
 from observability.trackers import tracker_callbacks
-from trainer.sft_trainer import SFTTrainer
+from trainer.modes import training_mode
 
 STARTED = time.monotonic()  # the run's wall time (from here: imports take seconds more), for the results it records
 logger = logging.getLogger("train")
@@ -85,6 +82,10 @@ def final_reports(
 ) -> None:
     """Rank 0: the held-out before/after table and samples.md, from the saved model."""
     output_dir = Path(run.output_dir)
+    # Raw text has no prompt to reply to, and a reward model no reply to write.
+    samples = validation_set is not None and len(validation_set) > 0 and training_mode(run).writes_replies
+    if before is None and not samples:
+        return
     model, tokenizer = trained_copy(run, model_path)
     if before is not None:
         after = heldout_eval(run, model, tokenizer)
@@ -96,13 +97,32 @@ def final_reports(
             measured = {**provenance(), "wall_seconds": round(time.monotonic() - STARTED, 1), **record}
             write_atomic(run.heldout.results_file, json.dumps(measured, indent=2) + "\n")
         logger.info("Held-out prompts, before and after training:\n%s", comparison)
-    # Raw text (training.objective=pretrain) has no prompt to reply to.
-    if validation_set is not None and len(validation_set) > 0 and run.training.objective == "sft":
+    if samples:
         rows = validation_set.select(range(min(run.heldout.show, len(validation_set))))
         write_atomic(
             output_dir / "samples.md",
             samples_markdown(model, tokenizer, rows, run.heldout.max_new_tokens, run.heldout.batch_size),
         )
+
+
+def pair_reports(run: RunConfig, log_history: list[dict], pairs: int) -> None:
+    """Rank 0: the held-out pairs' before/after table (evaluation at step 0 and at the end), as for chat prompts."""
+    comparison = pair_comparison(log_history)
+    if comparison is None:
+        logger.warning(
+            "No before/after table for the held-out pairs: it takes an evaluation at step 0 and one after training "
+            "(training.eval_on_start=true, training.eval_strategy=steps or epoch)"
+        )
+        return
+    output_dir = Path(run.output_dir)
+    table = format_pair_comparison(comparison, pairs)
+    record = {"pairs": pairs, **comparison}
+    write_atomic(output_dir / HELDOUT_TEXT, table + "\n")
+    write_atomic(output_dir / HELDOUT_JSON, json.dumps(record, indent=2) + "\n")
+    if run.heldout.results_file:
+        measured = {**provenance(), "wall_seconds": round(time.monotonic() - STARTED, 1), **record}
+        write_atomic(run.heldout.results_file, json.dumps(measured, indent=2) + "\n")
+    logger.info("Held-out pairs, before and after training:\n%s", table)
 
 
 class FineTuned(NamedTuple):
@@ -125,8 +145,14 @@ def fine_tune(
     """Every rank, inside the process group: data -> model -> train -> save -> verified export (and, for an
     adapter run with `model.merge_adapter`, the merged model on rank 0)."""
     output_dir = Path(run.output_dir)
+    mode = training_mode(run)
     with exit_on_user_error():
         train_set, validation_set, data_stats = build_datasets(run.data, tokenizer, training_args.seed)
+        if mode.heldout_pairs and run.heldout.file:
+            # A preference run evaluates on its held-out pairs, prepared as its training pairs are.
+            heldout = heldout_pairs_config(run.data, run.heldout.file, run.heldout.max_samples)
+            validation_set, _, heldout_stats = build_datasets(heldout, tokenizer, training_args.seed)
+            logger.info("Held-out pairs (the evaluation set):\n%s", heldout_stats.summary())
     logger.info("Data:\n%s", data_stats.summary())
     if validation_set is None and training_args.eval_strategy != IntervalStrategy.NO:
         # The Trainer refuses an eval strategy without an eval dataset; with nothing held out there is nothing to do.
@@ -134,39 +160,38 @@ def fine_tune(
         training_args.eval_strategy, training_args.eval_on_start = IntervalStrategy.NO, False
         training_args.do_eval = False
 
-    model = load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
-    # A KL term compares the policy with the frozen starting model: a second copy for a full fine-tune (sharded
-    # like the policy under ZeRO-3); an adapter run uses its base with the adapter off instead, so none is loaded.
+    deepspeed = training_args.deepspeed is not None
+    model = load_model(
+        run.model, model_path, training_args.bf16, deepspeed, mode.head, tokenizer.pad_token_id, training_args.seed
+    )
+    # A KL term or DPO compares the policy with the frozen starting model: a second copy for a full fine-tune
+    # (sharded like the policy under ZeRO-3); an adapter run uses its base with the adapter off, so none is loaded.
     reference_model = (
-        load_model(run.model, model_path, training_args.bf16, training_args.deepspeed is not None)
-        if build_objective(run.loss).needs_reference and run.model.adapter == "none"
+        load_model(run.model, model_path, training_args.bf16, deepspeed)
+        if mode.needs_reference(run) and run.model.adapter == "none"
         else None
     )
     with exit_on_user_error():
         model = add_adapter(model, run.model, training_args.seed)
     data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
     train_batch_sampler = token_budget_sampler(train_set, run.data.packing_max_tokens, data_seed)
-    trainer = SFTTrainer(
+    trainer = mode.trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=validation_set,
         processing_class=tokenizer,
-        data_collator=SampleIdCollator(
-            PaddingFreeCollator()
-            if run.data.padding_free
-            else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        ),
+        data_collator=mode.collator(run, tokenizer),
         callbacks=[
             RunArtifactsCallback(output_dir, run.logger.console),
             *tracker_callbacks(run, run_config),
             resilience,
             DriftGuardCallback(run.drift_guard),
         ],
-        loss=run.loss,
         reference_model=reference_model,
         source_keys=source_metric_names(list(data_stats.sources)),
         train_batch_sampler=train_batch_sampler,
+        **mode.trainer_kwargs(run),
     )
     resilience.step_origins = lambda: trainer.step_origins
     use_readable_progress(trainer)
@@ -178,7 +203,7 @@ def fine_tune(
         validation_set,
         resume_from,
         train_batch_sampler,
-        loss_line=describe_objective(run.loss, run.model.adapter),
+        loss_line=mode.describe_loss(run),
     )
     logger.info("Run:\n%s", banner)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -186,10 +211,12 @@ def fine_tune(
     trainer.save_model(str(output_dir))
     logger.info("Saved the final model and tokenizer to %s", output_dir.resolve())
     verify_export(model, output_dir, is_rank_zero(), zero3=is_deepspeed_zero3_enabled())
+    if mode.heldout_pairs and run.heldout.file and is_rank_zero():
+        pair_reports(run, trainer.state.log_history, len(validation_set))
     if run.model.merge_adapter:
         unset_hf_deepspeed_config()  # the merge loads a plain copy of the base on rank 0, outside ZeRO-3
         if is_rank_zero():
-            merge_adapter(model_path, output_dir, run.model.trust_remote_code)
+            merge_adapter(model_path, output_dir, run.model.trust_remote_code, mode.head, tokenizer.pad_token_id)
     return FineTuned(result, validation_set, model)
 
 
@@ -226,7 +253,8 @@ def main(cfg: DictConfig) -> None:
     with exit_on_user_error():  # a released model that is not cached and cannot be fetched: one line
         model_path = resolve_model_path(run.model)
     tokenizer = load_chat_tokenizer(run, model_path)
-    before = heldout_baseline(run, model_path, tokenizer) if run.heldout.file and is_rank_zero() else None
+    generates_heldout = run.heldout.file and not training_mode(run).heldout_pairs
+    before = heldout_baseline(run, model_path, tokenizer) if generates_heldout and is_rank_zero() else None
 
     training_args = to_training_arguments(run.training)
     # Catches preemption signals from here on; fine_tune lets it name a skipped step's samples.

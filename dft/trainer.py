@@ -210,8 +210,13 @@ class DFTTrainer(Trainer):
             )
         return source_ids
 
-    def _record(self, stats: LossStats, input_tokens: int, mode: str) -> None:
+    def _record(self, stats: LossStats | None, input_tokens: int, mode: str) -> None:
+        """Adds a micro-batch's loss sums to the interval's; None (a loss with no per-token sums) adds only its
+        input tokens and rows."""
         sums = self._interval_sums[mode]
+        if stats is None:
+            zero = torch.zeros(())
+            stats = LossStats(zero, zero, zero)
         sums.totals.add_(
             torch.tensor(
                 [

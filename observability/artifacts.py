@@ -95,12 +95,16 @@ SHORT_LINE = {
     "loss": "loss",
     "nll": "nll",
     "avg_p_correct": "avg_p_correct",
+    "accuracy": "acc",  # preference runs: pairwise accuracy and mean margin (preference/trainer.py)
+    "margin": "margin",
     "learning_rate": "lr",
     "grad_norm": "grad_norm",
     "tokens_per_second": "tok/s",
     "eval_loss": "eval_loss",
     "eval_nll": "eval_nll",
     "eval_avg_p_correct": "eval_avg_p_correct",
+    "eval_accuracy": "eval_acc",
+    "eval_margin": "eval_margin",
     "train_loss": "train_loss",
     "train_runtime": "train_runtime",
 }

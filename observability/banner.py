@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from config.deepspeed import zero_stage
 from config.schema import RunConfig
+from core.keys import CHOSEN_INPUT_IDS_KEY, INPUT_IDS_KEY, REJECTED_INPUT_IDS_KEY
 from modeling.adapter import count_parameters
 from observability.artifacts import read_metrics
 from observability.drift_guard import drift_summary
@@ -29,7 +30,10 @@ def startup_banner(
     """The run's settings, one per line; `loss_line` describes the objective (`dft.objectives.describe_objective`:
     this package does not import the loss), `loss.type` alone when None."""
     micro_batches_per_step = args.gradient_accumulation_steps * args.world_size
-    total_tokens = sum(len(ids) for ids in train_set["input_ids"])
+    # A pair row is two sequences, both run through the model.
+    sequences = (INPUT_IDS_KEY, CHOSEN_INPUT_IDS_KEY, REJECTED_INPUT_IDS_KEY)
+    token_columns = [column for column in sequences if column in train_set.column_names]
+    total_tokens = sum(len(ids) for column in token_columns for ids in train_set[column])
     if train_batch_sampler is None:
         effective_batch = f"{args.per_device_train_batch_size * micro_batches_per_step} samples"
         micro_batches = len(train_set) / args.per_device_train_batch_size
