@@ -33,7 +33,8 @@ from cluster.check import refuse_bad_overrides
 from cluster.distributed import accept_launcher_local_rank, init_deepspeed_distributed, teardown
 from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
-from cluster.resume import check_resume_compatible, resolve_resume_checkpoint, saved_model
+from cluster.resume import resolve_resume_checkpoint, resume_training_config, saved_model
+from cluster.universal import UntieUniversalOptimizerSteps
 from config.deepspeed import check_deepspeed_config
 from config.schema import RunConfig, register_configs, start_up_warnings, to_run_config, to_training_arguments
 from config.sources import SourceSpec
@@ -187,6 +188,7 @@ def fine_tune(
             *tracker_callbacks(run, run_config),
             resilience,
             DriftGuardCallback(run.drift_guard),
+            UntieUniversalOptimizerSteps(),
         ],
         reference_model=reference_model,
         source_keys=source_metric_names(list(data_stats.sources)),
@@ -243,7 +245,8 @@ def main(cfg: DictConfig) -> None:
             write_atomic(output_dir / CONFIG_FILE, OmegaConf.to_yaml(run_config))
         logger.info("Output directory %s (log %s)", output_dir.resolve(), log_path)
         resume_from = resolve_resume_checkpoint(run.training.resume_from_checkpoint, output_dir)
-        check_resume_compatible(resume_from, launch_world_size(), run.deepspeed.config)
+        # A ZeRO-3 checkpoint of another world size: converted, and training.deepspeed set to load it re-sharded.
+        run.training = resume_training_config(run.training, resume_from, launch_world_size(), run.deepspeed.config)
         if is_rank_zero():
             for setting in start_up_warnings(run):
                 logger.warning("%s", setting)

@@ -71,21 +71,21 @@ def build_manifest(checkpoint: Path, step: int, world_size: int, zero_stage: int
     }
 
 
-def read_manifest(checkpoint: Path) -> dict[str, Any] | None:
-    """The checkpoint's manifest, or None when it has none.
+def read_manifest(checkpoint: Path, name: str = MANIFEST_FILE) -> dict[str, Any] | None:
+    """The checkpoint's manifest (`name` in it), or None when it has none.
 
     Raises:
         ValueError: a manifest that is not valid JSON or lacks its file list.
     """
-    path = checkpoint / MANIFEST_FILE
+    path = checkpoint / name
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable {MANIFEST_FILE} ({e})") from e
+        raise ValueError(f"unreadable {name} ({e})") from e
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise ValueError(f"{MANIFEST_FILE} has no file list")
+        raise ValueError(f"{name} has no file list")
     return manifest
 
 

@@ -6,17 +6,22 @@ and resumes it after a requeue or a crash; it skips an invalid checkpoint with a
 other value is a checkpoint path, which must exist.
 
 World size (`check_resume_compatible`, before any rank builds the model). DeepSpeed ZeRO (stages 1-3)
-shards the optimizer state over the data-parallel ranks and cannot re-shard it when loading; resuming such
-a checkpoint with another number of ranks fails at start-up with the ways out. A plain (DDP or
-single-process) checkpoint holds the whole optimizer state, so it resumes on any number of ranks, with a
-warning that the global batch and data order differ from the original run's.
+shards the optimizer state over the data-parallel ranks and cannot re-shard it when loading. A ZeRO-3
+checkpoint saved by another number of ranks is converted to DeepSpeed's universal checkpoint on resume
+(`resume_training_config`, cluster/universal.py), which every world size loads with the optimizer state and LR
+schedule; a ZeRO-1/2 one, or one that cannot be converted, fails at start-up with the reason and the ways out. A
+plain (DDP or single-process) checkpoint holds the whole optimizer state, so it resumes on any number of ranks.
+Either way the run warns that the global batch and data order follow the new world size unless the batch
+settings keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -28,6 +33,7 @@ from cluster.manifest import (
     checkpoint_problem,
     read_manifest,
 )
+from cluster.universal import conversion_problem, load_universal_config, universal_checkpoint
 from config.deepspeed import zero_stage
 from core.ranks import is_rank_zero
 
@@ -145,7 +151,7 @@ def _saved_layout(checkpoint: Path) -> tuple[int | None, bool, int | None, bool]
     return world_size, any(checkpoint.glob("global_step*")), None, bool(shard_ranks)
 
 
-def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_config: str | None) -> None:
+def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_config: str | None) -> bool:
     """Refuse, before the model is built, a resume the Trainer would get wrong or fail at much later.
 
     Args:
@@ -153,12 +159,17 @@ def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_c
         world_size: the ranks of this run (`launch_world_size()`).
         deepspeed_config: `deepspeed.config` of this run.
 
+    Returns:
+        Whether the resume goes through a universal checkpoint: ZeRO-3 optimizer state saved by another number of
+        ranks (`resume_training_config` converts it).
+
     Raises:
-        ValueError: ZeRO-sharded optimizer state saved by another number of ranks, or a checkpoint saved with
-            DeepSpeed (or another ZeRO stage) resumed without it; the message gives the ways out.
+        ValueError: ZeRO-sharded optimizer state saved by another number of ranks that cannot be converted, or a
+            checkpoint saved with DeepSpeed (or another ZeRO stage) resumed without it; the message gives the
+            reason and the ways out.
     """
     if checkpoint is None:
-        return
+        return False
     path = Path(checkpoint)
     try:
         saved_world_size, saved_deepspeed, saved_stage, sharded = _saved_layout(path)
@@ -180,25 +191,48 @@ def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_c
             f"deepspeed choice it was saved with, {fresh_from_weights}"
         )
     if saved_world_size is None or saved_world_size == world_size:
-        return
-    if sharded:
-        step_dirs = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
-        tag = step_dirs[0] if step_dirs else "global_step<N>"
+        return False
+    if sharded and (problem := conversion_problem(path, saved_stage)) is not None:
         raise ValueError(
             f"training.resume_from_checkpoint={checkpoint!r}: its {saved_with} optimizer state is sharded over "
-            f"{saved_world_size} ranks and this run has {world_size}; DeepSpeed cannot re-shard it on load. "
-            f"Resume with {saved_world_size} ranks (NUM_GPUS, or nodes x GPUs per node), "
-            f"or convert it to a DeepSpeed universal checkpoint "
-            f"(python -m deepspeed.checkpoint.ds_to_universal --input_folder {path / tag} "
-            f'--output_folder {path / (tag + "_universal")}, then add "checkpoint": {{"load_universal": true}} '
-            f"to the DeepSpeed JSON; not tested with this recipe), {fresh_from_weights}"
+            f"{saved_world_size} ranks and this run has {world_size}; DeepSpeed cannot re-shard it on load, and it "
+            f"cannot be converted to a universal checkpoint: {problem}. Resume with {saved_world_size} ranks "
+            f"(NUM_GPUS, or nodes x GPUs per node), {fresh_from_weights}"
         )
+    how = "through a DeepSpeed universal checkpoint (its ZeRO-3 shards re-sharded) " if sharded else ""
     _log(
         logging.WARNING,
-        "%s was saved by %d rank(s), this run has %d: the weights, optimizer and LR schedule resume at its step; "
-        "keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was, or the samples each "
+        "%s was saved by %d rank(s), this run has %d: the weights, optimizer and LR schedule resume at its step %s"
+        "; keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was, or the samples each "
         "step sees (and the data skipped as already trained on) differ from the original run's",
         checkpoint,
         saved_world_size,
         world_size,
+        how,
     )
+    return sharded
+
+
+def resume_training_config(training: Any, checkpoint: str | None, world_size: int, deepspeed_config: str | None) -> Any:
+    """`training` (the run's `training.*`), or, when `checkpoint` is a ZeRO-3 checkpoint of another world size
+    (`check_resume_compatible`), the same with its universal conversion made (cluster/universal.py: the first rank
+    to get there converts, the others wait and reuse it) and `deepspeed` set to load it.
+
+    Raises:
+        ValueError: the conversion failed or is impossible (the reason and the ways out).
+    """
+    if not check_resume_compatible(checkpoint, world_size, deepspeed_config):
+        return training
+    converted, seconds = universal_checkpoint(checkpoint)
+    made = (
+        "found its conversion (made by another rank or run)" if seconds is None else f"converted it in {seconds:.1f} s"
+    )
+    _log(
+        logging.INFO,
+        "Resuming on %d rank(s) a checkpoint of %d: %s, %s (a DeepSpeed universal checkpoint, loaded re-sharded)",
+        world_size,
+        _saved_layout(Path(checkpoint))[0],
+        made,
+        converted,
+    )
+    return dataclasses.replace(training, deepspeed=load_universal_config(deepspeed_config))

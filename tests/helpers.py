@@ -775,6 +775,53 @@ def assert_same_training(output_dir: Path, reference_dir: Path, atol: float) -> 
     assert_same_weights(output_dir, reference_dir, atol)
 
 
+def gathered_zero3_state(checkpoint: Path) -> tuple[dict[str, dict[str, torch.Tensor]], list[float], list[float]]:
+    """A ZeRO-3 checkpoint's optimizer state joined from its per-rank shards, read straight from DeepSpeed's files:
+    every parameter's `fp32` master weight, `exp_avg` and `exp_avg_sq`, and each rank's and group's Adam step and lr.
+
+    Rank r's `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` holds, for each parameter group, the r-th slice of
+    ceil(numel / world size) elements of each parameter in turn (`param_shapes` of the model-state file gives the
+    order); the last slice is padded.
+    """
+    tag_dir = checkpoint / (checkpoint / "latest").read_text(encoding="utf-8").strip()
+    shards = sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    states = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in shards]
+    model_states = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    gathered: dict[str, dict[str, torch.Tensor]] = {}
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        flats = {"fp32": [state["fp32_flat_groups"][group] for state in states]}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flats[key] = [state["optimizer_state_dict"]["state"][group][key] for state in states]
+        offset = 0
+        for name, shape in shapes.items():
+            per_rank = -(-shape.numel() // len(states))
+            gathered[name] = {
+                key: torch.cat([flat[offset : offset + per_rank] for flat in rank_flats])[: shape.numel()].view(shape)
+                for key, rank_flats in flats.items()
+            }
+            offset += per_rank
+    steps = [float(entry["step"]) for state in states for entry in state["optimizer_state_dict"]["state"].values()]
+    lrs = [group["lr"] for state in states for group in state["optimizer_state_dict"]["param_groups"]]
+    return gathered, steps, lrs
+
+
+def assert_same_zero3_state(checkpoint: Path, reference: Path, step: int, rtol: float) -> None:
+    """Two ZeRO-3 checkpoints, of any world sizes, hold the same optimizer state (`gathered_zero3_state`): Adam's
+    step is `step` in every group of every rank, the lr is the reference's, and each state (fp32, exp_avg,
+    exp_avg_sq) agrees within `rtol` times its largest magnitude over the model."""
+    state, steps, lrs = gathered_zero3_state(checkpoint)
+    reference_state, _, reference_lrs = gathered_zero3_state(reference)
+    assert set(steps) == {float(step)}, f"Adam steps {steps} in {checkpoint}, expected {step} everywhere"
+    assert len(set(lrs)) == 1 and set(lrs) == set(reference_lrs), f"lr {lrs} in {checkpoint}, {reference_lrs} there"
+    assert state.keys() == reference_state.keys()
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        scale = max(entry[key].abs().max().item() for entry in reference_state.values())
+        for name, entry in reference_state.items():
+            torch.testing.assert_close(
+                state[name][key], entry[key], rtol=0, atol=rtol * scale, msg=lambda m, n=name, k=key: f"{n} {k}: {m}"
+            )
+
+
 # data_pipeline/prepare.py's line, after our log format's time stamp (observability/rank_logging.py).
 PREPARED_LINE = re.compile(
     r"^(?P<time>\d{4}-\d\d-\d\d [\d:]+,\d+) INFO data_pipeline\.prepare: "

@@ -112,8 +112,13 @@ def test_nohup_sh_stops_on_a_missing_heldout_file_before_detaching(tmp_path: Pat
 def test_world_size_is_checked_against_the_checkpoint_auto_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=3)
-    overrides = ["deepspeed=zero3", f"output_dir={tmp_path}", "training.resume_from_checkpoint=auto"]
+    make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=2)
+    overrides = ["deepspeed=zero2", f"output_dir={tmp_path}", "training.resume_from_checkpoint=auto"]
     assert main(["--world-size", "2", *overrides]) == 0, capsys.readouterr().err
     assert main(["--world-size", "1", *overrides]) == EXIT_PROBLEMS
     assert "sharded over 2 ranks and this run has 1" in capsys.readouterr().err
+    # ZeRO-3 is converted to a universal checkpoint when the run resumes: the check lets it through.
+    zero3 = tmp_path / "zero3"
+    make_checkpoint(zero3, 4, weights="global_step", world_size=2, zero_stage=3)
+    overrides = ["deepspeed=zero3", f"output_dir={zero3}", "training.resume_from_checkpoint=auto"]
+    assert main(["--world-size", "1", *overrides]) == 0, capsys.readouterr().err

@@ -27,6 +27,7 @@ from cluster.manifest import (
     publish_checkpoint,
 )
 from cluster.resume import check_resume_compatible, find_checkpoints, resolve_resume_checkpoint
+from cluster.universal import load_universal_config
 from tests.helpers import REPO_ROOT, VOCAB, make_checkpoint, tiny_qwen2, training_args
 
 ZERO3_JSON = str(REPO_ROOT / "ds_config" / "zero3.json")
@@ -186,16 +187,19 @@ def test_publish_renames_writes_the_manifest_and_then_the_marker(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("saved", "deepspeed_config"),
+    ("saved", "deepspeed_config", "reason"),
     [
-        ({"world_size": 2, "zero_stage": 3, "weights": "global_step", "manifest": True}, ZERO3_JSON),
-        ({"world_size": 2, "zero_stage": None, "weights": "global_step", "manifest": False}, ZERO3_JSON),
-        ({"world_size": 4, "zero_stage": 2, "weights": "global_step", "manifest": True}, ZERO2_JSON),
+        (
+            {"world_size": 2, "zero_stage": None, "weights": "global_step", "manifest": False},
+            ZERO3_JSON,
+            "saved with an unknown ZeRO stage (no checkpoint_manifest.json)",
+        ),
+        ({"world_size": 4, "zero_stage": 2, "weights": "global_step", "manifest": True}, ZERO2_JSON, "with ZeRO-2"),
     ],
-    ids=["zero3 manifest", "zero3 no manifest (shards counted)", "zero2"],
+    ids=["zero3 no manifest (stage unknown)", "zero2"],
 )
-def test_zero_checkpoint_resumed_with_another_world_size_is_refused_with_the_ways_out(
-    tmp_path: Path, saved: dict, deepspeed_config: str
+def test_unconvertible_zero_checkpoint_resumed_with_another_world_size_is_refused_with_the_reason(
+    tmp_path: Path, saved: dict, deepspeed_config: str, reason: str
 ) -> None:
     checkpoint = make_checkpoint(tmp_path, 4, **saved)
     with pytest.raises(ValueError) as error:
@@ -203,14 +207,31 @@ def test_zero_checkpoint_resumed_with_another_world_size_is_refused_with_the_way
     message = str(error.value)
     assert f"training.resume_from_checkpoint='{checkpoint}'" in message
     assert f"sharded over {saved['world_size']} ranks and this run has 1" in message
+    assert "cannot be converted to a universal checkpoint" in message and reason in message
     assert f"Resume with {saved['world_size']} ranks" in message
-    assert f"ds_to_universal --input_folder {checkpoint / 'global_step4'}" in message
     assert f"model.name_or_path={checkpoint} training.resume_from_checkpoint=null" in message
+
+
+def test_zero3_checkpoint_of_another_world_size_resumes_through_a_universal_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint = make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=3)
+    with caplog.at_level(logging.WARNING, logger="cluster.resume"):
+        assert check_resume_compatible(str(checkpoint), 1, ZERO3_JSON) is True
+    assert "saved by 2 rank(s), this run has 1" in caplog.text and "universal checkpoint" in caplog.text
+
+
+def test_load_universal_config_adds_the_flag_and_keeps_the_rest() -> None:
+    config = load_universal_config(ZERO3_JSON)
+    assert config["checkpoint"] == {"load_universal": True}
+    assert {key: value for key, value in config.items() if key != "checkpoint"} == json.loads(
+        Path(ZERO3_JSON).read_text()
+    )
 
 
 def test_zero_checkpoint_with_the_same_world_size_passes(tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=3)
-    check_resume_compatible(str(checkpoint), 2, ZERO3_JSON)
+    assert check_resume_compatible(str(checkpoint), 2, ZERO3_JSON) is False
 
 
 @pytest.mark.parametrize(

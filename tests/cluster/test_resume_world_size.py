@@ -1,11 +1,23 @@
-"""Resuming on another number of ranks: a ZeRO checkpoint is refused at start-up, a plain one resumes.
+"""Resuming on another number of ranks: ZeRO-3 through a universal checkpoint, DDP as it is, the rest refused.
 
-ZeRO shards the optimizer state over the ranks that saved it, and DeepSpeed cannot re-shard it when it
-loads: the 2-rank ZeRO-3 checkpoint of `zero3_deepspeed_run` resumed on 1 rank must fail before any rank
-is spawned (launch/single_node.sh runs `cluster.check`) and, launched without that script, before
-train.py loads the model, with a message that says what to do. A DDP (or single-process) checkpoint
-holds the whole optimizer state: saved by 1 rank and resumed on 2 with the same global batch, the run
-continues as if it had never stopped.
+ZeRO-3 shards the optimizer state over the ranks that saved it, and DeepSpeed loads the shards only on that many
+ranks. A ZeRO-3 checkpoint of 2 ranks resumed on 1, or of 1 resumed on 2 (what a requeued job gets when the cluster
+hands back fewer or more nodes: the world size is what counts, not the node count), is converted to DeepSpeed's
+universal checkpoint on resume (cluster/universal.py) and loaded re-sharded. Each resumes checkpoint-4 of an 8-step
+run with the same global batch (per_device_train_batch_size x ranks = 64) and must continue as the uninterrupted run
+of its new size does: every step's loss and the final weights within 1e-5, and the optimizer state saved at step 8,
+joined from the shards (fp32 weights, exp_avg, exp_avg_sq), within 1e-5 of each state's largest magnitude, with
+Adam's step 8 in every group and the same lr. Bound: 1 and 2 uninterrupted ranks differ by float32 reordering only
+(measured: losses 6e-8, weights 2.6e-7, states 1.3e-6 of their largest magnitude); a resume that lost the optimizer
+state, the schedule or a batch moves a loss by 1e-3 or more; DeepSpeed's shared Adam step after a universal load
+(cluster.universal.UntieUniversalOptimizerSteps) moved the losses by 1.8e-4 and the weights by 4.4e-5 within 4 steps,
+and its step counts read 12.
+
+Where no conversion exists, the resume fails at start-up with the reason: here the 2-rank checkpoint without its
+manifest (saved before manifests existed: its ZeRO stage is unknown, and only ZeRO-3 is converted), before any rank
+is spawned (launch/single_node.sh runs `cluster.check`) and, launched without that script, before train.py loads
+the model. A DDP (or single-process) checkpoint holds the whole optimizer state: saved by 1 rank and resumed on 2
+with the same global batch, the run continues as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -14,13 +26,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from cluster.manifest import LATEST_MARKER, MANIFEST_FILE, STAGING_DIR, checkpoint_problem
+from cluster.manifest import LATEST_MARKER, MANIFEST_FILE, STAGING_DIR, checkpoint_problem, read_manifest
 from cluster.resume import ZERO_SHARD_PATTERN
+from cluster.universal import LATEST_UNIVERSAL, UNIVERSAL_MANIFEST
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
@@ -31,6 +43,8 @@ from tests.helpers import (
     RESUME_STEP,
     LaunchedRun,
     assert_same_training,
+    assert_same_zero3_state,
+    launch_environment,
     make_interrupted_copy,
     run_script,
 )
@@ -39,6 +53,66 @@ pytestmark = pytest.mark.distributed
 
 FAIL_FAST_S = 120  # a check and a refusal: no rank, no model, no data (imports dominate on a loaded machine)
 REFUSAL = "optimizer state is sharded over 2 ranks and this run has 1"
+BATCH, ACCUMULATION = "training.per_device_train_batch_size", "training.gradient_accumulation_steps"
+GLOBAL_BATCH = 64  # 2 ranks x the tiny_cpu default of 32, as zero3_deepspeed_run trains
+ZERO3_RUN = ("deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT)
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_rank_zero3_run(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Path:
+    """zero3_deepspeed_run's training on 1 rank with its global batch: checkpoints at steps 4 and 8."""
+    output_dir = tmp_path_factory.mktemp("zero3_one_rank") / "run"
+    run_script(
+        [str(LAUNCH_DIR / "single_node.sh"), *ZERO3_RUN, f"{BATCH}={GLOBAL_BATCH}", f"output_dir={output_dir}"],
+        env={**launch_environment(), "NUM_GPUS": "1"}, timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[output_dir / "logs"],
+    )  # fmt: skip
+    return output_dir
+
+
+def resume_on(ranks: int, output_dir: Path) -> str:
+    """launch/single_node.sh on `ranks` ranks, resuming `output_dir` (auto) with the global batch of 64."""
+    return run_script(
+        [str(LAUNCH_DIR / "single_node.sh"), *ZERO3_RUN, f"{BATCH}={GLOBAL_BATCH // ranks}",
+         "training.resume_from_checkpoint=auto", f"output_dir={output_dir}"],
+        env={**launch_environment(), "NUM_GPUS": str(ranks)}, timeout=DISTRIBUTED_TIMEOUT_S,
+        log_dirs=[output_dir / "logs"],
+    )  # fmt: skip
+
+
+def assert_resumed_through_a_universal_checkpoint(output: str, output_dir: Path, saved: int, ranks: int) -> None:
+    checkpoint = output_dir / f"checkpoint-{RESUME_STEP}"
+    assert f"{checkpoint} was saved by {saved} rank(s), this run has {ranks}" in output, output[-3000:]
+    assert f"Resuming on {ranks} rank(s) a checkpoint of {saved}" in output, output[-3000:]
+    converted = checkpoint / (checkpoint / LATEST_UNIVERSAL).read_text().strip()
+    manifest = read_manifest(converted, UNIVERSAL_MANIFEST)
+    assert manifest is not None and (manifest["world_size"], manifest["step"]) == (saved, RESUME_STEP), manifest
+    assert {"zero/optimizer_state.pt", "zero/model.embed_tokens.weight/exp_avg_sq.pt"} <= set(manifest["files"])
+    assert checkpoint_problem(checkpoint) is None, "the conversion broke the checkpoint's own manifest"
+
+
+def test_zero3_checkpoint_of_two_ranks_resumes_on_one_rank_with_its_optimizer_state(
+    zero3_deepspeed_run: LaunchedRun, one_rank_zero3_run: Path, tmp_path: Path
+) -> None:
+    resumed = tmp_path / "resumed"
+    make_interrupted_copy(zero3_deepspeed_run.output_dir, resumed)
+    output = resume_on(1, resumed)
+    assert_resumed_through_a_universal_checkpoint(output, resumed, saved=2, ranks=1)
+    assert_same_training(resumed, one_rank_zero3_run, atol=ATOL)
+    last = f"checkpoint-{LAST_STEP}"
+    assert_same_zero3_state(resumed / last, one_rank_zero3_run / last, step=LAST_STEP, rtol=ATOL)
+
+
+def test_zero3_checkpoint_of_one_rank_resumes_on_two_ranks_with_its_optimizer_state(
+    zero3_deepspeed_run: LaunchedRun, one_rank_zero3_run: Path, tmp_path: Path
+) -> None:
+    resumed = tmp_path / "resumed"
+    make_interrupted_copy(one_rank_zero3_run, resumed)
+    output = resume_on(2, resumed)
+    assert_resumed_through_a_universal_checkpoint(output, resumed, saved=1, ranks=2)
+    assert_same_training(resumed, zero3_deepspeed_run.output_dir, atol=ATOL)
+    last = f"checkpoint-{LAST_STEP}"
+    assert_same_zero3_state(resumed / last, zero3_deepspeed_run.output_dir / last, step=LAST_STEP, rtol=ATOL)
 
 
 def test_zero3_checkpoints_hold_every_ranks_shards_and_a_manifest(zero3_deepspeed_run: LaunchedRun) -> None:
@@ -57,52 +131,50 @@ def test_zero3_checkpoints_hold_every_ranks_shards_and_a_manifest(zero3_deepspee
         assert checkpoint_problem(checkpoint) is None
 
 
-def run_to_exit(command: list[str], env: dict[str, str], output_dir: Path) -> tuple[int, str, float]:
-    start = time.monotonic()
+def run_to_exit(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=FAIL_FAST_S, check=False
     )
-    return result.returncode, result.stdout + result.stderr, time.monotonic() - start
+    return result.returncode, result.stdout + result.stderr
 
 
 @pytest.fixture
-def zero3_checkpoint_copy(zero3_deepspeed_run: LaunchedRun, tmp_path: Path) -> Path:
-    """An output directory holding the 2-rank run's checkpoint-4 (and its partial checkpoint-8)."""
+def unconvertible_checkpoint_copy(zero3_deepspeed_run: LaunchedRun, tmp_path: Path) -> Path:
+    """An output directory holding the 2-rank run's checkpoint-4 (and its partial checkpoint-8), without the manifest
+    that names its ZeRO stage: a checkpoint saved before manifests existed."""
     output_dir = tmp_path / "run"
     make_interrupted_copy(zero3_deepspeed_run.output_dir, output_dir)
+    (output_dir / f"checkpoint-{RESUME_STEP}" / MANIFEST_FILE).unlink()
     return output_dir
 
 
-def test_zero3_checkpoint_on_fewer_ranks_is_refused_before_ranks_spawn(
-    zero3_checkpoint_copy: Path, launch_env: dict[str, str]
+def test_unconvertible_checkpoint_on_fewer_ranks_is_refused_before_ranks_spawn(
+    unconvertible_checkpoint_copy: Path, launch_env: dict[str, str]
 ) -> None:
-    overrides = ["deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT, "training.resume_from_checkpoint=auto"]
-    status, output, _ = run_to_exit(
-        [str(LAUNCH_DIR / "single_node.sh"), *overrides, f"output_dir={zero3_checkpoint_copy}"],
+    overrides = [*ZERO3_RUN, "training.resume_from_checkpoint=auto"]
+    status, output = run_to_exit(
+        [str(LAUNCH_DIR / "single_node.sh"), *overrides, f"output_dir={unconvertible_checkpoint_copy}"],
         {**launch_env, "NUM_GPUS": "1"},
-        zero3_checkpoint_copy,
     )
     assert status == 2, f"status {status}\n{output[-3000:]}"
-    assert REFUSAL in output and "Resume with 2 ranks" in output and "ds_to_universal" in output, output[-3000:]
-    assert "deepspeed.launcher" not in output and not (zero3_checkpoint_copy / "logs").exists(), "ranks started"
+    assert REFUSAL in output and "unknown ZeRO stage" in output and "Resume with 2 ranks" in output, output[-3000:]
+    assert "deepspeed.launcher" not in output and not (unconvertible_checkpoint_copy / "logs").exists(), "ranks started"
 
 
-def test_zero3_checkpoint_on_fewer_ranks_is_refused_by_train_py_before_the_model_loads(
-    zero3_checkpoint_copy: Path,
+def test_unconvertible_checkpoint_on_fewer_ranks_is_refused_by_train_py_before_the_model_loads(
+    unconvertible_checkpoint_copy: Path,
 ) -> None:
-    checkpoint = zero3_checkpoint_copy / f"checkpoint-{RESUME_STEP}"
+    checkpoint = unconvertible_checkpoint_copy / f"checkpoint-{RESUME_STEP}"
     command = [
-        sys.executable, "train.py", "deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT,
-        f"training.resume_from_checkpoint={checkpoint}", f"output_dir={zero3_checkpoint_copy}",
+        sys.executable, "train.py", *ZERO3_RUN, f"training.resume_from_checkpoint={checkpoint}",
+        f"output_dir={unconvertible_checkpoint_copy}",
     ]  # fmt: skip
-    status, output, _ = run_to_exit(command, {**os.environ, "OMP_NUM_THREADS": "1"}, zero3_checkpoint_copy)
+    status, output = run_to_exit(command, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert status != 0, output[-3000:]
     assert REFUSAL in output and f"model.name_or_path={checkpoint}" in output, output[-3000:]
-    rank0_log = (zero3_checkpoint_copy / "logs" / "rank0.log").read_text()
+    rank0_log = (unconvertible_checkpoint_copy / "logs" / "rank0.log").read_text()
     assert "Loaded " not in rank0_log and "Data:" not in rank0_log, "train.py went on to the data or the model"
-
-
-BATCH, ACCUMULATION = "training.per_device_train_batch_size", "training.gradient_accumulation_steps"
+    assert not (checkpoint / LATEST_UNIVERSAL).exists(), "a conversion was attempted"
 
 
 def test_plain_checkpoint_of_one_rank_resumes_on_two_ranks_as_if_uninterrupted(
