@@ -17,7 +17,18 @@ from core.keys import CHOSEN_INPUT_IDS_KEY, REJECTED_INPUT_IDS_KEY
 from data_pipeline.prepare import build_datasets
 from evaluation.pairs import heldout_pairs_config
 from observability.artifacts import read_metrics
-from tests.helpers import LAUNCH_DIR, REPO_ROOT, run_ok, run_script, run_train
+from tests.helpers import (
+    COMPARABLE_RUN,
+    LAUNCH_DIR,
+    REPO_ROOT,
+    assert_same_training,
+    make_interrupted_copy,
+    read_nonfinite_log,
+    run_ok,
+    run_script,
+    run_train,
+    step_losses,
+)
 
 TRAIN_PAIRS = REPO_ROOT / "data" / "preference" / "train.jsonl"
 HELDOUT_PAIRS = REPO_ROOT / "data" / "preference" / "heldout.jsonl"
@@ -160,3 +171,32 @@ def test_preference_objectives_train_under_zero3_on_two_ranks(tmp_path: Path, la
         log = (tmp_path / "logs" / "rank0.log").read_text()
         assert "reference: a frozen copy" in log
         assert heldout["before"]["margin"] == 0.0 and heldout["after"]["margin"] != 0.0
+
+
+PAIR_RUN = (
+    "training.objective=reward",
+    f"data.sources=[{{path: {TRAIN_PAIRS}, max_samples: 96}}]",
+    "data.max_length=96",
+    *COMPARABLE_RUN,
+    "training.per_device_train_batch_size=4",
+    "heldout.file=null",
+)
+
+
+@pytest.mark.slow
+def test_a_reward_run_resumes_as_if_never_stopped_and_skips_a_non_finite_step(tmp_path: Path) -> None:
+    finished = tmp_path / "finished"
+    run_ok(finished, *PAIR_RUN)
+    interrupted = tmp_path / "interrupted"
+    make_interrupted_copy(finished, interrupted)
+    run_ok(interrupted, *PAIR_RUN, "training.resume_from_checkpoint=auto")
+    # One process on the same machine: the restored optimizer, schedule, RNG and data order give the same steps.
+    assert_same_training(interrupted, finished, atol=0.0)
+
+    guarded = tmp_path / "guarded"
+    run_ok(guarded, *PAIR_RUN, "resilience.inject_nonfinite_at_steps=[3]")
+    (skip,) = read_nonfinite_log(guarded)
+    assert skip["step"] == 3
+    # The Trainer logs a non-finite step's loss as the mean of the finite ones (logging_nan_inf_filter).
+    assert [step for step, _ in step_losses(guarded)] == list(range(1, 9))
+    assert all(math.isfinite(loss) for _, loss in step_losses(guarded))
