@@ -520,7 +520,19 @@ def format_attention(part: dict) -> str:
     return "\n".join(lines)
 
 
-def docs_section(result: dict) -> list[str]:
+NOT_RUN = (
+    'Not run yet: no GPU has been lent to this work so far. `scripts/gpu_check.sh` (README: "A GPU check in one '
+    'call") runs every CUDA path on one H100 or H200 in at most 8 minutes and writes `gpu_check.json`; '
+    "`python -m bench.gpu_check --docs-from <that file>` keeps it as `bench/results/gpu_check.json` and replaces "
+    "this section with its results. What each part compares and why each bound is what it is: `bench/gpu_check.py`'s "
+    "docstring."
+)
+
+
+def docs_section(result: dict | None) -> list[str]:
+    """The section from a GPU run's JSON; without one (`None`: no results file), what running the check gives."""
+    if result is None:
+        return [SECTION_HEADING, "", NOT_RUN, ""]
     versions_text = ", ".join(f"{name} {version}" for name, version in result["versions"].items() if version)
     absent = ", ".join(name for name, version in result["versions"].items() if version is None)
     wheels = result["carried_wheels"]

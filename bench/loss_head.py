@@ -73,10 +73,12 @@ takes about an hour, and `--sizes full --variants fused_dft_loss` about 5 minute
 objectives again, timed against fused_dft_loss step for step, with `--variants "ASFT fused" "EAFT fused"` and the same
 three size options, then the small size's four rows again, round-robin, with `--sizes small --variants "ASFT full
 logits" "ASFT fused" "EAFT full logits" "EAFT fused" --repeats 5`; the first run's fused_dft_loss rows, slowed up to 3x
-by the load, were not kept (the rows of 2026-12-03 stand). Prints a table, writes `bench/results/loss_head.json` (rows
-run now replace the same rows of earlier runs; other rows are kept, each with its date) and writes the table, with the
-issues' goals checked against the measured numbers, into `docs/benchmarks.md` under its own heading (`--docs-only`
-rewrites that section from the JSON).
+by the load, were not kept (the rows of 2026-12-03 stand; all those runs are kept as one, migrated when runs began to be
+kept). Prints a table, appends the run (its rows, date, commit and load) to the runs kept in
+`bench/results/loss_head.json` (`bench.runs`), and writes the tables into `docs/benchmarks.md` under its own heading:
+each row's latest measurement (a row skipped now for lack of memory does not hide an earlier measurement), and the
+issues' goals, each ratio taken within every run that measured both its rows and judged on the median of those runs,
+the worst beside it (`--docs-only` rewrites that section from the JSON).
 """
 
 from __future__ import annotations
@@ -508,32 +510,59 @@ def format_objective_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def goal_lines(rows: list[dict]) -> list[str]:
-    """The issue's goals for `fused_dft_loss` at the default chunk, per size, checked against the measured rows."""
+def _by_variant(rows: list[dict], size_name: str) -> dict:
+    return {(r["variant"], r["chunk"]): r for r in rows if r["size"] == size_name}
+
+
+def _ratio_of(row: dict | None, other: dict | None, key: str) -> float | None:
+    """row / other on `key`, when both were measured."""
+    if row is None or other is None or "skipped" in row or "skipped" in other:
+        return None
+    return row[key] / other[key]
+
+
+def _judged(values: list[float], goal: float, direction: str, spec: str) -> str:
+    """`0.48x, met`, or over several runs `0.48x, met (median of 3; worst 0.61x, NOT met)`."""
+    sys.path.insert(0, str(REPO_ROOT))  # as in measure_one: run as a script, bench/ is on the path, not the repo
+    from bench.runs import verdict
+
+    judged = verdict(values, goal, direction)
+    text = f"{judged.median:{spec}}x, {'met' if judged.met else 'NOT met'}"
+    if judged.runs > 1:
+        text += f" (median of {judged.runs}; worst {judged.worst:{spec}}x, {'met' if judged.worst_met else 'NOT met'})"
+    return text
+
+
+def goal_lines(runs: list[dict]) -> list[str]:
+    """The issue's goals for `fused_dft_loss` at the default chunk, per size: each ratio taken within each kept run
+    that measured both of its rows, judged on their median, the worst beside it."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench.runs import AT_MOST, BELOW
+
+    current = current_rows(runs)
     lines = []
     for size_name in SIZES:
-        by_variant = {(r["variant"], r["chunk"]): r for r in rows if r["size"] == size_name}
-        fused = by_variant.get((FUSED, FUSED_CHUNK))
+        fused = _by_variant(current, size_name).get((FUSED, FUSED_CHUNK))
         if fused is None:
             continue
-        naive, naive_name = naive_or_bound(by_variant)
-        chunked = by_variant.get((CHUNKED_CE, FUSED_CHUNK))
-        trl = by_variant.get((TRL, TRL_VOCAB_TILE))
+        _, naive_name = naive_or_bound(_by_variant(current, size_name))
+        # (what, goal, the other row of the ratio in a run's rows, key, factor, direction)
         checks = [
-            ("peak", f"<= 1/8 of {naive_name}", naive, "peak_mib", 1 / 8),
-            ("peak", "<= 1.1x chunked CE", chunked, "peak_mib", 1.1),
-            ("peak", "< TRL tiled, DFT", trl, "peak_mib", 1.0),
-            ("time", "<= 1.1x chunked CE", chunked, "median_s", 1.1),
-            ("time", "<= TRL tiled, DFT", trl, "median_s", 1.0),
+            ("peak", f"<= 1/8 of {naive_name}", lambda rows: naive_or_bound(rows)[0], "peak_mib", 1 / 8, AT_MOST),
+            ("peak", "<= 1.1x chunked CE", lambda rows: rows.get((CHUNKED_CE, FUSED_CHUNK)), "peak_mib", 1.1, AT_MOST),
+            ("peak", "< TRL tiled, DFT", lambda rows: rows.get((TRL, TRL_VOCAB_TILE)), "peak_mib", 1.0, BELOW),
+            ("time", "<= 1.1x chunked CE", lambda rows: rows.get((CHUNKED_CE, FUSED_CHUNK)), "median_s", 1.1, AT_MOST),
+            ("time", "<= TRL tiled, DFT", lambda rows: rows.get((TRL, TRL_VOCAB_TILE)), "median_s", 1.0, AT_MOST),
         ]
         parts = []
-        for what, goal, other, key, factor in checks:
-            if other is None or "skipped" in other or "skipped" in fused:
-                parts.append(f"{what} {goal}: not measured")
-                continue
-            ratio = fused[key] / other[key]
-            met = ratio < factor if factor == 1.0 and what == "peak" else ratio <= factor
-            parts.append(f"{what} {goal}: {ratio:.2f}x, {'met' if met else 'NOT met'}")
+        for what, goal, other_of, key, factor, direction in checks:
+            values = []
+            for run in runs:
+                rows = _by_variant(run["rows"], size_name)
+                ratio = _ratio_of(rows.get((FUSED, FUSED_CHUNK)), other_of(rows), key)
+                values += [] if ratio is None else [ratio]
+            judged = _judged(values, factor, direction, ".2f") if values else "not measured"
+            parts.append(f"{what} {goal}: {judged}")
         shape = f"{fused['tokens']} x {fused['hidden']} x {fused['vocab']}"
         lines.append(f"- {size_name} ({shape}), fused_dft_loss chunk {FUSED_CHUNK}: " + "; ".join(parts) + ".")
     return lines
@@ -549,49 +578,60 @@ def naive_or_bound(by_variant: dict) -> tuple[dict | None, str]:
     return naive, "naive softmax"
 
 
-def auto_goal_lines(rows: list[dict]) -> list[str]:
-    """Issue 17's goals for `loss.chunk_size=auto`: extra peak <= 1/8 of the naive head's, time <= 1.15x chunk 1024."""
+def auto_goal_lines(runs: list[dict]) -> list[str]:
+    """Issue 17's goals for `loss.chunk_size=auto`: extra peak <= 1/8 of the naive head's, time <= 1.15x chunk 1024;
+    the figures from the latest rows, each ratio judged on its median over the kept runs that measured both rows."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench.runs import AT_MOST
+
+    def ratios(size_name: str, other_of: Callable[[dict], dict | None], key: str) -> list[float]:
+        values = []
+        for run in runs:
+            rows = _by_variant(run["rows"], size_name)
+            ratio = _ratio_of(rows.get((FUSED, AUTO)), other_of(rows), key)
+            values += [] if ratio is None else [ratio]
+        return values
+
     lines = []
     for size_name in SIZES:
-        by_variant = {(r["variant"], r["chunk"]): r for r in rows if r["size"] == size_name}
+        by_variant = _by_variant(current_rows(runs), size_name)
         auto = by_variant.get((FUSED, AUTO))
         if auto is None or "skipped" in auto:
             continue
         naive, naive_name = naive_or_bound(by_variant)
         shape = f"{auto['tokens']} x {auto['hidden']} x {auto['vocab']}"
         parts = []
-        if naive is None or "skipped" in naive:
+        extra = ratios(size_name, lambda rows: naive_or_bound(rows)[0], "extra_peak_mib")
+        if naive is None or "skipped" in naive or not extra:
             parts.append(f"extra peak <= 1/8 of {naive_name}: not measured")
         else:
-            ratio = auto["extra_peak_mib"] / naive["extra_peak_mib"]
+            judged = _judged(extra, 1 / 8, AT_MOST, ".3f")
             allowance = naive["extra_peak_mib"] / 8
             block = auto["chunk_tokens"] * auto["vocab"] * 4 / MIB
-            verdict = "met"
-            if ratio > 1 / 8:
-                verdict = (
-                    f"NOT met, {auto['extra_peak_mib'] / allowance:.1f}x the allowance of {allowance:,.0f} MiB: the "
-                    f"{auto['chunk_tokens']}-token float32 block of logits alone is {block:,.0f} MiB (the floor that "
-                    f"keeps the matmuls efficient), and the other {auto['extra_peak_mib'] - block:,.0f} MiB are the "
-                    "chunk's temporaries, allocator slack and the pages torch touches on its first backward"
+            if auto["extra_peak_mib"] > allowance:
+                judged += (
+                    f"; the latest is {auto['extra_peak_mib'] / allowance:.1f}x the allowance of {allowance:,.0f} "
+                    f"MiB: the {auto['chunk_tokens']}-token float32 block of logits alone is {block:,.0f} MiB (the "
+                    f"floor that keeps the matmuls efficient), and the other {auto['extra_peak_mib'] - block:,.0f} "
+                    "MiB are the chunk's temporaries, allocator slack and the pages torch touches on its first "
+                    "backward"
                 )
             parts.append(
                 f"extra peak {auto['extra_peak_mib']:,.0f} MiB vs {naive['extra_peak_mib']:,.0f} MiB for {naive_name}"
-                f": {ratio:.3f}x, goal <= 1/8, {verdict} (total peak {auto['peak_mib'] / naive['peak_mib']:.3f}x, of "
+                f": goal <= 1/8, {judged} (total peak {auto['peak_mib'] / naive['peak_mib']:.3f}x, of "
                 f"which the gradient buffers are {auto['gradient_buffers_mib'] / naive['peak_mib']:.3f}x)"
             )
         reference = by_variant.get((FUSED, FUSED_CHUNK))
-        if reference is None or "skipped" in reference:
+        times = ratios(size_name, lambda rows: rows.get((FUSED, FUSED_CHUNK)), "median_s")
+        if reference is None or "skipped" in reference or not times:
             parts.append(f"time <= 1.15x chunk {FUSED_CHUNK}: not measured")
         else:
-            ratio = auto["median_s"] / reference["median_s"]
             cpu = (
-                f", CPU time {auto['median_cpu_s'] / reference['median_cpu_s']:.2f}x"
+                f", the latest's CPU time {auto['median_cpu_s'] / reference['median_cpu_s']:.2f}x"
                 if "median_cpu_s" in auto and "median_cpu_s" in reference
                 else ""
             )
-            parts.append(
-                f"time {ratio:.2f}x chunk {FUSED_CHUNK}{cpu}, goal <= 1.15x, {'met' if ratio <= 1.15 else 'NOT met'}"
-            )
+            parts.append(f"time vs chunk {FUSED_CHUNK}, goal <= 1.15x: {_judged(times, 1.15, AT_MOST, '.2f')}{cpu}")
         lines.append(f"- {size_name} ({shape}), chunk auto ({auto['chunk_tokens']}): " + "; ".join(parts) + ".")
     return lines
 
@@ -606,8 +646,12 @@ def _buffers_share(rows: list[dict], size_name: str) -> str:
     )
 
 
-def write_docs_section(result: dict) -> None:
-    """Add or replace this benchmark's section of docs/benchmarks.md, leaving other sections as they are."""
+def write_docs_section(record: dict) -> None:
+    """Add or replace this benchmark's section of docs/benchmarks.md from the kept runs (`{"runs": [...]}`), leaving
+    other sections as they are: the tables show each row's latest measurement, the goals their median over the
+    runs."""
+    runs = record["runs"]
+    result = current_result(runs)
     rows = result["rows"]
     measured = [r for r in rows if "skipped" not in r]
     threads = sorted({r["threads"] for r in measured})
@@ -691,42 +735,51 @@ def write_docs_section(result: dict) -> None:
         "",
         "Goals of issue 5 (the fused loss at chunk 1024, then the default), checked against these rows:",
         "",
-        *goal_lines(rows),
+        *goal_lines(runs),
         "",
         "Goals of issue 17 for `loss.chunk_size=auto` (now the default; `dft.loss.auto_chunk_size` gives the "
         "reasoning): the extra peak <= 1/8 of the naive head's, with the time within 1.15x of chunk 1024:",
         "",
-        *auto_goal_lines(rows),
+        *auto_goal_lines(runs),
         "",
     ]
     replace_docs_section(section, old_headings=("## DFT loss: memory and time (CPU)",))
 
 
-def merge_results(new_rows: list[dict]) -> dict:
-    """Earlier rows of the sizes (or variants) not run now are kept, so one size or variant can be rerun alone; so
-    is an earlier measured row whose rerun was skipped for lack of memory (its own date says when it ran)."""
-    old = json.loads(RESULTS_PATH.read_text()) if RESULTS_PATH.exists() else {"rows": [], "dates": {}}
-    old_measured = {(r["size"], r["variant"], r["chunk"]) for r in old["rows"] if "skipped" not in r}
-    # A row skipped now (too little free memory) does not replace the same row measured earlier.
-    new_rows = [r for r in new_rows if "skipped" not in r or (r["size"], r["variant"], r["chunk"]) not in old_measured]
-    rerun = {(r["size"], r["variant"], r["chunk"]) for r in new_rows}
-    kept = [r for r in old["rows"] if (r["size"], r["variant"], r["chunk"]) not in rerun]
-    rows = kept + new_rows
-    for row in rows:  # rows written before the extra peak and per-row dates existed
-        row.setdefault("date", old["dates"].get(row["size"]))
-        row.setdefault("chunk_tokens", row["chunk"])
-        row.setdefault("gradient_buffers_mib", gradient_buffers_bytes(row["tokens"], row["hidden"], row["vocab"]) / MIB)
-        if "skipped" not in row:
-            row.setdefault("extra_peak_mib", row["peak_mib"] - row["gradient_buffers_mib"])
+def completed(row: dict) -> dict:
+    """A row with the figures derived from its shape: chunk in tokens, gradient buffers and extra peak."""
+    row = dict(row)
+    row.setdefault("chunk_tokens", row["chunk"])
+    row.setdefault("gradient_buffers_mib", gradient_buffers_bytes(row["tokens"], row["hidden"], row["vocab"]) / MIB)
+    if "skipped" not in row:
+        row.setdefault("extra_peak_mib", row["peak_mib"] - row["gradient_buffers_mib"])
+    return row
+
+
+def current_rows(runs: list[dict]) -> list[dict]:
+    """Each row's latest measurement over the kept runs, so one size or variant can be rerun alone; a row skipped
+    for lack of memory does not replace the same row measured earlier (its own date says when it ran)."""
+    latest: dict[tuple, dict] = {}
+    for run in runs:
+        for row in run["rows"]:
+            key = (row["size"], row["variant"], row["chunk"])
+            if "skipped" not in row or key not in latest or "skipped" in latest[key]:
+                latest[key] = row
     order = [(variant, chunk) for variant, chunk in VARIANTS]
-    rows.sort(key=lambda r: (list(SIZES).index(r["size"]), order.index((r["variant"], r["chunk"]))))
+    return sorted(
+        latest.values(), key=lambda r: (list(SIZES).index(r["size"]), order.index((r["variant"], r["chunk"])))
+    )
+
+
+def current_result(runs: list[dict]) -> dict:
+    """The latest rows, the dates they ran on per size, and the latest run's machine."""
+    rows = current_rows(runs)
     dates = {
         name: " and ".join(sorted({r["date"] for r in rows if r["size"] == name}))
         for name in SIZES
         if any(r["size"] == name for r in rows)
     }
-    machine = f"{platform.machine()} Linux, {os.cpu_count()} cores, {mem_total_gib():.0f} GiB"
-    return {"alpha": ALPHA, "machine": machine, "dates": dates, "rows": rows}
+    return {"machine": runs[-1]["machine"], "dates": dates, "rows": rows}
 
 
 def mem_total_gib() -> float:
@@ -748,7 +801,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.docs_only:
-        write_docs_section(json.loads(RESULTS_PATH.read_text()))
+        write_docs_section(json.loads(RESULTS_PATH.read_text()))  # {"runs": [...]}
         return
     if args.child:
         spec = json.loads(args.child)
@@ -771,13 +824,19 @@ def main() -> None:
                 outcome = row.get("skipped") or f"{row['peak_mib']:,.0f} MiB, {row['median_s']:.2f} s"
                 print(f"{size_name} {variant} chunk={chunk}: {outcome}", file=sys.stderr, flush=True)
         new_rows += [fastest_of(rows) for rows in repeats.values()]
-    result = merge_results(new_rows)
-    print(format_table(result["rows"]))
-    print(format_objective_table(result["rows"]))
-    print("\n".join(goal_lines(result["rows"]) + auto_goal_lines(result["rows"])))
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(result, indent=2) + "\n")
-    write_docs_section(result)
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench.runs import append_run
+    from core.provenance import provenance
+
+    measured = provenance()
+    machine = f"{platform.machine()} Linux, {os.cpu_count()} cores, {mem_total_gib():.0f} GiB"
+    run = {**measured, "alpha": ALPHA, "machine": machine, "rows": [completed(r) for r in new_rows]}
+    runs = append_run(RESULTS_PATH, run)
+    rows = current_rows(runs)
+    print(format_table(rows))
+    print(format_objective_table(rows))
+    print("\n".join(goal_lines(runs) + auto_goal_lines(runs)))
+    write_docs_section({"runs": runs})
 
 
 if __name__ == "__main__":

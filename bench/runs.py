@@ -19,8 +19,8 @@ from typing import Any
 
 from core.files import write_atomic
 
-AT_LEAST, AT_MOST = ">=", "<="
-_MEETS: dict[str, Callable[[float, float], bool]] = {AT_LEAST: operator.ge, AT_MOST: operator.le}
+AT_LEAST, AT_MOST, BELOW = ">=", "<=", "<"
+_MEETS: dict[str, Callable[[float, float], bool]] = {AT_LEAST: operator.ge, AT_MOST: operator.le, BELOW: operator.lt}
 
 
 def load_runs(path: Path) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ class Verdict:
     runs: int
     goal: float
     direction: str
-    """AT_LEAST or AT_MOST: which side of `goal` meets it."""
+    """AT_LEAST, AT_MOST or BELOW: which side of `goal` meets it."""
 
     @property
     def met(self) -> bool:

@@ -380,8 +380,24 @@ def format_goals(compared: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs_section(result: dict) -> None:
-    """This benchmark's section of docs/benchmarks.md, from a GPU run."""
+NOT_MEASURED = (
+    "Not measured yet: no GPU has been lent to this work so far. On a machine with one H100 or H200 (and TRL, "
+    "datasets, hydra-core and omegaconf installed; liger-kernel and flash-attn when available), run "
+    "`python -m bench.train_throughput_gpu`: it trains a Qwen2.5-1.5B-shaped model in bf16 with activation "
+    "checkpointing on packed micro-batches of at most 4,096 tokens, with this project's Trainer (DFT and fused CE) "
+    "and with TRL's `SFTTrainer` (DFT and NLL, with and without Liger's kernels), and replaces this section with "
+    "tokens/s, MFU, peak memory and issue 17's goals (project DFT >= 1.0x TRL+Liger's tokens/s, MFU >= 35%). The "
+    "script's docstring defines each measure and lists the wheels a machine without network needs. `--smoke` runs "
+    "every row on CPU at a tiny size (tests/bench/test_train_throughput_gpu.py)."
+)
+
+
+def write_docs_section(result: dict | None) -> None:
+    """This benchmark's section of docs/benchmarks.md, from a GPU run; without one (`None`: no results file), what
+    running it will measure."""
+    if result is None:
+        replace_docs_section([SECTION_HEADING, "", NOT_MEASURED, ""])
+        return
     rows = result["rows"]
     first = next(row for row in rows if trained(row))
     scale = result["scale"]

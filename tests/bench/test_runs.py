@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import packing_throughput
+from bench import loss_head, packing_throughput
 from bench.runs import AT_LEAST, AT_MOST, append_run, load_range, load_runs, verdict
 
 
@@ -65,3 +65,26 @@ def test_the_packing_section_judges_the_speedup_on_the_median_and_shows_the_wors
     assert f"{median.median:.2f}x met (median of {len(runs)}; worst 1.20x, NOT met)" in text
     assert "1-minute load average 1.0-8.0 on 2 cores" in text
     assert "| 2026-12-07 | abc1234 | 7.5, 8.0 |" in text
+
+
+def test_the_loss_head_goals_take_each_ratio_within_a_run_and_judge_their_median() -> None:
+    """A rerun of the medium size whose fused chunk-1024 time is 1.3x chunked CE's (goal <= 1.1x): the median of
+    the two runs still meets the goal, the worst does not, and the tables show the rerun's rows."""
+    (kept,) = load_runs(loss_head.RESULTS_PATH)
+    medium = [dict(r) for r in kept["rows"] if r["size"] == "medium"]
+    fused = next(r for r in medium if (r["variant"], r["chunk"]) == (loss_head.FUSED, loss_head.FUSED_CHUNK))
+    chunked = next(r for r in medium if r["variant"] == loss_head.CHUNKED_CE)
+    fused.update(median_s=1.3 * chunked["median_s"], date="2026-12-07")
+    rerun = {**kept, "date": "2026-12-07", "rows": medium}
+    lines = loss_head.goal_lines([kept, rerun])
+    line = next(line for line in lines if line.startswith("- medium"))
+    kept_fused = next(
+        r for r in kept["rows"] if (r["size"], r["variant"], r["chunk"]) == ("medium", loss_head.FUSED, 1024)
+    )
+    kept_ratio = kept_fused["median_s"] / chunked["median_s"]
+    assert kept_ratio <= 1.1
+    median = (kept_ratio + 1.3) / 2
+    assert f"time <= 1.1x chunked CE: {median:.2f}x, met (median of 2; worst 1.30x, NOT met)" in line
+    assert fused in loss_head.current_rows([kept, rerun])
+    # The sizes the rerun left out are judged on the one run that measured them.
+    assert any(line.startswith("- full") and "median of" not in line for line in lines)
