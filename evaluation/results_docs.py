@@ -15,11 +15,14 @@ or drift from the run that measured it. Renderers:
   baseline (mean, min..max over seeds).
 - `run:<arm>:<seed>`: one run of such a verdict, as `heldout` shows a run (a demo that is one arm of a comparison).
 - `eval`: a run's validation NLL, first and last evaluation (`evaluation.run_record`: continued pre-training).
+- `estimate`: `python -m modeling.estimate --json`'s model states per mode, as its table (computed, not measured:
+  the file has no provenance, and a test recomputes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import re
@@ -115,11 +118,20 @@ def render_eval(record: dict[str, Any]) -> str:
     )
 
 
+def render_estimate(record: dict[str, Any]) -> str:
+    from modeling.estimate import ModeEstimate, format_table  # torch and peft: only for this block
+
+    fields = {field.name for field in dataclasses.fields(ModeEstimate)}
+    rows = [ModeEstimate(**{k: v for k, v in mode.items() if k in fields}) for mode in record["modes"]]
+    return format_table(rows, record["gpus"]) + "\n"
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "heldout": render_heldout,
     "verdict": render_verdict,
     "run": render_run,
     "eval": render_eval,
+    "estimate": render_estimate,
 }
 
 
