@@ -66,12 +66,16 @@ def startup_banner(
 
 
 def end_summary(output_dir: str | Path, train_metrics: dict[str, float]) -> str:
-    evals = [r for r in read_metrics(output_dir) if "eval_nll" in r]
-    best = min(evals, key=lambda r: r["eval_nll"]) if evals else None
+    records = read_metrics(output_dir)
+    # The evaluation's headline: the lowest NLL of a per-token objective, the highest pairwise accuracy of a
+    # preference run (preference/trainer.py logs no NLL).
+    key, pick = ("eval_accuracy", max) if any("eval_accuracy" in r for r in records) else ("eval_nll", min)
+    evals = [r for r in records if key in r]
+    best = pick(evals, key=lambda r: r[key]) if evals else None
     lines = [
         f"  time             {train_metrics.get('train_runtime', 0.0):.1f} s",
         f"  train loss       {train_metrics.get('train_loss', float('nan')):.4f}",
-        f"  best eval_nll    {best['eval_nll']:.4f} at step {best['step']}" if best else "  best eval_nll    (no eval)",
+        f"  best {key:<11} {best[key]:.4f} at step {best['step']}" if best else "  best eval_nll    (no eval)",
         f"  model            {Path(output_dir).resolve()}",
     ]
     if (drift := drift_summary(output_dir)) is not None:

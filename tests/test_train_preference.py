@@ -101,6 +101,7 @@ def test_a_reward_model_trains_on_the_pair_layouts_users_bring_and_its_export_sc
     per_source = [key for record in read_metrics(run) for key in record if key.startswith("accuracy/")]
     assert len(set(per_source)) == 3, per_source
     assert not logged(run, "dft_alpha") and not logged(run, "nll")  # no per-token objective underneath
+    assert "best eval_accuracy" in (run / "logs" / "rank0.log").read_text()  # the end summary's headline
 
     heldout = json.loads((run / "heldout.json").read_text())
     assert heldout["pairs"] == HELDOUT_SHOWN and heldout["after_step"] == STEPS
