@@ -14,6 +14,8 @@ or drift from the run that measured it. Renderers:
 - `verdict`: an `evaluation.compare --results` verdict: a row per arm and seed, then each arm's difference to the
   baseline (mean, min..max over seeds).
 - `run:<arm>:<seed>`: one run of such a verdict, as `heldout` shows a run (a demo that is one arm of a comparison).
+- `pairs`: a preference run's held-out pairs before/after (`heldout.results_file` of a reward or dpo run):
+  pairwise accuracy, margin, mean chosen and rejected reward.
 - `eval`: a run's validation NLL, first and last evaluation (`evaluation.run_record`: continued pre-training).
 - `estimate`: `python -m modeling.estimate --json`'s model states per mode, as its table (computed, not measured:
   the file has no provenance, and a test recomputes it).
@@ -126,8 +128,15 @@ def render_estimate(record: dict[str, Any]) -> str:
     return format_table(rows, record["gpus"]) + "\n"
 
 
+def render_pairs(record: dict[str, Any]) -> str:
+    from evaluation.pairs import format_pair_comparison
+
+    return f"```\n{format_pair_comparison(record, record['pairs'])}\n```\n\n{_measured(record)}.\n"
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "heldout": render_heldout,
+    "pairs": render_pairs,
     "verdict": render_verdict,
     "run": render_run,
     "eval": render_eval,
