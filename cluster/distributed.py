@@ -1,13 +1,30 @@
-"""The process edges of a run: the launcher's flags in; a clean exit out (a user's error: `core.errors`)."""
+"""The process edges of a run: the launcher's flags in; a clean exit out (a user's error: `core.errors`), or, when
+a node is lost, an exit that names it.
+
+A node lost mid-run (its processes killed, the machine gone, its network down) leaves the other ranks in a
+collective. Its peers' sockets are reset when its processes die, and the collective fails at once; a silent peer (a
+link down) makes it fail after the process group's timeout, `training.ddp_timeout`. Either way the error reaches
+`teardown`, which logs one line naming the node the error names (gloo and NCCL name the peer's address; the host
+name comes from a reverse lookup) and what to do, and skips the exit barrier, which would only wait for the lost
+ranks until the timeout again. The launcher (torchrun, the DeepSpeed launcher, srun) then ends its other ranks.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+# A peer as gloo and NCCL write it in their errors: "[10.231.0.2]:61662" (an IPv4/IPv6 address or a host name).
+PEER = re.compile(r"\[([0-9A-Za-z:._-]+)\]:\d+")
 
 
 def accept_launcher_local_rank() -> None:
@@ -52,8 +69,49 @@ def shm_buffer_path(rank: int) -> Path:
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{master}_{rank}"
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a failed or timed-out collective or rendezvous: a rank or its node is gone."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(word in text for word in ("gloo", "NCCL", "c10d"))
+    )
+
+
+def _node_name(address: str) -> str:
+    try:
+        host = socket.gethostbyaddr(address)[0]
+    except OSError:  # no reverse record: the address is all there is
+        return address
+    return address if host == address else f"{host} ({address})"
+
+
+def lost_node_message(error: BaseException) -> str:
+    """One line for a failed collective: the node(s) its error names, why, and what to do."""
+    peers = list(dict.fromkeys(match.group(1) for match in PEER.finditer(str(error))))
+    what = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if peers:
+        lost = f"Lost contact with {', '.join(_node_name(peer) for peer in peers)}"
+    else:
+        lost = "Lost contact with another rank's node (the error names no peer: look for the node whose log stopped)"
+    return (
+        f"{lost} on {socket.gethostname()}: a collective failed ({what}). Its processes died or its network went "
+        "down; this rank stops (at most training.ddp_timeout after the loss) and the launcher ends the others. "
+        "Resume with training.resume_from_checkpoint=auto (the newest checkpoint; a ZeRO-3 one also on fewer or "
+        "more nodes)"
+    )
+
+
 def teardown() -> None:
-    """Barrier then destroy: exiting without it aborted about one run in twelve (see shared FACTS)."""
+    """Barrier then destroy: exiting without it aborted about one run in twelve (see shared FACTS).
+
+    Called from a `finally` while a failed collective propagates: log which node was lost (`lost_node_message`),
+    and destroy the process group without the barrier, which would wait for the lost ranks.
+    """
+    error = sys.exc_info()[1]
+    lost = error is not None and is_collective_failure(error)
+    if lost:
+        logger.error("%s", lost_node_message(error))
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if not lost:
+            dist.barrier()
         dist.destroy_process_group()

@@ -752,9 +752,9 @@ def step_losses(output_dir: Path) -> list[tuple[int, float]]:
 
 
 def assert_same_weights(output_dir: Path, reference_dir: Path, atol: float) -> None:
-    """Both saved models hold the same tensors (names and values within `atol`), read from their files: whatever
-    head the model has (a language-model head, or a reward model's score head)."""
-    model, reference = load_file(output_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    """Both saved models reload with `from_pretrained` and every tensor agrees within `atol`."""
+    model = AutoModelForCausalLM.from_pretrained(output_dir).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir).state_dict()
     assert model.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(model[name], tensor, rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
@@ -879,6 +879,18 @@ class NetnsNode:
     def command(self, argv: list[str]) -> list[str]:
         """`argv` run on this node, from the caller's directory and with the caller's environment."""
         return ["env", f"NETNS_PREFIX={self.prefix}", str(NETNS_SCRIPT), "exec", str(self.index), *argv]
+
+    def processes(self) -> list[int]:
+        """The ids of every process running on this node now (in its network namespace)."""
+        namespace = f"{self.prefix}-node{self.index}"
+        listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=True)
+        return [int(pid) for pid in listed.stdout.split()]
+
+    def kill(self) -> None:
+        """SIGKILL every process on this node, its launcher and ranks: the node is lost (its network stays up)."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def netns_names() -> list[str]:

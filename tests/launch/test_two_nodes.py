@@ -22,22 +22,29 @@ node, waits on the cache's file lock over the shared disk and reuses the result 
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
     LAUNCH_DIR,
     NO_HELDOUT,
+    REPO_ROOT,
     LaunchedRun,
     NetnsNode,
     assert_prepared_once,
     assert_same_training,
     check_saved_run,
     cores_per_node,
+    describe_run,
     launch_environment,
     netns_missing,
     netns_nodes,
@@ -138,3 +145,59 @@ def test_deepspeed_launcher_across_two_nodes_trains_as_on_one_node(
 def test_one_rank_prepares_the_data_and_the_other_node_reuses_it(launch: str, request: pytest.FixtureRequest) -> None:
     output_dir, cache_dir, _ = request.getfixturevalue(launch)
     assert_prepared_once(output_dir, cache_dir)
+
+
+# Node loss: short enough for a test, long enough that a loaded machine's slow step is not mistaken for a lost node.
+LOST_NODE_TIMEOUT_S = 60
+EXIT_GRACE_S = 60  # after the timeout: the launcher ends its ranks and exits
+
+
+def logged_steps(output_dir: Path) -> int:
+    metrics = output_dir / METRICS_FILE
+    return metrics.read_text().count('"loss"') if metrics.is_file() else 0
+
+
+def test_torchrun_node_loss_ends_every_launcher_and_names_the_lost_node(base_model_dir: Path, tmp_path: Path) -> None:
+    """node1's launcher and rank killed mid-run: node0's rank stops and its launcher exits (within ddp_timeout, not a
+    hang), naming node1 and its address, and no process is left on node0."""
+    output_dir = tmp_path / "run"
+    command = [
+        str(LAUNCH_DIR / "multi_node.sh"), "deepspeed=zero3", "debug=quick", "training.max_steps=100000",
+        "training.logging_steps=1", "training.eval_strategy=no", "training.save_strategy=no", NO_HELDOUT,
+        f"training.ddp_timeout={LOST_NODE_TIMEOUT_S}", f"output_dir={output_dir}",
+    ]  # fmt: skip
+    with netns_nodes(NODES) as lost_nodes, contextlib.ExitStack() as stack:
+        node0, node1 = lost_nodes
+        env = {**launch_environment(), "NNODES": str(NODES), "NUM_GPUS": "1", "CPU_THREADS_PER_RANK": THREADS}
+        outputs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in lost_nodes]
+        launchers = [
+            subprocess.Popen(
+                node.command(command), cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, text=True,
+                env={**env, "NODE_RANK": str(node.index), "MASTER_ADDR": node0.address}, start_new_session=True,
+            )
+            for node, output in zip(lost_nodes, outputs, strict=True)
+        ]  # fmt: skip
+
+        def console(index: int) -> str:
+            outputs[index].seek(0)
+            return describe_run(
+                outputs[index].read(), [output_dir / "logs"], f"{lost_nodes[index].hostname}'s launcher"
+            )
+
+        deadline = time.monotonic() + DISTRIBUTED_TIMEOUT_S
+        while logged_steps(output_dir) < 2:
+            assert all(launcher.poll() is None for launcher in launchers), f"a launcher ended early:\n{console(0)}"
+            assert time.monotonic() < deadline, f"no training step in {DISTRIBUTED_TIMEOUT_S} s:\n{console(0)}"
+            time.sleep(0.5)
+        node1.kill()
+        try:
+            status = launchers[0].wait(timeout=LOST_NODE_TIMEOUT_S + EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node0's launcher still runs {LOST_NODE_TIMEOUT_S + EXIT_GRACE_S} s after node1 was lost\n"
+                        f"{console(0)}")  # fmt: skip
+        launchers[1].wait(timeout=EXIT_GRACE_S)
+        left = node0.processes()
+        text = console(0)
+    assert status != 0, text
+    assert f"Lost contact with node1 ({node1.address}) on node0" in text, text
+    assert not left, f"processes {left} were left on node0 after its launcher exited"
