@@ -27,10 +27,7 @@ from bench import (
 
 WRITERS: dict[str, tuple[Path, Callable[[dict | None], None]]] = {
     "loss_head": (loss_head.RESULTS_PATH, loss_head.write_docs_section),
-    "data_prepare_throughput": (
-        data_prepare_throughput.RESULTS_PATH,
-        lambda r: data_prepare_throughput.write_docs_section(data_prepare_throughput.format_table(r["rows"]), r),
-    ),
+    "data_prepare_throughput": (data_prepare_throughput.RESULTS_PATH, data_prepare_throughput.write_docs_section),
     "train_throughput": (train_throughput.RESULTS_PATH, train_throughput.write_docs_section),
     "packing_throughput": (packing_throughput.RESULTS_PATH, packing_throughput.write_docs_section),
     "prepare_memory": (
