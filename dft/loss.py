@@ -31,8 +31,8 @@ from config.schema import LossConfig
 from core.keys import IGNORE_INDEX
 from core.metric_sums import GROUP_SUM_COLUMNS
 from dft.objectives import Objective, dft_objective
+from modeling.lm_head import add_chunk_gradients, chunk_logits, head_gradients, resolve_chunk_size, shift_labels
 from modeling.lm_head import auto_chunk_size as auto_chunk_size  # re-exported: the `loss.chunk_size=auto` rule
-from modeling.lm_head import chunk_logits, resolve_chunk_size, shift_labels
 
 
 class LossStats(NamedTuple):
@@ -187,15 +187,12 @@ class _FusedLinearObjective(torch.autograd.Function):
         softcap: float | None,
         needs_grad: tuple[bool, bool, bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        need_hidden, need_weight, need_bias = needs_grad
         nll = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
         token_weights = torch.empty_like(nll)
         kl = torch.zeros_like(nll)
         # float32 buffers: each hidden row is written once but scaled again in the backward, and the weight
         # and bias gradients sum over every chunk.
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        grads = head_gradients(hidden, weight, bias, needs_grad)
         for start in range(0, rows.numel(), chunk_size):
             end = start + chunk_size
             chunk_rows = rows[start:end]
@@ -235,22 +232,12 @@ class _FusedLinearObjective(torch.autograd.Function):
                     grad_logits.mul_(chunk_weights[:, None])
                 arange = torch.arange(chunk_rows.numel(), device=grad_logits.device)
                 grad_logits[arange, targets[start:end]] -= chunk_weights
-                if tanh is not None:
-                    grad_logits.mul_(tanh.square_().neg_().add_(1.0))
-                # Autocast off, as for the logits: the gradients must not depend on the caller's autocast state.
-                with torch.autocast(hidden.device.type, enabled=False):
-                    if need_hidden:
-                        grad_hidden.index_copy_(0, chunk_rows, (grad_logits.to(weight.dtype) @ weight).float())
-                    if need_weight:
-                        # float32 addmm in place: no [vocab, hidden] temporary per chunk.
-                        grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)
+                add_chunk_gradients(grad_logits, tanh, chunk_hidden, chunk_rows, weight, grads)
                 del grad_logits
             del logits, shifted, exp_logits, tanh, q  # free this chunk before the next one is allocated
         # Held on the context, not saved for backward: the backward scales them in place and drops them, so no
         # second [vocab, hidden] float32 copy ever exists.
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(nll, token_weights, kl)
         return (nll * token_weights).sum() + objective.kl_coef * kl.sum(), nll, token_weights, kl

@@ -10,7 +10,7 @@ before the backward, and reduce its gradient, as for a stock head.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from core.keys import IGNORE_INDEX
 
 HeadParameters = contextlib.AbstractContextManager[tuple[torch.Tensor, torch.Tensor | None]]
+# float32 gradients of the head's input, weight and bias, accumulated chunk by chunk (None: not needed).
+HeadGradients = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 """A context that gives an LM head's weight and bias in full while it is entered."""
 
 
@@ -177,3 +179,42 @@ def chunk_logits(
     # Gemma-2 style: cap * tanh(z / cap); d/dz = 1 - tanh^2, so tanh is kept for the backward.
     tanh = logits.div_(softcap).tanh_()
     return tanh * softcap, tanh
+
+
+def head_gradients(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: Sequence[bool]
+) -> HeadGradients:
+    """float32 accumulators for the gradients of the head's input, weight and bias (None where none is needed)."""
+    return tuple(  # type: ignore[return-value]
+        torch.zeros_like(tensor, dtype=torch.float32) if tensor is not None and need else None
+        for tensor, need in zip((hidden, weight, bias), needs, strict=True)
+    )
+
+
+def add_chunk_gradients(
+    grad_logits: torch.Tensor,
+    tanh: torch.Tensor | None,
+    chunk_hidden: torch.Tensor,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    grads: HeadGradients,
+) -> None:
+    """Adds one chunk's share of the head's gradients to `grads` (`head_gradients`), from the loss's gradient with
+    respect to the chunk's (soft-capped) logits, `[chunk, vocab]`, which this scales in place.
+
+    Args:
+        tanh: the chunk's `tanh(z / cap)` when the logits were soft-capped (`chunk_logits`), else None.
+        chunk_hidden: the chunk's rows of the head's input; `rows` their indices in the whole input.
+    """
+    if tanh is not None:
+        grad_logits.mul_(tanh.square_().neg_().add_(1.0))  # through cap * tanh(z / cap): 1 - tanh^2
+    grad_hidden, grad_weight, grad_bias = grads
+    # Autocast off, as for the logits: the gradients must not depend on the caller's autocast state.
+    with torch.autocast(chunk_hidden.device.type, enabled=False):
+        if grad_hidden is not None:
+            grad_hidden.index_copy_(0, rows, (grad_logits.to(weight.dtype) @ weight).float())
+        if grad_weight is not None:
+            # float32 addmm in place: no [vocab, hidden] temporary per chunk.
+            grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)

@@ -20,8 +20,10 @@ from core.keys import IGNORE_INDEX
 from modeling.lm_head import (
     AUTO_CHUNK_SIZE,
     ReferenceHead,
+    add_chunk_gradients,
     chunk_logits,
     final_logit_softcap,
+    head_gradients,
     linear_head,
     replaced_head_forward,
     resolve_chunk_size,
@@ -87,11 +89,8 @@ class _ChunkedSequenceLogprobs(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_logprobs: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, tokens, targets, token_rows = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         # float32 buffers: the weight and bias gradients sum over every chunk.
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        grads = head_gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
         token_grads = grad_logprobs.float()[token_rows]
         for start in range(0, tokens.numel(), ctx.chunk_size):
             end = start + ctx.chunk_size
@@ -101,21 +100,11 @@ class _ChunkedSequenceLogprobs(torch.autograd.Function):
             # d log p(target) / d logits = onehot - softmax, times the row's upstream gradient; in place of the block.
             grad_logits = exp_logits.div_(sum_exp[:, None]).mul_(-g[:, None])
             grad_logits[torch.arange(chunk_tokens.numel(), device=grad_logits.device), chunk_targets] += g
-            if tanh is not None:
-                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
-            # Autocast off, as for the logits: the gradients must not depend on the caller's autocast state.
-            with torch.autocast(hidden.device.type, enabled=False):
-                if need_hidden:
-                    grad_hidden.index_copy_(0, chunk_tokens, (grad_logits.to(weight.dtype) @ weight).float())
-                if need_weight:
-                    # float32 addmm in place: no [vocab, hidden] temporary per chunk.
-                    grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
+            add_chunk_gradients(grad_logits, tanh, chunk_hidden, chunk_tokens, weight, grads)
             del exp_logits, grad_logits, tanh  # free this chunk before the next one is allocated
         grads = (
             None if grad is None else grad.to(tensor.dtype)
-            for grad, tensor in zip((grad_hidden, grad_weight, grad_bias), (hidden, weight, bias), strict=True)
+            for grad, tensor in zip(grads, (hidden, weight, bias), strict=True)
         )
         return (*grads, None, None, None, None, None, None)
 
