@@ -19,6 +19,12 @@ or drift from the run that measured it. Renderers:
 - `eval`: a run's validation NLL, first and last evaluation (`evaluation.run_record`: continued pre-training).
 - `estimate`: `python -m modeling.estimate --json`'s model states per mode, as its table (computed, not measured:
   the file has no provenance, and a test recomputes it).
+- `prepare_scaling`: `bench.data_prepare_throughput`'s kept runs (bench/results/): our preparation's 1 -> 2 workers
+  scaling, the median of the runs and the worst.
+- `prepare_memory`: `bench.prepare_memory`'s results (bench/results/): peak memory against corpus size, its ratios.
+
+The benchmarks' own sections of docs/benchmarks.md are written by the benchmarks (tests/bench/test_docs_sections.py);
+these two renderers quote their files where README states their figures.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import dataclasses
 import difflib
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +45,8 @@ from embedded.paths import REPO_ROOT
 
 BLOCK = re.compile(r"(<!-- results (\S+) ([\w:.]+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
 DOCUMENTS = ("README.md",)
+PREPARE_PIPELINE = "ours (read + prepare)"
+"""The row of bench.data_prepare_throughput that is train.py's preparation (`OURS` there; bench/ is above this)."""
 
 
 def _measured(record: dict[str, Any]) -> str:
@@ -134,6 +143,40 @@ def render_pairs(record: dict[str, Any]) -> str:
     return f"```\n{format_pair_comparison(record, record['pairs'])}\n```\n\n{_measured(record)}.\n"
 
 
+def _load_span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.1f}" if round(low, 1) == round(high, 1) else f"{low:.1f}-{high:.1f}"
+
+
+def render_prepare_scaling(record: dict[str, Any]) -> str:
+    runs = record["runs"]
+    values = [
+        row["scaling_per_repeat_median"]
+        for run in runs
+        for row in run["rows"]
+        if row["pipeline"] == PREPARE_PIPELINE and row["workers"] == 2
+    ]
+    loads = [x for run in runs for x in run["load_average_1min"]]
+    cores = "/".join(sorted({str(run["cpus"]) for run in runs}))
+    kept = f"{len(runs)} kept run{'s' * (len(runs) > 1)}"
+    return (
+        f"On {cores} cores, 2 workers prepare at {statistics.median(values):.0%} of twice one worker's tokens/s: the "
+        f"median of {kept} of `python -m bench.data_prepare_throughput` (the worst {min(values):.0%}; each run's "
+        f"value the median over its repeats), 1-minute load {_load_span(loads)} around them, the last on "
+        f"{runs[-1]['date']}.\n"
+    )
+
+
+def render_prepare_memory(record: dict[str, Any]) -> str:
+    loads = [x for row in record["rows"] for x in row["load_average_1min"]]
+    sizes = " ".join(str(size) for size in record["sizes_mb"])
+    return (
+        "".join(f"- {line}\n" for line in record["ratios"])
+        + f"\nMeasured {record['date']} with `python -m bench.prepare_memory --sizes-mb {sizes}` on "
+        f"{record['machine']['cpus']} cores, 1-minute load {_load_span(loads)} around the runs.\n"
+    )
+
+
 RENDERERS: dict[str, Callable[..., str]] = {
     "heldout": render_heldout,
     "pairs": render_pairs,
@@ -141,6 +184,8 @@ RENDERERS: dict[str, Callable[..., str]] = {
     "run": render_run,
     "eval": render_eval,
     "estimate": render_estimate,
+    "prepare_scaling": render_prepare_scaling,
+    "prepare_memory": render_prepare_memory,
 }
 
 
