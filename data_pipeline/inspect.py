@@ -2,7 +2,8 @@
 
 Prepares the dataset exactly as `train.py` would (reusing the cache), then prints the first few training samples
 as text with every trained token inside ⟦...⟧, so a wrong template, a missing assistant turn or an
-over-eager truncation shows at a glance.
+over-eager truncation shows at a glance. A preference pair (`training.objective=reward|dpo`) shows its chosen and
+its rejected sequence, each with its trained reply marked.
 """
 
 from __future__ import annotations
@@ -13,11 +14,25 @@ from transformers import PreTrainedTokenizerBase
 
 from config.schema import load_run_config
 from core.errors import exit_on_user_error
-from core.keys import IGNORE_INDEX, INPUT_IDS_KEY, LABELS_KEY
+from core.keys import (
+    CHOSEN_INPUT_IDS_KEY,
+    CHOSEN_LABELS_KEY,
+    IGNORE_INDEX,
+    INPUT_IDS_KEY,
+    LABELS_KEY,
+    REJECTED_INPUT_IDS_KEY,
+    REJECTED_LABELS_KEY,
+)
 from data_pipeline.prepare import PreparedData, prepare_run
 
 SAMPLES_SHOWN = 3
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+# (label, input ids, labels) of the sequences a prepared row holds: one for a sample, two for a preference pair.
+SEQUENCES = (
+    ("", INPUT_IDS_KEY, LABELS_KEY),
+    (" chosen", CHOSEN_INPUT_IDS_KEY, CHOSEN_LABELS_KEY),
+    (" rejected", REJECTED_INPUT_IDS_KEY, REJECTED_LABELS_KEY),
+)
 
 
 def render_marked(input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> str:
@@ -48,9 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     # A CLI: the samples are its output.
     for index in range(min(SAMPLES_SHOWN, len(train))):
         row = train[index]
-        header = f"--- sample {index}: {len(row[INPUT_IDS_KEY])} tokens, trained ones inside {TRAINED_OPEN}…"
-        print(f"{header}{TRAINED_CLOSE}")  # noqa: T201
-        print(render_marked(row[INPUT_IDS_KEY], row[LABELS_KEY], tokenizer))  # noqa: T201
+        for name, ids, labels in SEQUENCES:
+            if ids not in row:
+                continue
+            header = f"--- sample {index}{name}: {len(row[ids])} tokens, trained ones inside {TRAINED_OPEN}…"
+            print(f"{header}{TRAINED_CLOSE}")  # noqa: T201
+            print(render_marked(row[ids], row[labels], tokenizer))  # noqa: T201
     print(f"prepared dataset: {directory.resolve()}")  # noqa: T201
 
 

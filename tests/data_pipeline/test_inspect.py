@@ -47,3 +47,24 @@ def test_inspect_command_prints_marked_samples(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "⟦Hello<|im_end|>⟧" in result.stdout and "⟦Later<|im_end|>⟧" in result.stdout
+
+
+def test_inspect_shows_both_sides_of_a_preference_pair(tmp_path: Path) -> None:
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(json.dumps({"question": "Hi", "chosen": "Hello", "rejected": "Go away"}) + "\n")
+    overrides = [
+        "training.objective=reward",
+        f"data.sources=[{source}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.validation_split_percentage=0",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.inspect", *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--- sample 0 chosen" in result.stdout and "--- sample 0 rejected" in result.stdout
+    assert "⟦Hello<|im_end|>⟧" in result.stdout and "⟦Go away<|im_end|>⟧" in result.stdout
