@@ -48,7 +48,7 @@ from data_pipeline.sources import check_source_paths
 from data_pipeline.stats import source_metric_names
 from data_pipeline.templates import load_chat_tokenizer
 from evaluation.heldout import HELDOUT_JSON, HELDOUT_TEXT, HeldoutResult, comparison_record, format_comparison
-from evaluation.pairs import format_pair_comparison, heldout_pairs_config, pair_comparison
+from evaluation.pairs import format_pair_comparison, heldout_pairs_config, naming_heldout_file, pair_comparison
 from evaluation.run_heldout import heldout_baseline, heldout_eval
 from evaluation.samples import samples_markdown
 from modeling.adapter import add_adapter, check_adapter_supported, load_adapter_model, merge_adapter
@@ -152,7 +152,8 @@ def fine_tune(
         if mode.heldout_pairs and run.heldout.file:
             # A preference run evaluates on its held-out pairs, prepared as its training pairs are.
             heldout = heldout_pairs_config(run.data, run.heldout.file, run.heldout.max_samples)
-            validation_set, _, heldout_stats = build_datasets(heldout, tokenizer, training_args.seed)
+            with naming_heldout_file(run.heldout.file):
+                validation_set, _, heldout_stats = build_datasets(heldout, tokenizer, training_args.seed)
             logger.info("Held-out pairs (the evaluation set):\n%s", heldout_stats.summary())
     logger.info("Data:\n%s", data_stats.summary())
     if validation_set is None and training_args.eval_strategy != IntervalStrategy.NO:

@@ -9,7 +9,9 @@ trained model's ("after"). `pair_comparison` reads both from the Trainer's log h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from config.schema import DataConfig
@@ -22,6 +24,19 @@ def heldout_pairs_config(data: DataConfig, heldout_file: str, max_samples: int) 
     """`data` with the held-out file as its one source (its first `max_samples` pairs), nothing split off."""
     source = {"path": heldout_file, "max_samples": max_samples, "format": data.specs[0].format}
     return dataclasses.replace(data, sources=[source], validation_split_percentage=0.0)
+
+
+@contextlib.contextmanager
+def naming_heldout_file(heldout_file: str) -> Iterator[None]:
+    """A data error in the held-out pairs names `heldout.file`: the sample data's default is chat prompts, which a
+    preference run cannot score."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(
+            f"heldout.file={heldout_file}: a reward or dpo run evaluates held-out preference pairs "
+            f"(or set heldout.file=null): {error}"
+        ) from error
 
 
 def pair_comparison(log_history: list[dict[str, Any]]) -> dict[str, Any] | None:

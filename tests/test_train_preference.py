@@ -201,3 +201,12 @@ def test_a_reward_run_resumes_as_if_never_stopped_and_skips_a_non_finite_step(tm
     # The Trainer logs a non-finite step's loss as the mean of the finite ones (logging_nan_inf_filter).
     assert [step for step, _ in step_losses(guarded)] == list(range(1, 9))
     assert all(math.isfinite(loss) for _, loss in step_losses(guarded))
+
+
+def test_the_sample_datas_chat_heldout_file_is_refused_by_a_preference_run_naming_the_key(tmp_path: Path) -> None:
+    result = run_train(tmp_path, "training.objective=reward", f"data.sources=[{HELDOUT_PAIRS}]", "training.max_steps=1")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "heldout.file=data/sample/heldout.jsonl: a reward or dpo run evaluates held-out preference pairs" in (
+        result.stdout + result.stderr
+    )
+    assert "data/sample/heldout.jsonl:1: missing 'chosen'" in result.stdout + result.stderr
