@@ -461,7 +461,7 @@ def main() -> None:
             if got != expected:
                 raise SystemExit(f"{pipeline} x{workers} prepared {got}, ours x1 {expected} (records, kept, tokens)")
     rows = summarise(runs)
-    measured = provenance()
+    measured = provenance(["python", "-m", "bench.data_prepare_throughput", *sys.argv[1:]])
     run = {
         **measured,
         "load_average_1min": [round(load_before, 2), measured["load_average_1min"]],
