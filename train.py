@@ -30,7 +30,12 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unse
 from transformers.trainer_utils import IntervalStrategy, TrainOutput
 
 from cluster.check import refuse_bad_overrides
-from cluster.distributed import accept_launcher_local_rank, init_deepspeed_distributed, teardown
+from cluster.distributed import (
+    accept_launcher_local_rank,
+    init_deepspeed_distributed,
+    set_collective_timeout,
+    teardown,
+)
 from cluster.export import verify_export
 from cluster.resilience import ResilienceCallback
 from cluster.resume import resolve_resume_checkpoint, resume_training_config, saved_model
@@ -260,6 +265,7 @@ def main(cfg: DictConfig) -> None:
     generates_heldout = run.heldout.file and not training_mode(run).heldout_pairs
     before = heldout_baseline(run, model_path, tokenizer) if generates_heldout and is_rank_zero() else None
 
+    set_collective_timeout(timedelta(seconds=run.training.ddp_timeout))  # before the Trainer's world group
     training_args = to_training_arguments(run.training)
     # Catches preemption signals from here on; fine_tune lets it name a skipped step's samples.
     resilience = ResilienceCallback(run.resilience)

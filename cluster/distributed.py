@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,20 @@ def accept_launcher_local_rank() -> None:
         else:
             kept.append(arg)
     sys.argv[1:] = kept
+
+
+def set_collective_timeout(timeout: timedelta) -> None:
+    """Make `timeout` (training.ddp_timeout) the timeout of every process group this process makes from now on.
+
+    Call it before `TrainingArguments`: on CPU (`use_cpu`) transformers makes the world group without the timeout
+    (training_args.py passes it only on the GPU paths), and DeepSpeed partitions ZeRO over its own clone of the world
+    group (deepspeed/utils/groups.py `_clone_world_group`: `dist.new_group(ranks)`), which takes torch's default
+    whatever the world group's is. Both were torch's 30 minutes for gloo: with a node's link taken down, the other
+    ranks still waited in a collective 100 s later under training.ddp_timeout=30. torch reads these defaults when a
+    group is made without a timeout.
+    """
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def init_deepspeed_distributed(timeout: timedelta | None = None) -> None:

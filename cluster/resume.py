@@ -199,10 +199,10 @@ def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_c
             f"cannot be converted to a universal checkpoint: {problem}. Resume with {saved_world_size} ranks "
             f"(NUM_GPUS, or nodes x GPUs per node), {fresh_from_weights}"
         )
-    how = "through a DeepSpeed universal checkpoint (its ZeRO-3 shards re-sharded) " if sharded else ""
+    how = " through a DeepSpeed universal checkpoint (its ZeRO-3 shards re-sharded)" if sharded else ""
     _log(
         logging.WARNING,
-        "%s was saved by %d rank(s), this run has %d: the weights, optimizer and LR schedule resume at its step %s"
+        "%s was saved by %d rank(s), this run has %d: the weights, optimizer and LR schedule resume at its step%s"
         "; keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was, or the samples each "
         "step sees (and the data skipped as already trained on) differ from the original run's",
         checkpoint,
