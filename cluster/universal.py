@@ -18,19 +18,20 @@ then renamed to `<checkpoint>/<tag>_universal` before `latest_universal` names i
 the staging directory, removed by the next one; a later resume reuses a conversion whose manifest checks out.
 It takes about as much disk again as the checkpoint's optimizer shards.
 
-ZeRO-1/2 checkpoints are not converted: DeepSpeed's ZeRO-1/2 conversion needs a model that records its
-universal-checkpoint layout (Megatron-DeepSpeed's do, transformers' models do not), and no test covers it here.
+ZeRO-1/2 checkpoints are not converted: DeepSpeed's ZeRO-1/2 conversion expects universal-checkpoint info that
+Megatron-DeepSpeed's models record and transformers' do not (its `--inject_missing_state` adds a stub), and no test
+covers it with this recipe.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,6 @@ from transformers import TrainerCallback
 from cluster.manifest import build_manifest, read_manifest, verify_manifest
 from config.deepspeed import check_deepspeed_config
 from core.files import fsync_dir, write_atomic
-
-logger = logging.getLogger(__name__)
 
 UNIVERSAL_SUFFIX = "_universal"
 LATEST_UNIVERSAL = "latest_universal"  # the file DeepSpeed's engine reads the universal tag from
@@ -69,8 +68,8 @@ def conversion_problem(checkpoint: Path, saved_stage: int | None) -> str | None:
         saved = "an unknown ZeRO stage (no checkpoint_manifest.json)" if saved_stage is None else f"ZeRO-{saved_stage}"
         return (
             f"it was saved with {saved}, and only ZeRO-3 checkpoints are converted to DeepSpeed's universal format "
-            "here (DeepSpeed's ZeRO-1/2 conversion needs universal-checkpoint info that transformers' models do not "
-            "record)"
+            "here (DeepSpeed's ZeRO-1/2 conversion expects universal-checkpoint info that transformers' models do not "
+            "record, and is not tested with this recipe)"
         )
     tag = deepspeed_tag(checkpoint)
     if tag is None or not (checkpoint / tag).is_dir():
@@ -109,20 +108,14 @@ def _convert(checkpoint: Path, tag: str, staging: Path) -> None:
         raise ValueError(
             f"training.resume_from_checkpoint={str(checkpoint)!r}: DeepSpeed's universal conversion of {tag} failed "
             f"(exit {result.returncode}; `{' '.join(command)}` shows it again):\n{tail}\nResume with the number of "
-            "ranks that saved it, or start a new run from its weights (model.name_or_path=<checkpoint> "
+            f"ranks that saved it, or start a new run from its weights (model.name_or_path={checkpoint} "
             "training.resume_from_checkpoint=null)"
         )
     source = read_manifest(checkpoint) or {}
     manifest = build_manifest(output, source.get("step"), source.get("world_size"), source.get("zero_stage"))
     manifest["source_tag"] = tag
-    manifest["converted_by"] = f"deepspeed {_deepspeed_version()} ds_to_universal"
+    manifest["converted_by"] = f"deepspeed {version('deepspeed')} ds_to_universal"
     write_atomic(output / UNIVERSAL_MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def _deepspeed_version() -> str:
-    from importlib.metadata import version
-
-    return version("deepspeed")
 
 
 def universal_checkpoint(checkpoint: str | Path) -> tuple[Path, float | None]:
