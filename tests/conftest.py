@@ -20,7 +20,9 @@ from modeling.loading import resolve_model_path
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
+    GLOBAL_BATCH,
     LAUNCH_DIR,
+    NO_HELDOUT,
     REPO_ROOT,
     TOKENIZER_DIR,
     LaunchedRun,
@@ -80,3 +82,16 @@ def zero3_deepspeed_run(tmp_path_factory: pytest.TempPathFactory, base_model_dir
         log_dirs=[output_dir / "logs"],
     )
     return LaunchedRun(output_dir, console)
+
+
+@pytest.fixture(scope="session")
+def one_rank_zero3_run(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Path:
+    """zero3_deepspeed_run's training on 1 rank with its global batch (checkpoints at steps 4 and 8): the uninterrupted
+    run that a resume on 1 rank, from 2 ranks or 2 nodes, must continue as."""
+    output_dir = tmp_path_factory.mktemp("zero3_one_rank") / "run"
+    run_script(
+        [str(LAUNCH_DIR / "single_node.sh"), "deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT,
+         f"training.per_device_train_batch_size={GLOBAL_BATCH}", f"output_dir={output_dir}"],
+        env={**launch_environment(), "NUM_GPUS": "1"}, timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[output_dir / "logs"],
+    )  # fmt: skip
+    return output_dir

@@ -87,6 +87,7 @@ COMPARABLE_RUN = (
 )
 NO_HELDOUT = "heldout.file=null"  # rank 0's generations before and after: no effect on training, seconds of time
 RESUME_STEP, LAST_STEP = 4, 8
+GLOBAL_BATCH = 64  # 2 ranks x the tiny_cpu default of 32: what zero3_deepspeed_run and one_rank_zero3_run train with
 # A checkpoint after every step, so the weights before and after a skipped one can be compared.
 EVERY_STEP = (
     "debug=quick",

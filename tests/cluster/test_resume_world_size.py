@@ -36,6 +36,7 @@ from cluster.universal import LATEST_UNIVERSAL, UNIVERSAL_MANIFEST
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
+    GLOBAL_BATCH,
     LAST_STEP,
     LAUNCH_DIR,
     NO_HELDOUT,
@@ -54,20 +55,8 @@ pytestmark = pytest.mark.distributed
 FAIL_FAST_S = 120  # a check and a refusal: no rank, no model, no data (imports dominate on a loaded machine)
 REFUSAL = "optimizer state is sharded over 2 ranks and this run has 1"
 BATCH, ACCUMULATION = "training.per_device_train_batch_size", "training.gradient_accumulation_steps"
-GLOBAL_BATCH = 64  # 2 ranks x the tiny_cpu default of 32, as zero3_deepspeed_run trains
 ZERO3_RUN = ("deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT)
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def one_rank_zero3_run(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path) -> Path:
-    """zero3_deepspeed_run's training on 1 rank with its global batch: checkpoints at steps 4 and 8."""
-    output_dir = tmp_path_factory.mktemp("zero3_one_rank") / "run"
-    run_script(
-        [str(LAUNCH_DIR / "single_node.sh"), *ZERO3_RUN, f"{BATCH}={GLOBAL_BATCH}", f"output_dir={output_dir}"],
-        env={**launch_environment(), "NUM_GPUS": "1"}, timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[output_dir / "logs"],
-    )  # fmt: skip
-    return output_dir
 
 
 def resume_on(ranks: int, output_dir: Path) -> str:

@@ -35,6 +35,8 @@ from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
+    GLOBAL_BATCH,
+    LAST_STEP,
     LAUNCH_DIR,
     NO_HELDOUT,
     REPO_ROOT,
@@ -42,10 +44,12 @@ from tests.helpers import (
     NetnsNode,
     assert_prepared_once,
     assert_same_training,
+    assert_same_zero3_state,
     check_saved_run,
     cores_per_node,
     describe_run,
     launch_environment,
+    make_interrupted_copy,
     netns_missing,
     netns_nodes,
     run_on_nodes,
@@ -145,6 +149,30 @@ def test_deepspeed_launcher_across_two_nodes_trains_as_on_one_node(
 def test_one_rank_prepares_the_data_and_the_other_node_reuses_it(launch: str, request: pytest.FixtureRequest) -> None:
     output_dir, cache_dir, _ = request.getfixturevalue(launch)
     assert_prepared_once(output_dir, cache_dir)
+
+
+def test_checkpoint_of_two_nodes_resumes_on_one_node_with_its_optimizer_state(
+    nodes: list[NetnsNode],
+    torchrun_on_two_nodes: tuple[Path, Path, list[str]],
+    one_rank_zero3_run: Path,
+    tmp_path: Path,
+) -> None:
+    """A requeue onto fewer nodes: the 2-node torchrun run's checkpoint-4, resumed on node0 alone (1 rank, the same
+    global batch), continues as the uninterrupted 1-rank run, optimizer state included, within the bounds of
+    tests/cluster/test_resume_world_size.py (the ZeRO-3 shards go through a universal checkpoint)."""
+    output_dir, cache_dir, _ = torchrun_on_two_nodes
+    resumed = tmp_path / "resumed"
+    make_interrupted_copy(output_dir, resumed)
+    env = {**launch_environment(), "NNODES": "1", "NUM_GPUS": "1", "CPU_THREADS_PER_RANK": THREADS}
+    command = [
+        str(LAUNCH_DIR / "multi_node.sh"), *RUN, f"training.per_device_train_batch_size={GLOBAL_BATCH}",
+        "training.resume_from_checkpoint=auto", f"output_dir={resumed}", f"data.cache_dir={cache_dir}",
+    ]  # fmt: skip
+    (console,) = run_on_nodes([(nodes[0], command, env)], timeout=DISTRIBUTED_TIMEOUT_S, log_dirs=[resumed / "logs"])
+    assert "Resuming on 1 rank(s) a checkpoint of 2" in console, console[-3000:]
+    assert_same_training(resumed, one_rank_zero3_run, atol=1e-5)
+    last = f"checkpoint-{LAST_STEP}"
+    assert_same_zero3_state(resumed / last, one_rank_zero3_run / last, step=LAST_STEP, rtol=1e-5)
 
 
 # Node loss: short enough for a test, long enough that a loaded machine's slow step is not mistaken for a lost node.
