@@ -371,6 +371,11 @@ class PreferenceConfig:
     `center_rewards_coefficient`, 0.01 in its docs); null: off."""
     beta: float = 0.1
     """dpo: the temperature of the implicit reward beta * (log pi - log pi_ref); TRL's default 0.1."""
+    precompute_reference: bool = False
+    """dpo, full fine-tune: compute the frozen reference's log-probabilities of every training and evaluation pair
+    once before the first step (one pass, the ranks sharing it), then free the reference, so training holds one
+    model, not two (TRL's `precompute_ref_log_probs`). An adapter run has no second copy to free (its reference is
+    the base with the adapter off) and refuses it."""
 
     def __post_init__(self) -> None:
         if self.margin < 0:
@@ -508,6 +513,17 @@ class RunConfig:
                 f"training.objective={objective} trains on {SOURCE_KINDS[wanted]}, but data.sources[0] "
                 f"({spec.path!r}) is {SOURCE_KINDS[have]} (format {spec.format}): {SOURCE_KINDS[have]} takes "
                 f"{OBJECTIVES_OF_KIND[have]}. {SOURCE_KIND_HINTS[wanted]}"
+            )
+        if self.preference.precompute_reference and (objective != "dpo" or self.model.adapter != "none"):
+            raise ValueError(
+                "preference.precompute_reference=true is for training.objective=dpo with model.adapter=none: it "
+                "frees the reference copy of a full fine-tune; "
+                + (
+                    f"training.objective={objective} has no reference"
+                    if objective != "dpo"
+                    else f"a model.adapter={self.model.adapter} run's reference is its base with the adapter off, "
+                    "no copy"
+                )
             )
         if self.training.label_smoothing_factor > 0:
             raise ValueError(

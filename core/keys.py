@@ -24,3 +24,6 @@ CHOSEN_INPUT_IDS_KEY, CHOSEN_LABELS_KEY = "chosen_input_ids", "chosen_labels"
 REJECTED_INPUT_IDS_KEY, REJECTED_LABELS_KEY = "rejected_input_ids", "rejected_labels"
 LENGTH_KEY = "length"
 PAIR_SEQUENCE_KEYS = (CHOSEN_INPUT_IDS_KEY, CHOSEN_LABELS_KEY, REJECTED_INPUT_IDS_KEY, REJECTED_LABELS_KEY)
+# DPO's reference log-probabilities of a pair when computed once before training (`preference.precompute_reference`):
+# a column of [chosen, rejected] per pair, and a batch key of [2B] (the chosen first, as the rows).
+REFERENCE_LOGPS_KEY = "reference_logps"

@@ -37,6 +37,7 @@ from core.keys import (
     ORIGIN_KEY,
     ORIGINS_KEY,
     PAIR_SEQUENCE_KEYS,
+    REFERENCE_LOGPS_KEY,
     REJECTED_INPUT_IDS_KEY,
     REJECTED_LABELS_KEY,
     SOURCE_ID_KEY,
@@ -99,10 +100,11 @@ class PairCollator:
     tokenizer's pad token (labels `IGNORE_INDEX`, attention 0 on padding).
 
     `dataset_columns` names the pair columns it reads, which are not model inputs: `DFTTrainer` keeps them through
-    `remove_unused_columns`.
+    `remove_unused_columns`. Pairs with precomputed reference log-probabilities (DPO's
+    `preference.precompute_reference`) give them as `reference_logps`, `[2B]` in the rows' order.
     """
 
-    dataset_columns = PAIR_SEQUENCE_KEYS
+    dataset_columns = (*PAIR_SEQUENCE_KEYS, REFERENCE_LOGPS_KEY)
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> None:
         if tokenizer.pad_token_id is None:
@@ -127,4 +129,8 @@ class PairCollator:
             input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
             labels[row, : len(ids)] = torch.as_tensor(row_labels, dtype=torch.long)
-        return {INPUT_IDS_KEY: input_ids, ATTENTION_MASK_KEY: attention_mask, LABELS_KEY: labels}
+        batch = {INPUT_IDS_KEY: input_ids, ATTENTION_MASK_KEY: attention_mask, LABELS_KEY: labels}
+        if features and REFERENCE_LOGPS_KEY in features[0]:
+            logps = torch.tensor([f[REFERENCE_LOGPS_KEY] for f in features], dtype=torch.float32)  # [B, 2]
+            batch[REFERENCE_LOGPS_KEY] = torch.cat([logps[:, 0], logps[:, 1]])
+        return batch

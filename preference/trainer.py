@@ -14,6 +14,10 @@ Features and their config keys (`preference.*`, a `PreferenceConfig`):
   each log-probability summed over the reply's tokens from the fused head (no `[tokens, vocab]` logits), the
   reference the frozen starting model (a ZeRO-3-sharded copy, or the base with the adapter off); the loss is
   DPO's sigmoid loss with `preference.beta`, `preference.losses.dpo_sigmoid_loss`.
+- `preference.precompute_reference` (dpo, full fine-tune): the reference's log-probabilities of every training and
+  evaluation pair are computed once when the training loader is first built (the ranks share the pass), kept as a
+  dataset column the collator hands over (`reference_logps`), and the reference copy is freed before the first
+  step.
 - Normalisation: the loss of a micro-batch is the mean over its pairs, divided by the gradient-accumulation steps;
   the step's gradient is then the mean over its pairs when every micro-batch holds as many (DDP/ZeRO average over
   ranks): the Trainer's `num_items_in_batch` counts tokens, which a pairwise loss does not weigh by.
@@ -25,16 +29,23 @@ Features and their config keys (`preference.*`, a `PreferenceConfig`):
 
 from __future__ import annotations
 
+import gc
+import logging
+import time
 from typing import Any
 
+import datasets
 import torch
+from accelerate.utils import gather_object
 from transformers.modeling_outputs import ModelOutput
 
 from config.schema import PreferenceConfig
-from core.keys import LABELS_KEY, SAMPLE_BATCH_KEYS
+from core.keys import LABELS_KEY, REFERENCE_LOGPS_KEY, SAMPLE_BATCH_KEYS
 from core.metric_sums import EVAL, TRAIN
 from preference.logprobs import reference_label_logprobs, summed_label_logprobs
 from preference.losses import dpo_sigmoid_loss, pairwise_reward_loss
+
+logger = logging.getLogger(__name__)
 
 REWARD, DPO = "reward", "dpo"
 # Per interval and mode, all sums over pairs: row 0 every pair, row 1 + i source i's.
@@ -75,6 +86,7 @@ class PreferenceLossMixin:
         if origins is not None and model.training:
             self._note_origins(origins)
         labels = inputs.pop(LABELS_KEY)
+        reference_logps = inputs.pop(REFERENCE_LOGPS_KEY, None)  # precomputed (precompute_reference), else None
         rows = inputs["input_ids"].shape[0]
         if rows % 2:
             raise ValueError(f"a preference batch holds chosen and rejected rows in two halves, got {rows} rows")
@@ -90,9 +102,10 @@ class PreferenceLossMixin:
             rewards = rewards.detach()
         else:
             unwrapped = self.accelerator.unwrap_model(model)
-            reference = self._reference(model)
-            with torch.no_grad():
-                reference_logps = reference_label_logprobs(reference, inputs, labels, self.loss_config.chunk_size)
+            if reference_logps is None:
+                reference_logps = reference_label_logprobs(
+                    self._reference(model), inputs, labels, self.loss_config.chunk_size
+                )
             with summed_label_logprobs(unwrapped, labels, self.loss_config.chunk_size) as head:
                 outputs = model(**inputs)
             logps = head.logprobs.float()
@@ -112,6 +125,71 @@ class PreferenceLossMixin:
         # No token sums (nll, p_correct) for a pairwise loss: the input tokens and rows still feed throughput.
         self._record(None, input_tokens, mode)
         return (loss, outputs) if return_outputs else loss
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self._precomputes_reference():
+            # Both sets now, while the reference exists: it is freed before the first step.
+            self.train_dataset = self._with_reference_logps(self.train_dataset, "training")
+            if isinstance(self.eval_dataset, datasets.Dataset):
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset, "evaluation")
+            self._reference_copy = self.reference_model = None
+            gc.collect()
+            logger.info("Freed the reference model: training holds the policy alone")
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> torch.utils.data.DataLoader:
+        if eval_dataset is None and self._precomputes_reference() and isinstance(self.eval_dataset, datasets.Dataset):
+            self.eval_dataset = self._with_reference_logps(self.eval_dataset, "evaluation")
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _precomputes_reference(self) -> bool:
+        return self.preference_objective == DPO and self.preference_config.precompute_reference
+
+    @torch.no_grad()
+    def _with_reference_logps(self, dataset: datasets.Dataset, name: str) -> datasets.Dataset:
+        """`dataset` with the reference's [chosen, rejected] log-probabilities of each pair as a column.
+
+        The ranks share the pass, batch `i` on rank `i % world`; every rank runs as many forwards (ZeRO-3 gathers
+        each layer's weights collectively, a rank out of batches repeats its first), then all gather the results.
+        """
+        if REFERENCE_LOGPS_KEY in dataset.column_names:
+            return dataset
+        started = time.monotonic()
+        reference = self._reference(self.model)
+        size, world, rank = (
+            self.args.per_device_eval_batch_size,
+            self.accelerator.num_processes,
+            self.args.process_index,
+        )
+        batches = [range(start, min(start + size, len(dataset))) for start in range(0, len(dataset), size)]
+        rounds = -(-len(batches) // world)
+        logger.info(
+            "Precomputing the reference's log-probabilities of %d %s pairs (%d rounds of %d batches)",
+            len(dataset),
+            name,
+            rounds,
+            world,
+        )
+        computed: dict[int, list[float]] = {}
+        for round_index in range(rounds):
+            index = round_index * world + rank
+            rows = batches[index] if index < len(batches) else batches[0]
+            batch = self._prepare_inputs(self.data_collator([dataset[row] for row in rows]))
+            model_inputs = {k: v for k, v in batch.items() if k not in (*SAMPLE_BATCH_KEYS, LABELS_KEY)}
+            logps = reference_label_logprobs(reference, model_inputs, batch[LABELS_KEY], self.loss_config.chunk_size)
+            if index < len(batches):
+                pairs = len(rows)
+                computed.update({row: [float(logps[i]), float(logps[pairs + i])] for i, row in enumerate(rows)})
+            if (round_index + 1) % max(1, rounds // 10) == 0:
+                logger.info("  reference log-probabilities: round %d/%d", round_index + 1, rounds)
+        every = {row: values for part in gather_object([computed]) for row, values in part.items()}
+        logger.info(
+            "Precomputed %d %s pairs' reference log-probabilities in %.1f s",
+            len(every),
+            name,
+            time.monotonic() - started,
+        )
+        return dataset.add_column(REFERENCE_LOGPS_KEY, [every[row] for row in range(len(dataset))])
 
     def _pair_sources(self, source_ids: torch.Tensor | None, pairs: int) -> torch.Tensor | None:
         if source_ids is None or not self.source_keys:

@@ -154,9 +154,16 @@ def test_dpo_trains_under_lora_against_the_base_with_the_adapter_off(tmp_path: P
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("objective", ["reward", "dpo"])
-def test_preference_objectives_train_under_zero3_on_two_ranks(tmp_path: Path, launch_env: dict, objective: str) -> None:
-    overrides = (f"training.objective={objective}", f"data.sources=[{TRAIN_PAIRS}]", *QUICK, "deepspeed=zero3")
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [("reward", ()), ("dpo", ()), ("dpo", ("preference.precompute_reference=true",))],
+    ids=["reward", "dpo", "dpo_precomputed"],
+)
+def test_preference_objectives_train_under_zero3_on_two_ranks(
+    tmp_path: Path, launch_env: dict, objective: str, extra: tuple[str, ...]
+) -> None:
+    sources = f"data.sources=[{{path: {TRAIN_PAIRS}, max_samples: 96}}]"
+    overrides = (f"training.objective={objective}", sources, *QUICK, "deepspeed=zero3", *extra)
     run_script(
         [str(LAUNCH_DIR / "multi_node.sh"), *overrides, "training.bf16=true", f"output_dir={tmp_path}"],
         env={**launch_env, "NNODES": "1", "NODE_RANK": "0", "NUM_GPUS": "2"},
@@ -171,7 +178,19 @@ def test_preference_objectives_train_under_zero3_on_two_ranks(tmp_path: Path, la
     if objective == "dpo":
         log = (tmp_path / "logs" / "rank0.log").read_text()
         assert "reference: a frozen copy" in log
-        assert heldout["before"]["margin"] == 0.0 and heldout["after"]["margin"] != 0.0
+        assert heldout["after"]["margin"] != 0.0
+    if objective == "dpo" and not extra:
+        assert heldout["before"]["margin"] == 0.0  # the same forward of the same batch: policy = reference
+    if extra:
+        # At step 0 the policy is the reference, but the reference's sums were computed in other batches (other
+        # padding widths) in bf16: a log-probability summed over ~20 tokens moves by a few bf16 roundings
+        # (2^-8 relative of a sum of ~10 nats: ~0.04), times beta 0.1: well below 0.01. (Which value belongs to which
+        # pair is checked exactly in one process: test_dpo_with_precomputed_reference_logps_trains_as_with_...)
+        assert abs(heldout["before"]["margin"]) < 0.01, heldout["before"]
+        # Shared by the 2 ranks (12 batches of 8: 6 rounds each), gathered whole on each.
+        for rank in (0, 1):
+            rank_log = (tmp_path / "logs" / f"rank{rank}.log").read_text()
+            assert "Precomputed 96 training pairs' reference log-probabilities" in rank_log
 
 
 PAIR_RUN = (
@@ -210,3 +229,26 @@ def test_the_sample_datas_chat_heldout_file_is_refused_by_a_preference_run_namin
         result.stdout + result.stderr
     )
     assert "data/sample/heldout.jsonl:1: missing 'chosen'" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_dpo_with_precomputed_reference_logps_trains_as_with_the_reference_model(tmp_path: Path) -> None:
+    dpo = ("training.objective=dpo", f"data.sources=[{{path: {TRAIN_PAIRS}, max_samples: 48}}]", *QUICK)
+    live, precomputed = tmp_path / "live", tmp_path / "precomputed"
+    run_ok(live, *dpo)
+    run_ok(precomputed, *dpo, "preference.precompute_reference=true")
+    log = (precomputed / "logs" / "rank0.log").read_text()
+    assert "Precomputed 48 training pairs' reference log-probabilities" in log
+    assert f"Precomputed {HELDOUT_SHOWN} evaluation pairs' reference log-probabilities" in log
+    assert "Freed the reference model" in log
+    # The same reference forward, once per pair in batches of 8 instead of at each step in the step's batch of 4:
+    # float32 sums over other paddings and batch shapes, far below the loss's own scale.
+    torch.testing.assert_close(
+        torch.tensor(logged(precomputed, "loss")), torch.tensor(logged(live, "loss")), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        torch.tensor(logged(precomputed, "eval_margin")),
+        torch.tensor(logged(live, "eval_margin")),
+        rtol=1e-4,
+        atol=1e-6,
+    )

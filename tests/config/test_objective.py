@@ -60,6 +60,15 @@ def test_packing_follows_the_block_mode_unless_set() -> None:
         ),
         (["training.objective=dpo", "preference.beta=0"], "preference.beta=0.0 must be > 0"),
         (
+            ["training.objective=reward", "preference.precompute_reference=true"],
+            "preference.precompute_reference=true is for training.objective=dpo with model.adapter=none: it frees "
+            "the reference copy of a full fine-tune; training.objective=reward has no reference",
+        ),
+        (
+            ["training.objective=dpo", "model.adapter=lora", "preference.precompute_reference=true"],
+            "a model.adapter=lora run's reference is its base with the adapter off, no copy",
+        ),
+        (
             [PRETRAIN, "data.sources=[book.txt,{path: chats.jsonl, format: sharegpt}]"],
             "data.sources[1] ('chats.jsonl') is chat but data.sources[0] is raw text",
         ),
