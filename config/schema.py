@@ -636,6 +636,14 @@ def start_up_warnings(run: RunConfig) -> list[str]:
     """What rank 0 warns about at start-up: the inert `training.*` values, and settings that run but rarely do
     what the user wants."""
     warnings = inert_training_settings(run.training)
+    if OBJECTIVE_SOURCE_FORMAT[run.training.objective] == PAIRS_FORMAT:
+        defaults = LossConfig()
+        warnings += [
+            f"loss.{key}={_plain(getattr(run.loss, key))} does nothing with training.objective="
+            f"{run.training.objective}: its pairwise loss is set by preference.* (the fused head serves DPO)"
+            for key in ("type", "alpha", "kl_coef", "implementation")
+            if getattr(run.loss, key) != getattr(defaults, key)
+        ]
     if run.training.objective == "pretrain" and run.loss.type == "dft":
         warnings.append(
             "training.objective=pretrain with loss.type=dft: DFT scales each token's loss by the model's own "

@@ -102,3 +102,12 @@ def test_pretraining_with_the_dft_loss_is_warned_about() -> None:
     assert start_up_warnings(load_run_config([PRETRAIN, "data.sources=[notes.txt]", "loss.type=ce"])) == []
     assert start_up_warnings(load_run_config(["experiment=pretrain_demo"])) == []
     assert start_up_warnings(load_run_config([])) == []  # SFT with DFT is the point of the project
+
+
+def test_loss_settings_a_preference_objective_ignores_are_warned_about() -> None:
+    run = load_run_config(["training.objective=dpo", "data.sources=[p.jsonl]", "loss.type=ce", "loss.chunk_size=64"])
+    assert start_up_warnings(run) == [
+        "loss.type=ce does nothing with training.objective=dpo: its pairwise loss is set by preference.* (the fused "
+        "head serves DPO)"
+    ]  # loss.chunk_size sizes DPO's fused head: no warning
+    assert start_up_warnings(load_run_config(["training.objective=reward", "data.sources=[p.jsonl]"])) == []
