@@ -185,9 +185,13 @@ def logged_steps(output_dir: Path) -> int:
     return metrics.read_text().count('"loss"') if metrics.is_file() else 0
 
 
-def test_torchrun_node_loss_ends_every_launcher_and_names_the_lost_node(base_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed_no_ssh"])
+def test_node_loss_ends_every_launcher_and_names_the_lost_node(
+    base_model_dir: Path, tmp_path: Path, launcher: str
+) -> None:
     """node1's launcher and rank killed mid-run: node0's rank stops and its launcher exits (within ddp_timeout, not a
-    hang), naming node1 and its address, and no process is left on node0."""
+    hang), naming node1 and its address, and no process is left on node0; under torchrun and under the DeepSpeed
+    launcher on every node (a hostfile, NO_SSH=1)."""
     output_dir = tmp_path / "run"
     command = [
         str(LAUNCH_DIR / "multi_node.sh"), "deepspeed=zero3", "debug=quick", "training.max_steps=100000",
@@ -197,6 +201,8 @@ def test_torchrun_node_loss_ends_every_launcher_and_names_the_lost_node(base_mod
     with netns_nodes(NODES) as lost_nodes, contextlib.ExitStack() as stack:
         node0, node1 = lost_nodes
         env = {**launch_environment(), "NNODES": str(NODES), "NUM_GPUS": "1", "CPU_THREADS_PER_RANK": THREADS}
+        if launcher == "deepspeed_no_ssh":
+            env.update(hostfile_environment(lost_nodes, tmp_path), NO_SSH="1")
         outputs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in lost_nodes]
         launchers = [
             subprocess.Popen(
