@@ -21,6 +21,19 @@ DIALOGUE = [
 ]
 
 
+def inspect(overrides: list[str]) -> str:
+    """`python -m data_pipeline.inspect <overrides>`, which must succeed: its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.inspect", *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_trained_tokens_are_marked(chatml_tokenizer: PreTrainedTokenizerBase) -> None:
     row = tokenize_dialogue(DIALOGUE, chatml_tokenizer, TokenizeOptions(128))
     text = render_marked(row["input_ids"], row["labels"], chatml_tokenizer)
@@ -38,15 +51,8 @@ def test_inspect_command_prints_marked_samples(tmp_path: Path) -> None:
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_split_percentage=0",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.inspect", *overrides],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "⟦Hello<|im_end|>⟧" in result.stdout and "⟦Later<|im_end|>⟧" in result.stdout
+    stdout = inspect(overrides)
+    assert "⟦Hello<|im_end|>⟧" in stdout and "⟦Later<|im_end|>⟧" in stdout
 
 
 def test_inspect_shows_both_sides_of_a_preference_pair(tmp_path: Path) -> None:
@@ -58,13 +64,6 @@ def test_inspect_shows_both_sides_of_a_preference_pair(tmp_path: Path) -> None:
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_split_percentage=0",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.inspect", *overrides],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--- sample 0 chosen" in result.stdout and "--- sample 0 rejected" in result.stdout
-    assert "⟦Hello<|im_end|>⟧" in result.stdout and "⟦Go away<|im_end|>⟧" in result.stdout
+    stdout = inspect(overrides)
+    assert "--- sample 0 chosen" in stdout and "--- sample 0 rejected" in stdout
+    assert "⟦Hello<|im_end|>⟧" in stdout and "⟦Go away<|im_end|>⟧" in stdout
