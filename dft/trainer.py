@@ -97,9 +97,7 @@ class DFTTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         inputs = dict(inputs)  # the caller's batch keeps its keys
-        source_ids, origins = (inputs.pop(key, None) for key in SAMPLE_BATCH_KEYS)
-        if origins is not None and model.training:
-            self._note_origins(origins)
+        source_ids = self._take_sample_keys(inputs, model.training)
         groups = self._token_groups(source_ids)
         group_kwargs = {} if groups is None else {"token_groups": groups, "num_groups": len(self.source_keys)}
         labels = inputs.pop("labels")
@@ -152,6 +150,14 @@ class DFTTrainer(Trainer):
         self._current_rows = inputs["input_ids"].shape[0]
         self._record(stats, input_tokens, TRAIN if model.training else EVAL)
         return (loss, outputs) if return_outputs else loss
+
+    def _take_sample_keys(self, inputs: dict[str, Any], training: bool) -> torch.Tensor | None:
+        """Pops the collator's sample keys off `inputs` (the model never sees them), notes a training batch's sample
+        origins, and returns its `source_ids` (None without them)."""
+        source_ids, origins = (inputs.pop(key, None) for key in SAMPLE_BATCH_KEYS)
+        if origins is not None and training:
+            self._note_origins(origins)
+        return source_ids
 
     def _reference(self, model: torch.nn.Module) -> ReferenceModel:
         """The starting model for the KL term: the frozen copy given at construction (prepared on first use, when

@@ -82,9 +82,7 @@ class PreferenceLossMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         inputs = dict(inputs)
-        source_ids, origins = (inputs.pop(key, None) for key in SAMPLE_BATCH_KEYS)
-        if origins is not None and model.training:
-            self._note_origins(origins)
+        source_ids = self._take_sample_keys(inputs, model.training)
         labels = inputs.pop(LABELS_KEY)
         reference_logps = inputs.pop(REFERENCE_LOGPS_KEY, None)  # precomputed (precompute_reference), else None
         rows = inputs["input_ids"].shape[0]

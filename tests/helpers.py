@@ -1077,6 +1077,43 @@ def relative_error(value: torch.Tensor | float, reference: torch.Tensor | float)
     return float((value - reference).norm() / reference.norm())
 
 
+def float64_label_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the definition, in float64 on full logits (soft-capped when `softcap`): `log p(target)` of every position
+    of `labels` (aligned with the inputs, shifted here), `[rows, seq - 1]`, and the mask of the trainable ones."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = labels[:, 1:]
+    return log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1), targets != IGNORE_INDEX
+
+
+def update_tolerance_ratio(
+    update: torch.Tensor, gradient: torch.Tensor, before: torch.Tensor, gradient_bound: float
+) -> float:
+    """|update + gradient| / tolerance, in norm over the tensor, for an SGD step of learning rate 1: at most 1 when the
+    float32 update is minus the float64 gradient up to float32 rounding (the ZeRO-3 checks).
+
+    Two roundings: the gradient's, `gradient_bound` relative to it in norm, and the parameter's, stored in float32
+    after the step, at most eps / 2 of it per element (the update is read back as `after - before`, so a layer-norm
+    weight of 1 moved by 1e-4 keeps only a few digits of its update; the subtraction itself is exact there). The
+    second part is a strict worst case, so the ratio stays below 1 whatever the rounding did. A lost micro-batch, a
+    gradient that bypassed ZeRO-3's reduction or one scaled by clipping is off by 25 % or more, a ratio in the
+    thousands.
+    """
+    after = before.double() + update.double()
+    tolerance = gradient_bound * gradient.norm() + FLOAT32_EPS / 2 * after.norm()
+    return float((update.double() + gradient).norm() / tolerance)
+
+
 def float64_dft_sum(
     logits: torch.Tensor, labels: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ from tests.helpers import (
     LargestAllocation,
     float32_bound,
     float64_dft_sum,
+    float64_label_logprobs,
     leaves,
     num_valid,
     random_inputs,
@@ -55,15 +56,8 @@ def float64_dft(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss from its definition in float64, sharing no code with dft.loss."""
-    logits = hidden.double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    log_p = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[valid]
+    log_p, valid = float64_label_logprobs(hidden, weight, labels, softcap, bias)
+    log_p = log_p[valid]
     weights = alpha * log_p.detach().exp() + (1 - alpha)
     return -(weights * log_p).sum() / (denominator if denominator is not None else max(int(valid.sum()), 1))
 

@@ -21,6 +21,7 @@ from tests.helpers import (
     VOCAB,
     LargestAllocation,
     float32_bound,
+    float64_label_logprobs,
     leaves,
     num_valid,
     random_inputs,
@@ -47,15 +48,7 @@ def float64_sequence_logprobs(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-row summed log p(label) from the definition, on full logits, sharing no code with preference.logprobs."""
-    logits = hidden.double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    token_logps = log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    token_logps, valid = float64_label_logprobs(hidden, weight, labels, softcap, bias)
     return (token_logps * valid).sum(dim=1)
 
 

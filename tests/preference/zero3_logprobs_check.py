@@ -26,7 +26,7 @@ from cluster.distributed import init_deepspeed_distributed
 from core.keys import IGNORE_INDEX
 from dft.reference import FrozenCopy, zero3_inference_config
 from preference.logprobs import reference_label_logprobs, summed_label_logprobs
-from tests.helpers import FLOAT32_EPS, VOCAB, float32_bound, relative_error, tiny_qwen2
+from tests.helpers import VOCAB, float32_bound, relative_error, tiny_qwen2, update_tolerance_ratio
 
 SEED, REFERENCE_SEED, ROWS, SEQ = 0, 5, 2, 10
 ZERO3 = {
@@ -78,20 +78,6 @@ def expected(world: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], l
 GRADIENT_BOUND = float32_bound(VOCAB)
 
 
-def tolerance_ratio(update: torch.Tensor, gradient: torch.Tensor, before: torch.Tensor) -> float:
-    """|update + gradient| / tolerance, in norm over the tensor: at most 1 when the float32 update is minus the float64
-    gradient up to float32 rounding (as in tests/dft/zero3_fused_loss_check.py).
-
-    Two roundings: the gradient's, GRADIENT_BOUND relative to it in norm, and the parameter's, stored in float32 after
-    the step, at most eps / 2 of it per element (the update is read back as `after - before`: a norm weight of 1 moved
-    by 1e-4 keeps only a few digits of its update). A gradient left unreduced on a rank (half of it missing), taken
-    from an empty weight, or scaled by clipping is off by 25 % or more, a ratio in the thousands.
-    """
-    after = before.double() + update.double()
-    tolerance = GRADIENT_BOUND * gradient.norm() + FLOAT32_EPS / 2 * after.norm()
-    return float((update.double() + gradient).norm() / tolerance)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -123,7 +109,9 @@ def main() -> None:
     with deepspeed.zero.GatheredParameters([p for _, p in params]):
         update = {name: (p.detach() - before[name]).clone() for name, p in params}
     # SGD with lr 1: update = -gradient.
-    ratios = {name: tolerance_ratio(update[name], gradients[name], before[name]) for name in update}
+    ratios = {
+        name: update_tolerance_ratio(update[name], gradients[name], before[name], GRADIENT_BOUND) for name in update
+    }
     errors = {name: relative_error(-update[name], gradients[name]) for name in update}
     report = {
         "world_size": world,
