@@ -64,7 +64,7 @@ def test_a_merged_reward_adapter_reloads_as_a_sequence_classifier_scoring_the_sa
     adapted = add_adapter(score_model(base), run.model, seed=0)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # as if trained: non-zero LoRA updates and a moved score head
-        for name, parameter in adapted.named_parameters():
+        for parameter in adapted.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     adapted.save_pretrained(tmp_path)
