@@ -266,7 +266,15 @@ def main(cfg: DictConfig) -> None:
     before = heldout_baseline(run, model_path, tokenizer) if generates_heldout and is_rank_zero() else None
 
     set_collective_timeout(timedelta(seconds=run.training.ddp_timeout))  # before the Trainer's world group
-    training_args = to_training_arguments(run.training)
+    training_args = to_training_arguments(run.training, launch_world_size())
+    if run.training.global_batch_size is not None and is_rank_zero():
+        logger.info(
+            "training.global_batch_size=%d: %d micro-batch(es) of %d on each of %d rank(s) per optimizer step",
+            run.training.global_batch_size,
+            training_args.gradient_accumulation_steps,
+            training_args.per_device_train_batch_size,
+            launch_world_size(),
+        )
     # Catches preemption signals from here on; fine_tune lets it name a skipped step's samples.
     resilience = ResilienceCallback(run.resilience)
     if training_args.deepspeed:
@@ -282,7 +290,7 @@ def main(cfg: DictConfig) -> None:
             final_reports(run, model_path, before, validation_set)
         logger.info("Done:\n%s", end_summary(output_dir, result.metrics))
     finally:
-        teardown()
+        teardown(output_dir)
 
 
 if __name__ == "__main__":

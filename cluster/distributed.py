@@ -7,10 +7,12 @@ link down) makes it fail after the process group's timeout, `training.ddp_timeou
 `teardown`, which logs one line naming the node the error names (gloo and NCCL name the peer's address; the host
 name comes from a reverse lookup) and what to do, and skips the exit barrier, which would only wait for the lost
 ranks until the timeout again. The launcher (torchrun, the DeepSpeed launcher, srun) then ends its other ranks.
+It also leaves `<output_dir>/lost_node.json` (`LOST_NODE_MARKER`), on which launch/slurm.sbatch requeues the job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,7 +24,12 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from core.files import write_atomic
+from core.ranks import get_rank
+
 logger = logging.getLogger(__name__)
+
+LOST_NODE_MARKER = "lost_node.json"
 
 # A peer as gloo and NCCL write it in their errors: "[10.231.0.2]:61662" (an IPv4/IPv6 address or a host name).
 PEER = re.compile(r"\[([0-9A-Za-z:._-]+)\]:\d+")
@@ -100,12 +107,20 @@ def _node_name(address: str) -> str:
     return address if host == address else f"{host} ({address})"
 
 
+def _lost_peers(error: BaseException) -> list[str]:
+    """The nodes a failed collective's error names, as `_node_name` writes them."""
+    return [_node_name(peer) for peer in dict.fromkeys(match.group(1) for match in PEER.finditer(str(error)))]
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def lost_node_message(error: BaseException) -> str:
     """One line for a failed collective: the node(s) its error names, why, and what to do."""
-    peers = list(dict.fromkeys(match.group(1) for match in PEER.finditer(str(error))))
-    what = str(error).splitlines()[0] if str(error) else type(error).__name__
+    peers, what = _lost_peers(error), _first_line(error)
     if peers:
-        lost = f"Lost contact with {', '.join(_node_name(peer) for peer in peers)}"
+        lost = f"Lost contact with {', '.join(peers)}"
     else:
         lost = "Lost contact with another rank's node (the error names no peer: look for the node whose log stopped)"
     return (
@@ -116,16 +131,37 @@ def lost_node_message(error: BaseException) -> str:
     )
 
 
-def teardown() -> None:
+def write_lost_node_marker(output_dir: Path, error: BaseException) -> None:
+    """`<output_dir>/lost_node.json`: which node(s) this rank lost, seen from which host, and the error's first line.
+
+    Every surviving rank writes it (atomically: the last one stays), so that one survivor killed by its launcher
+    first does not lose it. launch/slurm.sbatch requeues the job when it finds the file.
+    """
+    marker = {
+        "lost": _lost_peers(error),
+        "seen_on": socket.gethostname(),
+        "rank": get_rank(),
+        "error": _first_line(error)[:500],
+    }
+    try:
+        write_atomic(output_dir / LOST_NODE_MARKER, json.dumps(marker) + "\n")
+    except OSError as failure:  # the shared disk may be what failed: the log line above still names the node
+        logger.error("Could not write %s: %s", output_dir / LOST_NODE_MARKER, failure)
+
+
+def teardown(output_dir: Path | None = None) -> None:
     """Barrier then destroy: exiting without it aborted about one run in twelve (see shared FACTS).
 
     Called from a `finally` while a failed collective propagates: log which node was lost (`lost_node_message`),
-    and destroy the process group without the barrier, which would wait for the lost ranks.
+    leave `lost_node.json` in `output_dir` (`write_lost_node_marker`), and destroy the process group without the
+    barrier, which would wait for the lost ranks.
     """
     error = sys.exc_info()[1]
     lost = error is not None and is_collective_failure(error)
     if lost:
         logger.error("%s", lost_node_message(error))
+        if output_dir is not None:
+            write_lost_node_marker(output_dir, error)
     if dist.is_available() and dist.is_initialized():
         if not lost:
             dist.barrier()

@@ -11,8 +11,9 @@ checkpoint saved by another number of ranks is converted to DeepSpeed's universa
 (`resume_training_config`, cluster/universal.py), which every world size loads with the optimizer state and LR
 schedule; a ZeRO-1/2 one, or one that cannot be converted, fails at start-up with the reason and the ways out. A
 plain (DDP or single-process) checkpoint holds the whole optimizer state, so it resumes on any number of ranks.
-Either way the run warns that the global batch and data order follow the new world size unless the batch
-settings keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was.
+Either way the run warns that the global batch and data order follow the new world size unless
+`training.global_batch_size` is set (gradient accumulation then follows the ranks) or the batch settings keep
+per_device_train_batch_size x gradient_accumulation_steps x ranks what it was.
 """
 
 from __future__ import annotations
@@ -151,13 +152,17 @@ def _saved_layout(checkpoint: Path) -> tuple[int | None, bool, int | None, bool]
     return world_size, any(checkpoint.glob("global_step*")), None, bool(shard_ranks)
 
 
-def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_config: str | None) -> bool:
+def check_resume_compatible(
+    checkpoint: str | None, world_size: int, deepspeed_config: str | None, keeps_global_batch: bool = False
+) -> bool:
     """Refuse, before the model is built, a resume the Trainer would get wrong or fail at much later.
 
     Args:
         checkpoint: what `resolve_resume_checkpoint` returned (None: a fresh start, nothing to check).
         world_size: the ranks of this run (`launch_world_size()`).
         deepspeed_config: `deepspeed.config` of this run.
+        keeps_global_batch: `training.global_batch_size` is set, so the batch per step stays what it was and a
+            change of world size needs no warning about it.
 
     Returns:
         Whether the resume goes through a universal checkpoint: ZeRO-3 optimizer state saved by another number of
@@ -200,15 +205,24 @@ def check_resume_compatible(checkpoint: str | None, world_size: int, deepspeed_c
             f"(NUM_GPUS, or nodes x GPUs per node), {fresh_from_weights}"
         )
     how = " through a DeepSpeed universal checkpoint (its ZeRO-3 shards re-sharded)" if sharded else ""
+    if keeps_global_batch:
+        batch = "; the global batch stays training.global_batch_size (gradient accumulation follows the ranks)"
+        level = logging.INFO
+    else:
+        batch = (
+            "; keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was (or set "
+            "training.global_batch_size), or the samples each step sees (and the data skipped as already trained on) "
+            "differ from the original run's"
+        )
+        level = logging.WARNING
     _log(
-        logging.WARNING,
-        "%s was saved by %d rank(s), this run has %d: the weights, optimizer and LR schedule resume at its step%s"
-        "; keep per_device_train_batch_size x gradient_accumulation_steps x ranks what it was, or the samples each "
-        "step sees (and the data skipped as already trained on) differ from the original run's",
+        level,
+        "%s was saved by %d rank(s), this run has %d: the weights, optimizer and LR schedule resume at its step%s%s",
         checkpoint,
         saved_world_size,
         world_size,
         how,
+        batch,
     )
     return sharded
 
@@ -221,7 +235,8 @@ def resume_training_config(training: Any, checkpoint: str | None, world_size: in
     Raises:
         ValueError: the conversion failed or is impossible (the reason and the ways out).
     """
-    if not check_resume_compatible(checkpoint, world_size, deepspeed_config):
+    keeps_global_batch = training.global_batch_size is not None
+    if not check_resume_compatible(checkpoint, world_size, deepspeed_config, keeps_global_batch):
         return training
     converted, seconds = universal_checkpoint(checkpoint)
     made = (

@@ -6,8 +6,8 @@ composition time, before anything is built, with Hydra naming the full key.
 `TrainingConfig` is generated from `transformers.TrainingArguments` itself, so
 every Trainer field is settable as `training.<field>=...` under its usual
 name and type, and a new transformers release brings its new fields along;
-it adds one field of its own, `training.objective` (`sft`, `pretrain`, `reward` or `dpo`),
-which `to_training_arguments` leaves out.
+it adds two fields of its own, `training.objective` (`sft`, `pretrain`, `reward` or `dpo`) and
+`training.global_batch_size`, which `to_training_arguments` turns into the Trainer's arguments.
 `to_run_config` turns the composed config into these dataclasses, which runs
 each `__post_init__` value check.
 """
@@ -74,13 +74,39 @@ OBJECTIVES = ("sft", "pretrain", "reward", "dpo")
 OBJECTIVE_SOURCE_FORMAT = {"sft": None, "pretrain": TEXT_FORMAT, "reward": PAIRS_FORMAT, "dpo": PAIRS_FORMAT}
 
 
-def _check_objective(training: Any) -> None:
+# training.global_batch_size: samples (packed rows under data.pack_length) per optimizer step over every rank. When
+# set, gradient_accumulation_steps follows the world size, so a job requeued onto fewer or more nodes keeps its
+# batch, hence its schedule and the data it skips on resume. Not a TrainingArguments field.
+GLOBAL_BATCH_KEY = "global_batch_size"
+
+
+def _check_training(training: Any) -> None:
     _check_choice("training.objective", training.objective, OBJECTIVES)
+    if training.global_batch_size is not None and training.global_batch_size < 1:
+        raise ValueError(
+            f"training.global_batch_size must be a positive number of samples, not {training.global_batch_size}"
+        )
+
+
+def gradient_accumulation_for(global_batch_size: int, per_device_batch_size: int, world_size: int) -> int:
+    """The gradient accumulation steps that make `global_batch_size` on `world_size` ranks.
+
+    Raises:
+        ValueError: the global batch is not a multiple of per_device_train_batch_size x ranks.
+    """
+    per_pass = per_device_batch_size * world_size
+    if global_batch_size % per_pass:
+        raise ValueError(
+            f"training.global_batch_size={global_batch_size} is not a multiple of per_device_train_batch_size "
+            f"({per_device_batch_size}) x ranks ({world_size}) = {per_pass}: choose a per-device batch that divides "
+            f"global_batch_size / ranks, or a global batch that is a multiple of {per_pass}"
+        )
+    return global_batch_size // per_pass
 
 
 def _training_config_class() -> type:
     hints = typing.get_type_hints(TrainingArguments)
-    fields = [(OBJECTIVE_KEY, str, field(default="sft"))]
+    fields = [(OBJECTIVE_KEY, str, field(default="sft")), (GLOBAL_BATCH_KEY, Optional[int], field(default=None))]
     for f in dataclasses.fields(TrainingArguments):
         if not f.init:
             continue
@@ -96,8 +122,9 @@ def _training_config_class() -> type:
         "TrainingConfig",
         fields,
         namespace={
-            "__doc__": "Every `transformers.TrainingArguments` field, typed, and `objective` (`OBJECTIVES`).",
-            "__post_init__": _check_objective,
+            "__doc__": "Every `transformers.TrainingArguments` field, typed, `objective` (`OBJECTIVES`) and "
+            "`global_batch_size` (`GLOBAL_BATCH_KEY`).",
+            "__post_init__": _check_training,
         },
     )
 
@@ -690,11 +717,16 @@ def did_you_mean(key: str) -> str:
     return f" (valid keys under '{'.'.join(parents) or '<root>'}': {known})"
 
 
-def to_training_arguments(training: TrainingConfig) -> TrainingArguments:
-    """`training.*` as the Trainer's arguments, with the two values a machine decides: CPU-only training where
-    there is no GPU, and no tqdm bar where stdout is not a terminal (unless `training.disable_tqdm` is set)."""
+def to_training_arguments(training: TrainingConfig, world_size: int = 1) -> TrainingArguments:
+    """`training.*` as the Trainer's arguments, with the values a launch decides: the gradient accumulation that
+    makes `training.global_batch_size` on `world_size` ranks (when set), CPU-only training where there is no GPU,
+    and no tqdm bar where stdout is not a terminal (unless `training.disable_tqdm` is set)."""
     kwargs = dataclasses.asdict(training)
     del kwargs[OBJECTIVE_KEY]  # ours, not the Trainer's
+    if (global_batch_size := kwargs.pop(GLOBAL_BATCH_KEY)) is not None:
+        kwargs["gradient_accumulation_steps"] = gradient_accumulation_for(
+            global_batch_size, training.per_device_train_batch_size, world_size
+        )
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True  # the Trainer refuses bf16 on a GPU-less machine otherwise
     if kwargs["disable_tqdm"] is None and not sys.stdout.isatty():

@@ -16,6 +16,7 @@
 #   NETNS_PREFIX, NETNS_SUBNET  the set of nodes (as for scripts/netns_nodes.sh)
 #   NODE_CPUS                   CPUs each node declares (default: this machine's cores shared between the nodes)
 #   PARTITION                   the partition's name (default nodes)
+#   SLURMD_TIMEOUT              seconds without an answer before a node is DOWN (default 20; Slurm's is 300)
 #
 # Example (from the repo root, as root):
 #   scripts/netns_nodes.sh create 2 && scripts/slurm_two_nodes.sh start /tmp/slurm2
@@ -28,6 +29,7 @@ set -euo pipefail
 NETNS_PREFIX=${NETNS_PREFIX:-dftnet}
 NETNS_SUBNET=${NETNS_SUBNET:-10.231.0}
 PARTITION=${PARTITION:-nodes}
+SLURMD_TIMEOUT=${SLURMD_TIMEOUT:-20}
 NETNS=$(dirname "$0")/netns_nodes.sh
 export NETNS_PREFIX NETNS_SUBNET
 
@@ -51,6 +53,12 @@ CredType=cred/munge
 # cred_expire also delays a requeued job's restart (by cred_expire + 1 s); the scheduler looks often.
 AuthInfo=socket=$dir/munge.sock,cred_expire=10
 SchedulerParameters=sched_interval=1,bf_interval=1
+# A node that answers no ping for this long is DOWN and its jobs NODE_FAIL (requeued if they allow it: slurm.sbatch
+# does); Slurm's default is 300 s.
+SlurmdTimeout=$SLURMD_TIMEOUT
+# A job that ends (a NODE_FAIL included) gets SIGTERM, then SIGKILL this long after: ranks blocked in a collective with
+# a lost node do not end on SIGTERM, and the job's requeue waits for them (Slurm's default is 30 s).
+KillWait=5
 StateSaveLocation=$dir/state
 # One slurmd per node on one disk: %n (the slurmd's NodeName) keeps their files apart.
 SlurmdSpoolDir=$dir/spool-%n

@@ -647,6 +647,12 @@ def tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def runs_of(log: str, job_id: str) -> list[str]:
+    """A launch/slurm.sbatch job log split where each run of the job starts: "job <id> (restart <n>) on ..."."""
+    parts = re.split(rf"^(?=job {job_id} \(restart \d+\) on )", log, flags=re.MULTILINE)
+    return [part for part in parts if part.startswith(f"job {job_id} ")]
+
+
 def describe_run(output: str, log_dirs: list[Path], launcher: str = "launcher") -> str:
     """The tail of the launcher's output and of every `*.log` and `*.out` file in `log_dirs`."""
     parts = [f"--- {launcher} output (last {TAIL_LINES} lines) ---", tail(output)]
@@ -886,6 +892,12 @@ class NetnsNode:
         namespace = f"{self.prefix}-node{self.index}"
         listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, check=True)
         return [int(pid) for pid in listed.stdout.split()]
+
+    def disconnect(self) -> None:
+        """Takes the node's interface down: nothing reaches it or leaves it any more, as when a machine dies (its
+        peers get no reset, only silence). `ip netns exec` still runs commands on it."""
+        namespace = f"{self.prefix}-node{self.index}"
+        subprocess.run(["ip", "-n", namespace, "link", "set", "eth0", "down"], capture_output=True, check=True)
 
     def kill(self) -> None:
         """SIGKILL every process on this node, its launcher and ranks: the node is lost (its network stays up)."""

@@ -38,6 +38,7 @@ NOT_MEASURED = {
     "24 h, partition gpu": "launch/slurm.sbatch's default time limit, a setting",
     "SIGUSR1 600 s before the time limit": "the Slurm signal's lead time, a setting",
     "`training.ddp_timeout` is 600 s": "a default setting",
+    "after `SlurmdTimeout` (300 s by default)": "Slurm's default setting",
     "in at most 8 minutes": "the GPU check's time budget, not a time it took",
     "a 67 MB shared-memory buffer": "DeepSpeed's buffer size, its constant",
     "PyPI (76 MB, nothing built)": "the size of a file downloaded from PyPI",

@@ -57,13 +57,17 @@ REFUSAL = "optimizer state is sharded over 2 ranks and this run has 1"
 BATCH, ACCUMULATION = "training.per_device_train_batch_size", "training.gradient_accumulation_steps"
 ZERO3_RUN = ("deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT)
 ATOL = 1e-5
+GLOBAL_BATCH_SIZE = "training.global_batch_size"
 
 
-def resume_on(ranks: int, output_dir: Path) -> str:
-    """launch/single_node.sh on `ranks` ranks, resuming `output_dir` (auto) with the global batch of 64."""
+def resume_on(ranks: int, output_dir: Path, keep_batch: str = "per_device") -> str:
+    """launch/single_node.sh on `ranks` ranks, resuming `output_dir` (auto) with the global batch of 64: by the
+    per-device batch (`keep_batch="per_device"`), or by `training.global_batch_size` (`"global"`: the per-device batch
+    stays debug=quick's and gradient accumulation follows the ranks)."""
+    batch = f"{BATCH}={GLOBAL_BATCH // ranks}" if keep_batch == "per_device" else f"{GLOBAL_BATCH_SIZE}={GLOBAL_BATCH}"
     return run_script(
-        [str(LAUNCH_DIR / "single_node.sh"), *ZERO3_RUN, f"{BATCH}={GLOBAL_BATCH // ranks}",
-         "training.resume_from_checkpoint=auto", f"output_dir={output_dir}"],
+        [str(LAUNCH_DIR / "single_node.sh"), *ZERO3_RUN, batch, "training.resume_from_checkpoint=auto",
+         f"output_dir={output_dir}"],
         env={**launch_environment(), "NUM_GPUS": str(ranks)}, timeout=DISTRIBUTED_TIMEOUT_S,
         log_dirs=[output_dir / "logs"],
     )  # fmt: skip
@@ -83,10 +87,15 @@ def assert_resumed_through_a_universal_checkpoint(output: str, output_dir: Path,
 def test_zero3_checkpoint_of_two_ranks_resumes_on_one_rank_with_its_optimizer_state(
     zero3_deepspeed_run: LaunchedRun, one_rank_zero3_run: Path, tmp_path: Path
 ) -> None:
+    """With training.global_batch_size=64, as a requeued job that keeps its command: the 1 rank accumulates 2
+    micro-batches of debug=quick's 32 (the reference takes one of 64: its sums run in another order, inside the
+    bound)."""
     resumed = tmp_path / "resumed"
     make_interrupted_copy(zero3_deepspeed_run.output_dir, resumed)
-    output = resume_on(1, resumed)
+    output = resume_on(1, resumed, keep_batch="global")
     assert_resumed_through_a_universal_checkpoint(output, resumed, saved=2, ranks=1)
+    assert "the global batch stays training.global_batch_size" in output, output[-3000:]
+    assert "training.global_batch_size=64: 2 micro-batch(es) of 32 on each of 1 rank(s)" in output, output[-3000:]
     assert_same_training(resumed, one_rank_zero3_run, atol=ATOL)
     last = f"checkpoint-{LAST_STEP}"
     assert_same_zero3_state(resumed / last, one_rank_zero3_run / last, step=LAST_STEP, rtol=ATOL)

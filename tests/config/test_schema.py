@@ -11,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from transformers import TrainingArguments
 
 from config.schema import (
+    GLOBAL_BATCH_KEY,
     OBJECTIVE_KEY,
     DataConfig,
     RunConfig,
@@ -38,7 +39,7 @@ def group_options(group: str) -> list[str]:
 
 def test_every_training_arguments_field_is_settable() -> None:
     expected = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    assert expected | {OBJECTIVE_KEY} == {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert expected | {OBJECTIVE_KEY, GLOBAL_BATCH_KEY} == {f.name for f in dataclasses.fields(TrainingConfig)}
 
 
 def test_default_config_builds_training_arguments() -> None:
@@ -47,6 +48,30 @@ def test_default_config_builds_training_arguments() -> None:
     assert run.loss.type == "dft" and run.training.output_dir == run.output_dir
     args = to_training_arguments(run.training)
     assert args.learning_rate == run.training.learning_rate
+
+
+@pytest.mark.parametrize(("world_size", "accumulation"), [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_global_batch_size_sets_gradient_accumulation_from_the_world_size(world_size: int, accumulation: int) -> None:
+    run = compose_run(["training.global_batch_size=64", "training.per_device_train_batch_size=8"])
+    args = to_training_arguments(run.training, world_size)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, accumulation)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size == 64
+
+
+def test_without_global_batch_size_gradient_accumulation_is_the_configured_one() -> None:
+    run = compose_run(["training.gradient_accumulation_steps=3"])
+    assert to_training_arguments(run.training, 8).gradient_accumulation_steps == 3
+
+
+def test_global_batch_size_that_the_ranks_cannot_split_is_refused_with_the_numbers() -> None:
+    run = compose_run(["training.global_batch_size=64", "training.per_device_train_batch_size=8"])
+    with pytest.raises(ValueError, match=r"global_batch_size=64 is not a multiple of .*\(8\) x ranks \(3\) = 24"):
+        to_training_arguments(run.training, 3)
+
+
+def test_global_batch_size_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="training.global_batch_size must be a positive number of samples, not 0"):
+        compose_run(["training.global_batch_size=0"])
 
 
 @pytest.mark.parametrize("group", ["model", "training", "deepspeed", "logger", "debug"])

@@ -41,6 +41,7 @@ from tests.helpers import (
     describe_run,
     free_port,
     run_script,
+    runs_of,
     step_losses,
     tail,
 )
@@ -276,12 +277,6 @@ def submitted(
     finally:
         # A job still queued or running after a failure would hold the node for the next test.
         subprocess.run(["scancel", job_id], env=job_env, timeout=10, check=False)
-
-
-def runs_of(log: str, job_id: str) -> list[str]:
-    """The job log split at the line each run of the job starts with: "job <id> (restart <n>) on ..."."""
-    parts = re.split(rf"^(?=job {job_id} \(restart \d+\) on )", log, flags=re.MULTILINE)
-    return [part for part in parts if part.startswith(f"job {job_id} ")]
 
 
 def test_sbatch_runs_two_cpu_ranks_and_logs_per_job(slurm_cluster: SlurmCluster, tmp_path: Path, base_model_dir: Path):

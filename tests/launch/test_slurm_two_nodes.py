@@ -1,5 +1,5 @@
-"""launch/slurm.sbatch with --nodes=2 on a Slurm cluster of 2 namespace nodes: one rank per node, trained as 2 ranks
-on one node.
+"""launch/slurm.sbatch with --nodes=2 on a Slurm cluster of namespace nodes: one rank per node, trained as 2 ranks on
+one node, and requeued when a node is lost.
 
 The nodes are network (and UTS) namespaces (`netns_nodes`, as in tests/launch/test_two_nodes.py); on them
 scripts/slurm_two_nodes.sh starts munged and slurmctld on node0 and a slurmd on each node, with its own NodeName,
@@ -14,6 +14,12 @@ addition of two values, commutative in IEEE arithmetic, and the rest (data order
 count) is the same as in the one-node reference (`zero3_deepspeed_run`, 2 ranks on one node), so only the transport
 differs and it cannot change a bit.
 
+A lost node, on a cluster of 3 such nodes: node1's network taken down and its processes killed (a machine that died);
+Slurm marks it DOWN after SlurmdTimeout (20 s here) and requeues the job, which starts on node0 and the spare node2.
+And node1's ranks killed with its slurmd alive: node0's rank leaves lost_node.json and launch/slurm.sbatch requeues
+the job, which starts on both nodes again. Each requeued job resumes from checkpoint-4 and must end with the losses
+and weights of the uninterrupted run, bound 0.
+
 The cluster is stopped, and the nodes destroyed with every process left in them, however the module ends; the
 test fails if a daemon, a namespace or a shared-memory buffer is left. Skips without root, ip/unshare (netns) or
 Slurm and munge (scripts/ci_slurm.sh installs them).
@@ -21,9 +27,11 @@ Slurm and munge (scripts/ci_slurm.sh installs them).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +41,7 @@ from pathlib import Path
 
 import pytest
 
+from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
@@ -48,6 +57,7 @@ from tests.helpers import (
     describe_run,
     netns_missing,
     netns_nodes,
+    runs_of,
     tail,
 )
 
@@ -96,20 +106,21 @@ class TwoNodeCluster:
         return alive
 
 
-@pytest.fixture(scope="module")
-def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+@contextlib.contextmanager
+def slurm_cluster_on(count: int, root: Path) -> Iterator[TwoNodeCluster]:
+    """A Slurm cluster of `count` namespace nodes (scripts/slurm_two_nodes.sh, state in `root`), every node idle;
+    stopped, and the nodes destroyed, however the body ends."""
     missing = [name for name in SLURM_BINARIES if shutil.which(name) is None]
     if missing:
         pytest.skip(f"Slurm is not installed (no {', '.join(missing)} on PATH): run scripts/ci_slurm.sh")
-    root = tmp_path_factory.mktemp("slurm_two_nodes")
-    with netns_nodes(NODES) as nodes:
+    with netns_nodes(count) as nodes:
         cluster = TwoNodeCluster(root, nodes)
         env = {**os.environ, "NETNS_PREFIX": nodes[0].prefix, "NETNS_SUBNET": nodes[0].address.rsplit(".", 1)[0]}
         try:
             started = subprocess.run([str(SLURM_SCRIPT), "start", str(root)], env=env, capture_output=True, text=True)
             assert started.returncode == 0, f"slurm_two_nodes.sh start failed:\n{started.stderr}\n{cluster.logs()}"
             deadline = time.monotonic() + START_TIMEOUT_S
-            while (states := _node_states(cluster)) != {f"node{i}": "idle" for i in range(NODES)}:
+            while (states := _node_states(cluster)) != {f"node{i}": "idle" for i in range(count)}:
                 if time.monotonic() > deadline:
                     pytest.fail(f"the nodes are {states} after {START_TIMEOUT_S} s, not idle\n{cluster.logs()}")
                 time.sleep(0.5)
@@ -120,6 +131,12 @@ def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNod
             assert stopped.returncode == 0 and not left, f"the cluster left {left}:\n{stopped.stderr}"
     # netns_nodes has destroyed the nodes with anything left in them (job steps included) and checked that no
     # namespace or shared-memory buffer of theirs is left.
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+    with slurm_cluster_on(NODES, tmp_path_factory.mktemp("slurm_two_nodes")) as cluster:
+        yield cluster
 
 
 def _node_states(cluster: TwoNodeCluster) -> dict[str, str]:
@@ -133,52 +150,76 @@ def _job_info(cluster: TwoNodeCluster, job_id: str, env: dict[str, str]) -> dict
     return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
 
 
-@pytest.fixture(scope="module")
-def sbatch_on_two_nodes(
-    slurm_two_nodes: TwoNodeCluster, tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
-) -> tuple[Path, Path, dict[str, str], str]:
-    """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run, one CPU rank per node, submitted on node0 and waited
-    for; the output dir, the data cache, the job's final `scontrol show job` fields and its log."""
-    run_dir = tmp_path_factory.mktemp("slurm_two_nodes_run")
+@dataclass
+class SubmittedJob:
+    cluster: TwoNodeCluster
+    id: str
+    env: dict[str, str]
+    log: Path
+    output_dir: Path
+    cache_dir: Path
+
+    def info(self) -> dict[str, str]:
+        """The job's `scontrol show job` fields."""
+        return _job_info(self.cluster, self.id, self.env)
+
+    def describe(self) -> str:
+        return describe_run("", [self.log.parent, self.output_dir / "logs"]) + "\n" + self.cluster.logs()
+
+    def wait_until_done(self) -> tuple[dict[str, str], list[str]]:
+        """Its final `scontrol show job` fields and the states it went through (a requeue included), once it ends;
+        fails the test past the deadline. The job is cancelled however this ends: one left would hold the nodes."""
+        deadline, states = time.monotonic() + DISTRIBUTED_TIMEOUT_S, []
+        try:
+            while (info := self.info())["JobState"] not in FINAL_STATES:
+                state = f"{info['JobState']} ({info['Reason']})"
+                if not states or states[-1] != state:
+                    states.append(state)
+                if time.monotonic() > deadline:
+                    pytest.fail(f"job {self.id} still {state} after {DISTRIBUTED_TIMEOUT_S} s ({states})\n"
+                                f"{self.describe()}")  # fmt: skip
+                time.sleep(0.5)
+        finally:
+            self.cluster.client(["scancel", self.id], env=self.env)
+        return info, states
+
+
+def submit(cluster: TwoNodeCluster, run_dir: Path, job_name: str, overrides: list[str]) -> SubmittedJob:
+    """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run with `overrides`, one CPU rank per node, submitted on
+    node0 from `run_dir`/submit; the run in `run_dir`/run, its data cache in `run_dir`/cache."""
     submit_dir, output_dir, cache_dir = run_dir / "submit", run_dir / "run", run_dir / "cache"
     (submit_dir / "logs").mkdir(parents=True)  # where the script's #SBATCH --output puts the job log
     env = {
-        **slurm_two_nodes.env(),
+        **cluster.env(),
         "REPO_DIR": str(REPO_ROOT),
         "OUTPUT_DIR": str(output_dir),
         "PYTHON": sys.executable,
         "NUM_GPUS": "1",
         "CPU_THREADS_PER_RANK": THREADS,
     }
-    job_name = "two-nodes"
     command = [
         "sbatch", "--parsable", f"--nodes={NODES}", "--gpus-per-node=0", f"--partition={PARTITION}",
         f"--time={TIME_LIMIT_MIN}", f"--job-name={job_name}", str(LAUNCH_DIR / "slurm.sbatch"), *RUN,
-        f"data.cache_dir={cache_dir}",
+        f"data.cache_dir={cache_dir}", *overrides,
     ]  # fmt: skip
-    submitted = slurm_two_nodes.client(command, env=env, cwd=submit_dir)
-    assert submitted.returncode == 0, f"sbatch failed:\n{submitted.stdout}{submitted.stderr}\n{slurm_two_nodes.logs()}"
+    submitted = cluster.client(command, env=env, cwd=submit_dir)
+    assert submitted.returncode == 0, f"sbatch failed:\n{submitted.stdout}{submitted.stderr}\n{cluster.logs()}"
     job_id = submitted.stdout.strip().split(";")[0]
-    log = submit_dir / "logs" / f"{job_name}-{job_id}.out"
+    return SubmittedJob(cluster, job_id, env, submit_dir / "logs" / f"{job_name}-{job_id}.out", output_dir, cache_dir)
 
-    def describe() -> str:
-        return describe_run("", [log.parent, output_dir / "logs"]) + "\n" + slurm_two_nodes.logs()
 
-    deadline, states = time.monotonic() + DISTRIBUTED_TIMEOUT_S, []
-    try:
-        while (info := _job_info(slurm_two_nodes, job_id, env))["JobState"] not in FINAL_STATES:
-            state = f"{info['JobState']} ({info['Reason']})"
-            if not states or states[-1] != state:
-                states.append(state)
-            if time.monotonic() > deadline:
-                pytest.fail(f"job {job_id} still {state} after {DISTRIBUTED_TIMEOUT_S} s ({states})\n{describe()}")
-            time.sleep(0.5)
-    finally:
-        slurm_two_nodes.client(["scancel", job_id], env=env)  # a job still there would hold the nodes
-    assert info["JobState"] == "COMPLETED", f"job {job_id} {info['JobState']} {info['ExitCode']} after {states}\n" + (
-        describe()
+@pytest.fixture(scope="module")
+def sbatch_on_two_nodes(
+    slurm_two_nodes: TwoNodeCluster, tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
+) -> tuple[Path, Path, dict[str, str], str]:
+    """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run, one CPU rank per node, submitted on node0 and waited
+    for; the output dir, the data cache, the job's final `scontrol show job` fields and its log."""
+    job = submit(slurm_two_nodes, tmp_path_factory.mktemp("slurm_two_nodes_run"), "two-nodes", [])
+    info, states = job.wait_until_done()
+    assert info["JobState"] == "COMPLETED", f"job {job.id} {info['JobState']} {info['ExitCode']} after {states}\n" + (
+        job.describe()
     )
-    return output_dir, cache_dir, info, log.read_text()
+    return job.output_dir, job.cache_dir, info, job.log.read_text()
 
 
 def test_sbatch_on_two_nodes_trains_as_two_ranks_on_one_node(
@@ -201,3 +242,91 @@ def test_sbatch_on_two_nodes_trains_as_two_ranks_on_one_node(
 def test_sbatch_on_two_nodes_prepares_the_data_once(sbatch_on_two_nodes: tuple[Path, Path, dict[str, str], str]):
     output_dir, cache_dir, _, _ = sbatch_on_two_nodes
     assert_prepared_once(output_dir, cache_dir)
+
+
+# A lost node: Slurm declares it DOWN after SlurmdTimeout without an answer (scripts/slurm_two_nodes.sh sets 20 s) and
+# ends its job NODE_FAIL, killing what is left on the other nodes. The ranks' own timeout is far longer, so that the
+# node, not a rank, is found lost first (as on a cluster: ddp_timeout 1800 s, SlurmdTimeout 300 s by default).
+LOST_NODE_DDP_TIMEOUT_S = 600
+LOSE_AFTER_STEP = 5  # past checkpoint-4, which the requeued job resumes from
+
+
+def logged_steps(output_dir: Path) -> int:
+    metrics = output_dir / METRICS_FILE
+    return metrics.read_text().count('"loss"') if metrics.is_file() else 0
+
+
+def wait_for_step(job: SubmittedJob, step: int) -> None:
+    """Until the run has logged `step`'s loss; fails if the job leaves the queue first or past the deadline."""
+    deadline = time.monotonic() + DISTRIBUTED_TIMEOUT_S
+    while logged_steps(job.output_dir) < step:
+        info = job.info()
+        assert info["JobState"] in {"PENDING", "CONFIGURING", "RUNNING"}, f"{info}\n{job.describe()}"
+        assert time.monotonic() < deadline, f"no step {step} in {DISTRIBUTED_TIMEOUT_S} s\n{job.describe()}"
+        time.sleep(0.2)
+
+
+def assert_resumed_from_checkpoint_4(job: SubmittedJob, info: dict[str, str], states: list[str], nodes: str) -> None:
+    """The job ran twice, the second time on `nodes`, resuming from checkpoint-4, and ended as the uninterrupted
+    2-rank run: the same losses and weights, bound 0 (the resume restores the weights, optimizer, schedule, RNG and
+    data position exactly, and 2 ranks on 2 nodes sum as 2 ranks on one, see the module's docstring)."""
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
+        f"{info['JobState']} {info['ExitCode']}, requeued {info['Restarts']} times, after {states}\n{job.describe()}"
+    )
+    assert info["NodeList"] == nodes, info
+    first, second = runs_of(job.log.read_text(), job.id)
+    assert "on node[0-1]" in first and "starting fresh" in first, tail(first)
+    assert f"(restart 1) on {nodes}: rank 0 at node0:" in second, tail(second)
+    assert f"resuming from {job.output_dir / 'checkpoint-4'}" in second, tail(second)
+
+
+def test_lost_node_requeues_the_job_which_resumes_on_a_spare_node(
+    tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
+) -> None:
+    """On 3 nodes, a 2-node job loses node1 mid-run (its network down, then every process on it killed: a machine that
+    died). Slurm finds it DOWN and requeues the job (#SBATCH --requeue), which starts again on node0 and the spare
+    node2 and resumes from checkpoint-4 to the uninterrupted run's losses and weights."""
+    with slurm_cluster_on(3, tmp_path_factory.mktemp("slurm_three_nodes")) as cluster:
+        _, lost, spare = cluster.nodes
+        job = submit(
+            cluster, tmp_path_factory.mktemp("lost_node_run"), "lost-node",
+            [f"training.ddp_timeout={LOST_NODE_DDP_TIMEOUT_S}"],
+        )  # fmt: skip
+        wait_for_step(job, LOSE_AFTER_STEP)
+        first_nodes = job.info()["NodeList"]
+        lost.disconnect()
+        lost.kill()
+        info, states = job.wait_until_done()
+        slurmctld_log = (cluster.root / "slurmctld.log").read_text(errors="replace")
+    assert first_nodes == "node[0-1]", first_nodes
+    assert_resumed_from_checkpoint_4(job, info, states, nodes=f"node[0,{spare.index}]")
+    assert re.search(r"requeue.*node1|node1.*requeue", slurmctld_log, re.IGNORECASE), tail(slurmctld_log, 40)
+    check_saved_run(job.output_dir, base_model_dir, ranks=2)
+    assert_same_training(job.output_dir, zero3_deepspeed_run.output_dir, atol=0.0)
+
+
+SLURM_DAEMONS = {"munged", "slurmctld", "slurmd", "slurmstepd"}
+
+
+def test_killed_ranks_of_a_node_requeue_the_job_which_resumes(
+    slurm_two_nodes: TwoNodeCluster, tmp_path: Path, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
+) -> None:
+    """node1's launcher and rank killed mid-run, its machine and slurmd alive (a crash, the out-of-memory killer):
+    node0's rank loses contact at once and leaves lost_node.json naming node1, srun ends the step, and slurm.sbatch
+    requeues the job, which resumes from checkpoint-4 on both nodes to the uninterrupted run's losses and weights."""
+    _, node1 = slurm_two_nodes.nodes
+    job = submit(slurm_two_nodes, tmp_path, "killed-ranks", [f"training.ddp_timeout={LOST_NODE_DDP_TIMEOUT_S}"])
+    wait_for_step(job, LOSE_AFTER_STEP)
+    for pid in node1.processes():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() not in SLURM_DAEMONS:
+                os.kill(pid, signal.SIGKILL)
+    info, states = job.wait_until_done()
+    assert_resumed_from_checkpoint_4(job, info, states, nodes="node[0-1]")
+    first, _ = runs_of(job.log.read_text(), job.id)
+    assert re.search(r'slurm.sbatch: a node was lost \(\{"lost": \["node1 \(' + re.escape(node1.address), first), tail(
+        first
+    )
+    assert "; requeue 1 of 10" in first, tail(first)
+    check_saved_run(job.output_dir, base_model_dir, ranks=2)
+    assert_same_training(job.output_dir, zero3_deepspeed_run.output_dir, atol=0.0)

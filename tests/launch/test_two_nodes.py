@@ -23,6 +23,7 @@ node, waits on the cache's file lock over the shared disk and reuses the result 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.distributed import LOST_NODE_MARKER
 from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     COMPARABLE_RUN,
@@ -175,6 +177,35 @@ def test_checkpoint_of_two_nodes_resumes_on_one_node_with_its_optimizer_state(
     assert_same_zero3_state(resumed / last, one_rank_zero3_run / last, step=LAST_STEP, rtol=1e-5)
 
 
+def test_checkpoint_of_one_node_resumes_on_two_nodes_with_its_optimizer_state(
+    nodes: list[NetnsNode],
+    one_rank_zero3_run: Path,
+    zero3_deepspeed_run: LaunchedRun,
+    torchrun_on_two_nodes: tuple[Path, Path, list[str]],
+    tmp_path: Path,
+) -> None:
+    """A requeue onto more nodes: the 1-rank run's checkpoint-4 (its batch that of 2 ranks), resumed by torchrun on
+    both nodes, continues as the uninterrupted 2-rank run, optimizer state included, within the bounds of
+    tests/cluster/test_resume_world_size.py."""
+    _, cache_dir, _ = torchrun_on_two_nodes  # the same data, prepared: this test resumes, it does not tokenise
+    resumed = tmp_path / "resumed"
+    make_interrupted_copy(one_rank_zero3_run, resumed)
+    env = {**launch_environment(), "NNODES": str(NODES), "NUM_GPUS": "1", "CPU_THREADS_PER_RANK": THREADS}
+    command = [
+        str(LAUNCH_DIR / "multi_node.sh"), *RUN, "training.resume_from_checkpoint=auto", f"output_dir={resumed}",
+        f"data.cache_dir={cache_dir}",
+    ]  # fmt: skip
+    consoles = run_on_nodes(
+        [(node, command, {**env, "NODE_RANK": str(node.index), "MASTER_ADDR": nodes[0].address}) for node in nodes],
+        timeout=DISTRIBUTED_TIMEOUT_S,
+        log_dirs=[resumed / "logs"],
+    )
+    assert "Resuming on 2 rank(s) a checkpoint of 1" in consoles[0], consoles[0][-3000:]
+    assert_same_training(resumed, zero3_deepspeed_run.output_dir, atol=1e-5)
+    last = f"checkpoint-{LAST_STEP}"
+    assert_same_zero3_state(resumed / last, zero3_deepspeed_run.output_dir / last, step=LAST_STEP, rtol=1e-5)
+
+
 # Node loss: short enough for a test, long enough that a loaded machine's slow step is not mistaken for a lost node.
 LOST_NODE_TIMEOUT_S = 60
 EXIT_GRACE_S = 60  # after the timeout: the launcher ends its ranks and exits
@@ -234,4 +265,6 @@ def test_node_loss_ends_every_launcher_and_names_the_lost_node(
         text = console(0)
     assert status != 0, text
     assert f"Lost contact with node1 ({node1.address}) on node0" in text, text
+    marker = json.loads((output_dir / LOST_NODE_MARKER).read_text())  # what launch/slurm.sbatch requeues on
+    assert (marker["lost"], marker["seen_on"]) == ([f"node1 ({node1.address})"], "node0"), marker
     assert not left, f"processes {left} were left on node0 after its launcher exited"
