@@ -126,7 +126,7 @@ def lost_node_message(error: BaseException) -> str:
     return (
         f"{lost} on {socket.gethostname()}: a collective failed ({what}). Its processes died or its network went "
         "down; this rank stops (at most training.ddp_timeout after the loss) and the launcher ends the others. "
-        "Resume with training.resume_from_checkpoint=auto (the newest checkpoint; a ZeRO-3 one also on fewer or "
+        "Resume with training.resume_from_checkpoint=auto (the newest checkpoint; a ZeRO one also on fewer or "
         "more nodes)"
     )
 

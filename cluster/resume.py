@@ -6,10 +6,11 @@ and resumes it after a requeue or a crash; it skips an invalid checkpoint with a
 other value is a checkpoint path, which must exist.
 
 World size (`check_resume_compatible`, before any rank builds the model). DeepSpeed ZeRO (stages 1-3)
-shards the optimizer state over the data-parallel ranks and cannot re-shard it when loading. A ZeRO-3
-checkpoint saved by another number of ranks is converted to DeepSpeed's universal checkpoint on resume
+shards the optimizer state over the data-parallel ranks and cannot re-shard it when loading. A ZeRO checkpoint
+saved by another number of ranks is converted to DeepSpeed's universal checkpoint on resume
 (`resume_training_config`, cluster/universal.py), which every world size loads with the optimizer state and LR
-schedule; a ZeRO-1/2 one, or one that cannot be converted, fails at start-up with the reason and the ways out. A
+schedule; one that cannot be converted (no manifest to tell its stage, no DeepSpeed tag directory, a read-only
+directory) fails at start-up with the reason and the ways out. A
 plain (DDP or single-process) checkpoint holds the whole optimizer state, so it resumes on any number of ranks.
 Either way the run warns that the global batch and data order follow the new world size unless
 `training.global_batch_size` is set (gradient accumulation then follows the ranks) or the batch settings keep
@@ -165,7 +166,7 @@ def check_resume_compatible(
             change of world size needs no warning about it.
 
     Returns:
-        Whether the resume goes through a universal checkpoint: ZeRO-3 optimizer state saved by another number of
+        Whether the resume goes through a universal checkpoint: ZeRO optimizer state saved by another number of
         ranks (`resume_training_config` converts it).
 
     Raises:
@@ -204,7 +205,7 @@ def check_resume_compatible(
             f"cannot be converted to a universal checkpoint: {problem}. Resume with {saved_world_size} ranks "
             f"(NUM_GPUS, or nodes x GPUs per node), {fresh_from_weights}"
         )
-    how = " through a DeepSpeed universal checkpoint (its ZeRO-3 shards re-sharded)" if sharded else ""
+    how = " through a DeepSpeed universal checkpoint (its ZeRO shards re-sharded)" if sharded else ""
     if keeps_global_batch:
         batch = "; the global batch stays training.global_batch_size (gradient accumulation follows the ranks)"
         level = logging.INFO
@@ -228,7 +229,7 @@ def check_resume_compatible(
 
 
 def resume_training_config(training: Any, checkpoint: str | None, world_size: int, deepspeed_config: str | None) -> Any:
-    """`training` (the run's `training.*`), or, when `checkpoint` is a ZeRO-3 checkpoint of another world size
+    """`training` (the run's `training.*`), or, when `checkpoint` is a ZeRO checkpoint of another world size
     (`check_resume_compatible`), the same with its universal conversion made (cluster/universal.py: the first rank
     to get there converts, the others wait and reuse it) and `deepspeed` set to load it.
 

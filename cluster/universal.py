@@ -1,6 +1,6 @@
-"""Resuming a ZeRO-3 checkpoint on another number of ranks, through DeepSpeed's universal checkpoint.
+"""Resuming a ZeRO checkpoint (stages 1-3) on another number of ranks, through DeepSpeed's universal checkpoint.
 
-ZeRO-3 splits each parameter's fp32 master weight and Adam moments (`exp_avg`, `exp_avg_sq`) over the ranks that
+ZeRO splits each parameter's fp32 master weight and Adam moments (`exp_avg`, `exp_avg_sq`) over the ranks that
 saved them: rank r's `global_step<N>/zero_pp_rank_<r>_mp_rank_00_optim_states.pt` holds the r-th slice of the
 flattened parameters, and DeepSpeed loads those files only with the same number of ranks. Its
 `deepspeed.checkpoint.ds_to_universal` (ZeRO-3 included, in the DeepSpeed this project pins) joins the slices back
@@ -18,9 +18,9 @@ then renamed to `<checkpoint>/<tag>_universal` before `latest_universal` names i
 the staging directory, removed by the next one; a later resume reuses a conversion whose manifest checks out.
 It takes about as much disk again as the checkpoint's optimizer shards.
 
-ZeRO-1/2 checkpoints are not converted: DeepSpeed's ZeRO-1/2 conversion expects universal-checkpoint info that
-Megatron-DeepSpeed's models record and transformers' do not (its `--inject_missing_state` adds a stub), and no test
-covers it with this recipe.
+ZeRO-1/2 checkpoints go through DeepSpeed's ZeRO-1/2 conversion, which expects the universal-checkpoint info that
+Megatron-DeepSpeed's models record (their tensor- and pipeline-parallel layouts) and transformers' do not: its
+`--inject_missing_state` stub says there is no such layout, which is true of this recipe's data-parallel runs.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ DEEPSPEED_LATEST = "latest"  # the file DeepSpeed writes beside the tag it saved
 UNIVERSAL_MANIFEST = "universal_manifest.json"
 STAGING = ".universal-staging"
 LOCK = ".universal.lock"
-CONVERTIBLE_STAGES = (3,)
+CONVERTIBLE_STAGES = (1, 2, 3)
 TAIL_LINES = 20
 
 
@@ -67,9 +67,8 @@ def conversion_problem(checkpoint: Path, saved_stage: int | None) -> str | None:
     if saved_stage not in CONVERTIBLE_STAGES:
         saved = "an unknown ZeRO stage (no checkpoint_manifest.json)" if saved_stage is None else f"ZeRO-{saved_stage}"
         return (
-            f"it was saved with {saved}, and only ZeRO-3 checkpoints are converted to DeepSpeed's universal format "
-            "here (DeepSpeed's ZeRO-1/2 conversion expects universal-checkpoint info that transformers' models do not "
-            "record, and is not tested with this recipe)"
+            f"it was saved with {saved}, and only ZeRO stages {', '.join(map(str, CONVERTIBLE_STAGES))} checkpoints "
+            "are converted to DeepSpeed's universal format"
         )
     tag = deepspeed_tag(checkpoint)
     if tag is None or not (checkpoint / tag).is_dir():
@@ -101,6 +100,9 @@ def _convert(checkpoint: Path, tag: str, staging: Path) -> None:
     command = [
         sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint / tag),
         "--output_folder", str(output), "--num_extract_workers", workers, "--num_merge_workers", workers,
+        # ZeRO-1/2: the universal-checkpoint info Megatron-DeepSpeed's models record (tensor- and pipeline-parallel
+        # layouts) and transformers' do not; its stub says "no such layout", which is the case here. ZeRO-3 ignores it.
+        "--inject_missing_state",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -119,7 +121,7 @@ def _convert(checkpoint: Path, tag: str, staging: Path) -> None:
 
 
 def universal_checkpoint(checkpoint: str | Path) -> tuple[Path, float | None]:
-    """The universal conversion of a ZeRO-3 checkpoint, made now unless a valid one is there (see the module doc).
+    """The universal conversion of a ZeRO checkpoint, made now unless a valid one is there (see the module doc).
 
     Args:
         checkpoint: a `checkpoint-<step>` directory that `conversion_problem` accepts.

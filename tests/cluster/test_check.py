@@ -112,13 +112,19 @@ def test_nohup_sh_stops_on_a_missing_heldout_file_before_detaching(tmp_path: Pat
 def test_world_size_is_checked_against_the_checkpoint_auto_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=2)
-    overrides = ["deepspeed=zero2", f"output_dir={tmp_path}", "training.resume_from_checkpoint=auto"]
-    assert main(["--world-size", "2", *overrides]) == 0, capsys.readouterr().err
+    # A ZeRO checkpoint is converted to a universal checkpoint when the run resumes: the check lets it through.
+    for stage in (2, 3):
+        make_checkpoint(tmp_path / f"zero{stage}", 4, weights="global_step", world_size=2, zero_stage=stage)
+        overrides = [
+            f"deepspeed=zero{stage}",
+            f"output_dir={tmp_path / f'zero{stage}'}",
+            "training.resume_from_checkpoint=auto",
+        ]
+        assert main(["--world-size", "2", *overrides]) == 0, capsys.readouterr().err
+        assert main(["--world-size", "1", *overrides]) == 0, capsys.readouterr().err
+    # One that cannot be converted (its `latest` names a tag directory that is not there) is refused on fewer ranks.
+    checkpoint = make_checkpoint(tmp_path / "broken", 4, weights="global_step", world_size=2, zero_stage=2)
+    (checkpoint / "latest").write_text("global_step9")
+    overrides = ["deepspeed=zero2", f"output_dir={tmp_path / 'broken'}", "training.resume_from_checkpoint=auto"]
     assert main(["--world-size", "1", *overrides]) == EXIT_PROBLEMS
     assert "sharded over 2 ranks and this run has 1" in capsys.readouterr().err
-    # ZeRO-3 is converted to a universal checkpoint when the run resumes: the check lets it through.
-    zero3 = tmp_path / "zero3"
-    make_checkpoint(zero3, 4, weights="global_step", world_size=2, zero_stage=3)
-    overrides = ["deepspeed=zero3", f"output_dir={zero3}", "training.resume_from_checkpoint=auto"]
-    assert main(["--world-size", "1", *overrides]) == 0, capsys.readouterr().err

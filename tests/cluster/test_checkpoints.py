@@ -194,14 +194,19 @@ def test_publish_renames_writes_the_manifest_and_then_the_marker(tmp_path: Path)
             ZERO3_JSON,
             "saved with an unknown ZeRO stage (no checkpoint_manifest.json)",
         ),
-        ({"world_size": 4, "zero_stage": 2, "weights": "global_step", "manifest": True}, ZERO2_JSON, "with ZeRO-2"),
+        (
+            {"world_size": 4, "zero_stage": 2, "weights": "global_step", "manifest": True},
+            ZERO2_JSON,
+            "it has no DeepSpeed tag directory to convert (latest names 'global_step9')",
+        ),
     ],
-    ids=["zero3 no manifest (stage unknown)", "zero2"],
+    ids=["zero3 no manifest (stage unknown)", "zero2 without the tag latest names"],
 )
 def test_unconvertible_zero_checkpoint_resumed_with_another_world_size_is_refused_with_the_reason(
     tmp_path: Path, saved: dict, deepspeed_config: str, reason: str
 ) -> None:
     checkpoint = make_checkpoint(tmp_path, 4, **saved)
+    (checkpoint / "latest").write_text("global_step9")  # a tag directory that is not there
     with pytest.raises(ValueError) as error:
         check_resume_compatible(str(checkpoint), 1, deepspeed_config)
     message = str(error.value)
@@ -212,12 +217,14 @@ def test_unconvertible_zero_checkpoint_resumed_with_another_world_size_is_refuse
     assert f"model.name_or_path={checkpoint} training.resume_from_checkpoint=null" in message
 
 
-def test_zero3_checkpoint_of_another_world_size_resumes_through_a_universal_checkpoint(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(("stage", "deepspeed_config"), [(3, ZERO3_JSON), (2, ZERO2_JSON)])
+def test_zero_checkpoint_of_another_world_size_resumes_through_a_universal_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, stage: int, deepspeed_config: str
 ) -> None:
-    checkpoint = make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=3)
+    checkpoint = make_checkpoint(tmp_path, 4, weights="global_step", world_size=2, zero_stage=stage)
+    (checkpoint / "latest").write_text("global_step4")
     with caplog.at_level(logging.WARNING, logger="cluster.resume"):
-        assert check_resume_compatible(str(checkpoint), 1, ZERO3_JSON) is True
+        assert check_resume_compatible(str(checkpoint), 1, deepspeed_config) is True
     assert "saved by 2 rank(s), this run has 1" in caplog.text and "universal checkpoint" in caplog.text
 
 
