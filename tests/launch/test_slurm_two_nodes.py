@@ -17,8 +17,9 @@ differs and it cannot change a bit.
 A lost node, on a cluster of 3 such nodes: node1's network taken down and its processes killed (a machine that died);
 Slurm marks it DOWN after SlurmdTimeout (20 s here) and requeues the job, which starts on node0 and the spare node2.
 And node1's ranks killed with its slurmd alive: node0's rank leaves lost_node.json and launch/slurm.sbatch requeues
-the job, which starts on both nodes again. Each requeued job resumes from checkpoint-4 and must end with the losses
-and weights of the uninterrupted run, bound 0.
+the job, which starts on both nodes again. And a preemption (SIGUSR1 to the batch shell): both nodes' ranks stop at
+one step with a checkpoint and slurm.sbatch requeues the job. Each requeued job resumes from its checkpoint and must
+end with the losses and weights of the uninterrupted run, bound 0.
 
 The cluster is stopped, and the nodes destroyed with every process left in them, however the module ends; the
 test fails if a daemon, a namespace or a shared-memory buffer is left. Skips without root, ip/unshare (netns) or
@@ -266,8 +267,8 @@ def wait_for_step(job: SubmittedJob, step: int) -> None:
         time.sleep(0.2)
 
 
-def assert_resumed_from_checkpoint_4(job: SubmittedJob, info: dict[str, str], states: list[str], nodes: str) -> None:
-    """The job ran twice, the second time on `nodes`, resuming from checkpoint-4, and ended as the uninterrupted
+def assert_resumed(job: SubmittedJob, info: dict[str, str], states: list[str], nodes: str, step: int = 4) -> None:
+    """The job ran twice, the second time on `nodes`, resuming from checkpoint-`step`, and ended as the uninterrupted
     2-rank run: the same losses and weights, bound 0 (the resume restores the weights, optimizer, schedule, RNG and
     data position exactly, and 2 ranks on 2 nodes sum as 2 ranks on one, see the module's docstring)."""
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (
@@ -277,7 +278,7 @@ def assert_resumed_from_checkpoint_4(job: SubmittedJob, info: dict[str, str], st
     first, second = runs_of(job.log.read_text(), job.id)
     assert "on node[0-1]" in first and "starting fresh" in first, tail(first)
     assert f"(restart 1) on {nodes}: rank 0 at node0:" in second, tail(second)
-    assert f"resuming from {job.output_dir / 'checkpoint-4'}" in second, tail(second)
+    assert f"resuming from {job.output_dir / f'checkpoint-{step}'}" in second, tail(second)
 
 
 def test_lost_node_requeues_the_job_which_resumes_on_a_spare_node(
@@ -299,7 +300,7 @@ def test_lost_node_requeues_the_job_which_resumes_on_a_spare_node(
         info, states = job.wait_until_done()
         slurmctld_log = (cluster.root / "slurmctld.log").read_text(errors="replace")
     assert first_nodes == "node[0-1]", first_nodes
-    assert_resumed_from_checkpoint_4(job, info, states, nodes=f"node[0,{spare.index}]")
+    assert_resumed(job, info, states, nodes=f"node[0,{spare.index}]")
     assert re.search(r"requeue.*node1|node1.*requeue", slurmctld_log, re.IGNORECASE), tail(slurmctld_log, 40)
     check_saved_run(job.output_dir, base_model_dir, ranks=2)
     assert_same_training(job.output_dir, zero3_deepspeed_run.output_dir, atol=0.0)
@@ -322,11 +323,36 @@ def test_killed_ranks_of_a_node_requeue_the_job_which_resumes(
             if Path(f"/proc/{pid}/comm").read_text().strip() not in SLURM_DAEMONS:
                 os.kill(pid, signal.SIGKILL)
     info, states = job.wait_until_done()
-    assert_resumed_from_checkpoint_4(job, info, states, nodes="node[0-1]")
+    assert_resumed(job, info, states, nodes="node[0-1]")
     first, _ = runs_of(job.log.read_text(), job.id)
     assert re.search(r'slurm.sbatch: a node was lost \(\{"lost": \["node1 \(' + re.escape(node1.address), first), tail(
         first
     )
     assert "; requeue 1 of 10" in first, tail(first)
+    check_saved_run(job.output_dir, base_model_dir, ranks=2)
+    assert_same_training(job.output_dir, zero3_deepspeed_run.output_dir, atol=0.0)
+
+
+PREEMPT_AFTER_STEP = 3  # the ranks stop at a later step, before the last (8)
+
+
+def test_preempted_job_on_two_nodes_stops_both_nodes_requeues_and_resumes(
+    slurm_two_nodes: TwoNodeCluster, tmp_path: Path, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
+) -> None:
+    """Slurm's time-limit warning (SIGUSR1 to the batch shell) on a 2-node job: srun passes it to both nodes' launchers
+    and ranks, which agree on a step, save a checkpoint there and exit 75; slurm.sbatch requeues the job, which
+    resumes from that checkpoint on both nodes to the uninterrupted run's losses and weights."""
+    job = submit(slurm_two_nodes, tmp_path, "preempted", [])
+    wait_for_step(job, PREEMPT_AFTER_STEP)
+    signalled = slurm_two_nodes.client(["scancel", "--signal=USR1", "--batch", job.id], env=job.env)
+    assert signalled.returncode == 0, signalled.stderr
+    info, states = job.wait_until_done()
+    first, _ = runs_of(job.log.read_text(), job.id)
+    stops = re.findall(r"cluster.resilience: Preempted: stopped at step (\d+)", first)
+    assert len(stops) == 2 and len(set(stops)) == 1, f"not both ranks stopped at one step: {stops}\n{tail(first)}"
+    step = int(stops[0])
+    assert PREEMPT_AFTER_STEP < step < 8, step
+    assert f'slurm.sbatch: preempted ({{"step": {step}, ' in first and "; requeue 1 of 10" in first, tail(first)
+    assert_resumed(job, info, states, nodes="node[0-1]", step=step)
     check_saved_run(job.output_dir, base_model_dir, ranks=2)
     assert_same_training(job.output_dir, zero3_deepspeed_run.output_dir, atol=0.0)
