@@ -78,7 +78,9 @@ THREADS = str(cores_per_node(NODES))
 
 
 @dataclass
-class TwoNodeCluster:
+class SlurmCluster:
+    """A Slurm cluster of namespace nodes (`slurm_cluster_on`): its state directory and its nodes."""
+
     root: Path
     nodes: list[NetnsNode]
 
@@ -108,14 +110,14 @@ class TwoNodeCluster:
 
 
 @contextlib.contextmanager
-def slurm_cluster_on(count: int, root: Path) -> Iterator[TwoNodeCluster]:
+def slurm_cluster_on(count: int, root: Path) -> Iterator[SlurmCluster]:
     """A Slurm cluster of `count` namespace nodes (scripts/slurm_two_nodes.sh, state in `root`), every node idle;
     stopped, and the nodes destroyed, however the body ends."""
     missing = [name for name in SLURM_BINARIES if shutil.which(name) is None]
     if missing:
         pytest.skip(f"Slurm is not installed (no {', '.join(missing)} on PATH): run scripts/ci_slurm.sh")
     with netns_nodes(count) as nodes:
-        cluster = TwoNodeCluster(root, nodes)
+        cluster = SlurmCluster(root, nodes)
         env = {**os.environ, "NETNS_PREFIX": nodes[0].prefix, "NETNS_SUBNET": nodes[0].address.rsplit(".", 1)[0]}
         try:
             started = subprocess.run([str(SLURM_SCRIPT), "start", str(root)], env=env, capture_output=True, text=True)
@@ -135,17 +137,17 @@ def slurm_cluster_on(count: int, root: Path) -> Iterator[TwoNodeCluster]:
 
 
 @pytest.fixture(scope="module")
-def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     with slurm_cluster_on(NODES, tmp_path_factory.mktemp("slurm_two_nodes")) as cluster:
         yield cluster
 
 
-def _node_states(cluster: TwoNodeCluster) -> dict[str, str]:
+def _node_states(cluster: SlurmCluster) -> dict[str, str]:
     result = cluster.client(["sinfo", "--noheader", "--Node", "--format=%N %T"], timeout=10)
     return dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
 
 
-def _job_info(cluster: TwoNodeCluster, job_id: str, env: dict[str, str]) -> dict[str, str]:
+def _job_info(cluster: SlurmCluster, job_id: str, env: dict[str, str]) -> dict[str, str]:
     result = cluster.client(["scontrol", "--oneliner", "show", "job", job_id], env=env)
     assert result.returncode == 0, f"scontrol show job {job_id} failed: {result.stderr}\n{cluster.logs()}"
     return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
@@ -153,7 +155,7 @@ def _job_info(cluster: TwoNodeCluster, job_id: str, env: dict[str, str]) -> dict
 
 @dataclass
 class SubmittedJob:
-    cluster: TwoNodeCluster
+    cluster: SlurmCluster
     id: str
     env: dict[str, str]
     log: Path
@@ -185,7 +187,7 @@ class SubmittedJob:
         return info, states
 
 
-def submit(cluster: TwoNodeCluster, run_dir: Path, job_name: str, overrides: list[str]) -> SubmittedJob:
+def submit(cluster: SlurmCluster, run_dir: Path, job_name: str, overrides: list[str]) -> SubmittedJob:
     """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run with `overrides`, one CPU rank per node, submitted on
     node0 from `run_dir`/submit; the run in `run_dir`/run, its data cache in `run_dir`/cache."""
     submit_dir, output_dir, cache_dir = run_dir / "submit", run_dir / "run", run_dir / "cache"
@@ -211,7 +213,7 @@ def submit(cluster: TwoNodeCluster, run_dir: Path, job_name: str, overrides: lis
 
 @pytest.fixture(scope="module")
 def sbatch_on_two_nodes(
-    slurm_two_nodes: TwoNodeCluster, tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
+    slurm_two_nodes: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path
 ) -> tuple[Path, Path, dict[str, str], str]:
     """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run, one CPU rank per node, submitted on node0 and waited
     for; the output dir, the data cache, the job's final `scontrol show job` fields and its log."""
@@ -224,7 +226,7 @@ def sbatch_on_two_nodes(
 
 
 def test_sbatch_on_two_nodes_trains_as_two_ranks_on_one_node(
-    slurm_two_nodes: TwoNodeCluster,
+    slurm_two_nodes: SlurmCluster,
     sbatch_on_two_nodes: tuple[Path, Path, dict[str, str], str],
     base_model_dir: Path,
     zero3_deepspeed_run: LaunchedRun,
@@ -310,7 +312,7 @@ SLURM_DAEMONS = {"munged", "slurmctld", "slurmd", "slurmstepd"}
 
 
 def test_killed_ranks_of_a_node_requeue_the_job_which_resumes(
-    slurm_two_nodes: TwoNodeCluster, tmp_path: Path, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
+    slurm_two_nodes: SlurmCluster, tmp_path: Path, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
 ) -> None:
     """node1's launcher and rank killed mid-run, its machine and slurmd alive (a crash, the out-of-memory killer):
     node0's rank loses contact at once and leaves lost_node.json naming node1, srun ends the step, and slurm.sbatch
@@ -337,7 +339,7 @@ PREEMPT_AFTER_STEP = 3  # the ranks stop at a later step, before the last (8)
 
 
 def test_preempted_job_on_two_nodes_stops_both_nodes_requeues_and_resumes(
-    slurm_two_nodes: TwoNodeCluster, tmp_path: Path, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
+    slurm_two_nodes: SlurmCluster, tmp_path: Path, base_model_dir: Path, zero3_deepspeed_run: LaunchedRun
 ) -> None:
     """Slurm's time-limit warning (SIGUSR1 to the batch shell) on a 2-node job: srun passes it to both nodes' launchers
     and ranks, which agree on a step, save a checkpoint there and exit 75; slurm.sbatch requeues the job, which
