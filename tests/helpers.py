@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -754,6 +754,16 @@ def make_interrupted_copy(finished: Path, interrupted: Path) -> None:
     (interrupted / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in logged_steps))
 
 
+def logged_steps(output_dir: Path) -> list[int]:
+    """The steps whose loss rank 0 has logged to `output_dir`'s metrics so far (a resumed run's again), read while
+    the run may be writing."""
+    path = output_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # rank 0 may be writing the last one
+    return [record["step"] for record in map(json.loads, lines) if "loss" in record]
+
+
 def step_losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(output_dir) if "loss" in r]
 
@@ -1197,3 +1207,71 @@ class LargestAllocation(TorchDispatchMode):
             if isinstance(value, torch.Tensor):
                 self.largest = max(self.largest, value.numel())
         return out
+
+
+# A launch/slurm.sbatch job as the Slurm tests watch it: shared by the one-node cluster (tests/launch/test_slurm.py,
+# clients run on this machine) and the clusters of namespace nodes (tests/launch/test_slurm_two_nodes.py, clients run
+# on node0): `SlurmJob.client` runs a Slurm client command wherever the cluster's clients run.
+SLURM_FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
+
+SlurmClient = Callable[[list[str], dict[str, str]], subprocess.CompletedProcess]
+"""Runs a Slurm client command (argv) with an environment, output captured as text."""
+
+
+@dataclass
+class SlurmJob:
+    id: str
+    log: Path
+    """The job log, appended to by every run of a requeued job (#SBATCH --open-mode=append)."""
+    output_dir: Path
+    env: dict[str, str]
+    deadline: float
+    client: SlurmClient
+    log_dirs: list[Path] = field(default_factory=list)
+    """Besides the job log's and the run's: where the cluster's daemons log."""
+
+    def info(self) -> dict[str, str]:
+        """`scontrol show job`'s fields: JobState, Reason, Restarts (the requeue count), ExitCode, NodeList, ..."""
+        command = ["scontrol", "--oneliner", "show", "job", self.id]
+        result = self.client(command, self.env)
+        if result.returncode != 0:
+            pytest.fail(f"{' '.join(command)} failed: {result.stderr}\n{self.describe()}")
+        return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+
+    def describe(self) -> str:
+        return describe_run("", [self.log.parent, self.output_dir / "logs", *self.log_dirs])
+
+    def logged_steps(self) -> list[int]:
+        return logged_steps(self.output_dir)
+
+    def wait_for_step(self, step: int) -> None:
+        while not any(logged >= step for logged in self.logged_steps()):
+            info = self.info()
+            if info["JobState"] in SLURM_FINAL_STATES or time.monotonic() > self.deadline:
+                pytest.fail(f"job {self.id} logged no step {step} (JobState={info['JobState']})\n{self.describe()}")
+            time.sleep(0.2)
+
+    def wait_until_done(self) -> tuple[dict[str, str], list[str]]:
+        """The job's final fields, and each (JobState, Reason, Restarts) it went through on the way."""
+        states: list[str] = []
+        while (info := self.info())["JobState"] not in SLURM_FINAL_STATES:
+            state = f"{info['JobState']} ({info['Reason']}, restarts {info['Restarts']})"
+            if not states or states[-1] != state:
+                states.append(state)
+            if time.monotonic() > self.deadline:
+                pytest.fail(f"job {self.id} still {state} at its deadline, after {states}\n{self.describe()}")
+            time.sleep(0.5)
+        return info, states
+
+    def cancel(self) -> None:
+        """`scancel` it: a job still queued or running after a failure would hold the nodes for the next test."""
+        self.client(["scancel", self.id], self.env)

@@ -15,7 +15,6 @@ requeues itself and resumes to the losses and weights of an uninterrupted run; a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -31,14 +30,13 @@ import pytest
 import torch
 
 from cluster.manifest import TRAINER_STATE_FILE
-from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     LAUNCH_DIR,
     NO_HELDOUT,
     REPO_ROOT,
+    SlurmJob,
     assert_same_weights,
     check_saved_run,
-    describe_run,
     free_port,
     run_script,
     runs_of,
@@ -179,58 +177,9 @@ def _wait_for(ready, what: str, root: Path) -> None:
 # preemption warning as soon as the job starts.
 TIME_LIMIT_MIN = 60
 JOB_TIMEOUT_S = 240  # per run of a job: mostly start-up (35 s on 2 loaded cores), then 10-30 s of training
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 PREEMPTED_EXIT_CODE = 75  # cluster/resilience.py's, which slurm.sbatch passes on when it does not requeue
 # Two ranks of one thread each, in Slurm and out of it: the same arithmetic in the same order.
 RANKS_ENV = {"NUM_GPUS": "2", "CPU_THREADS_PER_RANK": "1"}
-
-
-@dataclass
-class BatchJob:
-    cluster: SlurmCluster
-    id: str
-    log: Path
-    """The job log, appended to by every run of a requeued job (#SBATCH --open-mode=append)."""
-    output_dir: Path
-    env: dict[str, str]
-    deadline: float
-
-    def info(self) -> dict[str, str]:
-        """`scontrol show job`'s fields: JobState, Reason, Restarts (the requeue count), ExitCode, ..."""
-        command = ["scontrol", "--oneliner", "show", "job", self.id]
-        result = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=30)
-        if result.returncode != 0:
-            pytest.fail(f"{' '.join(command)} failed: {result.stderr}\n{self.describe()}")
-        return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
-
-    def describe(self) -> str:
-        return describe_run("", [self.log.parent, self.output_dir / "logs", self.cluster.root])
-
-    def logged_steps(self) -> list[int]:
-        path = self.output_dir / METRICS_FILE
-        if not path.exists():
-            return []
-        lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # rank 0 may be writing the last one
-        return [record["step"] for record in map(json.loads, lines) if "loss" in record]
-
-    def wait_for_step(self, step: int) -> None:
-        while not any(logged >= step for logged in self.logged_steps()):
-            info = self.info()
-            if info["JobState"] in FINAL_STATES or time.monotonic() > self.deadline:
-                pytest.fail(f"job {self.id} logged no step {step} (JobState={info['JobState']})\n{self.describe()}")
-            time.sleep(0.2)
-
-    def wait_until_done(self) -> tuple[dict[str, str], list[str]]:
-        """The job's final fields, and each (JobState, Reason, Restarts) it went through on the way."""
-        states: list[str] = []
-        while (info := self.info())["JobState"] not in FINAL_STATES:
-            state = f"{info['JobState']} ({info['Reason']}, restarts {info['Restarts']})"
-            if not states or states[-1] != state:
-                states.append(state)
-            if time.monotonic() > self.deadline:
-                pytest.fail(f"job {self.id} still {state} at its deadline, after {states}\n{self.describe()}")
-            time.sleep(0.5)
-        return info, states
 
 
 @contextlib.contextmanager
@@ -240,7 +189,7 @@ def submitted(
     overrides: tuple[str, ...],
     env: dict[str, str] | None = None,
     runs: int = 1,
-) -> Iterator[BatchJob]:
+) -> Iterator[SlurmJob]:
     """launch/slurm.sbatch submitted with 2 CPU ranks on the one node; cancelled on the way out if still there.
 
     The job gets `runs` times `JOB_TIMEOUT_S` (a requeued job runs more than once). Polls the job instead
@@ -264,19 +213,24 @@ def submitted(
     result = subprocess.run(command, cwd=submit_dir, env=job_env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, f"sbatch failed:\n{result.stdout}{result.stderr}\n{_daemon_logs(cluster.root)}"
     job_id = result.stdout.strip().split(";")[0]  # --parsable: "<id>[;<cluster>]"
-    job = BatchJob(
-        cluster=cluster,
+    job = SlurmJob(
         id=job_id,
         log=submit_dir / "logs" / f"{job_name}-{job_id}.out",
         output_dir=output_dir,
         env=job_env,
         deadline=time.monotonic() + runs * JOB_TIMEOUT_S,
+        client=_client,
+        log_dirs=[cluster.root],
     )
     try:
         yield job
     finally:
-        # A job still queued or running after a failure would hold the node for the next test.
-        subprocess.run(["scancel", job_id], env=job_env, timeout=10, check=False)
+        job.cancel()
+
+
+def _client(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """A Slurm client command on this machine (the one-node cluster's node)."""
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
 
 
 def test_sbatch_runs_two_cpu_ranks_and_logs_per_job(slurm_cluster: SlurmCluster, tmp_path: Path, base_model_dir: Path):
@@ -312,7 +266,7 @@ PREEMPT_RUN = (
 SIGNAL_AFTER_STEP = 3
 
 
-def preempt(job: BatchJob) -> int:
+def preempt(job: SlurmJob) -> int:
     """Sends the batch shell Slurm's time-limit warning (#SBATCH --signal=B:USR1) once training is under way.
 
     Returns the last step logged before the signal.

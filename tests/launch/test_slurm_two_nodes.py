@@ -42,7 +42,6 @@ from pathlib import Path
 
 import pytest
 
-from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
@@ -51,11 +50,11 @@ from tests.helpers import (
     REPO_ROOT,
     LaunchedRun,
     NetnsNode,
+    SlurmJob,
     assert_prepared_once,
     assert_same_training,
     check_saved_run,
     cores_per_node,
-    describe_run,
     netns_missing,
     netns_nodes,
     runs_of,
@@ -70,7 +69,6 @@ NODES = 2
 PARTITION = "nodes"  # scripts/slurm_two_nodes.sh's default
 START_TIMEOUT_S = 60
 TIME_LIMIT_MIN = 60  # far beyond slurm.sbatch's 600 s preemption warning (#SBATCH --signal=B:USR1@600)
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 RUN = ("deepspeed=zero3", *COMPARABLE_RUN, NO_HELDOUT)
 # Each node's rank gets this machine's cores split between the nodes, as launch/env.sh splits them between the 2
 # ranks of the one-node reference.
@@ -147,50 +145,14 @@ def _node_states(cluster: SlurmCluster) -> dict[str, str]:
     return dict(line.split() for line in result.stdout.splitlines() if len(line.split()) == 2)
 
 
-def _job_info(cluster: SlurmCluster, job_id: str, env: dict[str, str]) -> dict[str, str]:
-    result = cluster.client(["scontrol", "--oneliner", "show", "job", job_id], env=env)
-    assert result.returncode == 0, f"scontrol show job {job_id} failed: {result.stderr}\n{cluster.logs()}"
-    return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
-
-
-@dataclass
-class SubmittedJob:
-    cluster: SlurmCluster
-    id: str
-    env: dict[str, str]
-    log: Path
-    output_dir: Path
-    cache_dir: Path
-
-    def info(self) -> dict[str, str]:
-        """The job's `scontrol show job` fields."""
-        return _job_info(self.cluster, self.id, self.env)
-
-    def describe(self) -> str:
-        return describe_run("", [self.log.parent, self.output_dir / "logs"]) + "\n" + self.cluster.logs()
-
-    def wait_until_done(self) -> tuple[dict[str, str], list[str]]:
-        """Its final `scontrol show job` fields and the states it went through (a requeue included), once it ends;
-        fails the test past the deadline. The job is cancelled however this ends: one left would hold the nodes."""
-        deadline, states = time.monotonic() + DISTRIBUTED_TIMEOUT_S, []
-        try:
-            while (info := self.info())["JobState"] not in FINAL_STATES:
-                state = f"{info['JobState']} ({info['Reason']})"
-                if not states or states[-1] != state:
-                    states.append(state)
-                if time.monotonic() > deadline:
-                    pytest.fail(f"job {self.id} still {state} after {DISTRIBUTED_TIMEOUT_S} s ({states})\n"
-                                f"{self.describe()}")  # fmt: skip
-                time.sleep(0.5)
-        finally:
-            self.cluster.client(["scancel", self.id], env=self.env)
-        return info, states
-
-
-def submit(cluster: SlurmCluster, run_dir: Path, job_name: str, overrides: list[str]) -> SubmittedJob:
+@contextlib.contextmanager
+def submitted_on(
+    cluster: SlurmCluster, run_dir: Path, job_name: str, overrides: list[str], runs: int = 1
+) -> Iterator[SlurmJob]:
     """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run with `overrides`, one CPU rank per node, submitted on
-    node0 from `run_dir`/submit; the run in `run_dir`/run, its data cache in `run_dir`/cache."""
-    submit_dir, output_dir, cache_dir = run_dir / "submit", run_dir / "run", run_dir / "cache"
+    node0 from `run_dir`/submit; the run in `run_dir`/run, its data cache in `run_dir`/cache. The job gets `runs` times
+    `DISTRIBUTED_TIMEOUT_S` (a requeued job runs more than once) and is cancelled on the way out if still there."""
+    submit_dir, output_dir = run_dir / "submit", run_dir / "run"
     (submit_dir / "logs").mkdir(parents=True)  # where the script's #SBATCH --output puts the job log
     env = {
         **cluster.env(),
@@ -203,12 +165,24 @@ def submit(cluster: SlurmCluster, run_dir: Path, job_name: str, overrides: list[
     command = [
         "sbatch", "--parsable", f"--nodes={NODES}", "--gpus-per-node=0", f"--partition={PARTITION}",
         f"--time={TIME_LIMIT_MIN}", f"--job-name={job_name}", str(LAUNCH_DIR / "slurm.sbatch"), *RUN,
-        f"data.cache_dir={cache_dir}", *overrides,
+        f"data.cache_dir={run_dir / 'cache'}", *overrides,
     ]  # fmt: skip
     submitted = cluster.client(command, env=env, cwd=submit_dir)
     assert submitted.returncode == 0, f"sbatch failed:\n{submitted.stdout}{submitted.stderr}\n{cluster.logs()}"
     job_id = submitted.stdout.strip().split(";")[0]
-    return SubmittedJob(cluster, job_id, env, submit_dir / "logs" / f"{job_name}-{job_id}.out", output_dir, cache_dir)
+    job = SlurmJob(
+        id=job_id,
+        log=submit_dir / "logs" / f"{job_name}-{job_id}.out",
+        output_dir=output_dir,
+        env=env,
+        deadline=time.monotonic() + runs * DISTRIBUTED_TIMEOUT_S,
+        client=lambda argv, env: cluster.client(argv, env=env),
+        log_dirs=[cluster.root],
+    )
+    try:
+        yield job
+    finally:
+        job.cancel()
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +191,13 @@ def sbatch_on_two_nodes(
 ) -> tuple[Path, Path, dict[str, str], str]:
     """`sbatch --nodes=2 launch/slurm.sbatch` of the ZeRO-3 run, one CPU rank per node, submitted on node0 and waited
     for; the output dir, the data cache, the job's final `scontrol show job` fields and its log."""
-    job = submit(slurm_two_nodes, tmp_path_factory.mktemp("slurm_two_nodes_run"), "two-nodes", [])
-    info, states = job.wait_until_done()
+    run_dir = tmp_path_factory.mktemp("slurm_two_nodes_run")
+    with submitted_on(slurm_two_nodes, run_dir, "two-nodes", []) as job:
+        info, states = job.wait_until_done()
     assert info["JobState"] == "COMPLETED", f"job {job.id} {info['JobState']} {info['ExitCode']} after {states}\n" + (
         job.describe()
     )
-    return job.output_dir, job.cache_dir, info, job.log.read_text()
+    return job.output_dir, run_dir / "cache", info, job.log.read_text()
 
 
 def test_sbatch_on_two_nodes_trains_as_two_ranks_on_one_node(
@@ -254,22 +229,7 @@ LOST_NODE_DDP_TIMEOUT_S = 600
 LOSE_AFTER_STEP = 5  # past checkpoint-4, which the requeued job resumes from
 
 
-def logged_steps(output_dir: Path) -> int:
-    metrics = output_dir / METRICS_FILE
-    return metrics.read_text().count('"loss"') if metrics.is_file() else 0
-
-
-def wait_for_step(job: SubmittedJob, step: int) -> None:
-    """Until the run has logged `step`'s loss; fails if the job leaves the queue first or past the deadline."""
-    deadline = time.monotonic() + DISTRIBUTED_TIMEOUT_S
-    while logged_steps(job.output_dir) < step:
-        info = job.info()
-        assert info["JobState"] in {"PENDING", "CONFIGURING", "RUNNING"}, f"{info}\n{job.describe()}"
-        assert time.monotonic() < deadline, f"no step {step} in {DISTRIBUTED_TIMEOUT_S} s\n{job.describe()}"
-        time.sleep(0.2)
-
-
-def assert_resumed(job: SubmittedJob, info: dict[str, str], states: list[str], nodes: str, step: int = 4) -> None:
+def assert_resumed(job: SlurmJob, info: dict[str, str], states: list[str], nodes: str, step: int = 4) -> None:
     """The job ran twice, the second time on `nodes`, resuming from checkpoint-`step`, and ended as the uninterrupted
     2-rank run: the same losses and weights, bound 0 (the resume restores the weights, optimizer, schedule, RNG and
     data position exactly, and 2 ranks on 2 nodes sum as 2 ranks on one, see the module's docstring)."""
@@ -291,15 +251,13 @@ def test_lost_node_requeues_the_job_which_resumes_on_a_spare_node(
     node2 and resumes from checkpoint-4 to the uninterrupted run's losses and weights."""
     with slurm_cluster_on(3, tmp_path_factory.mktemp("slurm_three_nodes")) as cluster:
         _, lost, spare = cluster.nodes
-        job = submit(
-            cluster, tmp_path_factory.mktemp("lost_node_run"), "lost-node",
-            [f"training.ddp_timeout={LOST_NODE_DDP_TIMEOUT_S}"],
-        )  # fmt: skip
-        wait_for_step(job, LOSE_AFTER_STEP)
-        first_nodes = job.info()["NodeList"]
-        lost.disconnect()
-        lost.kill()
-        info, states = job.wait_until_done()
+        overrides = [f"training.ddp_timeout={LOST_NODE_DDP_TIMEOUT_S}"]
+        with submitted_on(cluster, tmp_path_factory.mktemp("lost_node_run"), "lost-node", overrides, runs=2) as job:
+            job.wait_for_step(LOSE_AFTER_STEP)
+            first_nodes = job.info()["NodeList"]
+            lost.disconnect()
+            lost.kill()
+            info, states = job.wait_until_done()
         slurmctld_log = (cluster.root / "slurmctld.log").read_text(errors="replace")
     assert first_nodes == "node[0-1]", first_nodes
     assert_resumed(job, info, states, nodes=f"node[0,{spare.index}]")
@@ -318,13 +276,14 @@ def test_killed_ranks_of_a_node_requeue_the_job_which_resumes(
     node0's rank loses contact at once and leaves lost_node.json naming node1, srun ends the step, and slurm.sbatch
     requeues the job, which resumes from checkpoint-4 on both nodes to the uninterrupted run's losses and weights."""
     _, node1 = slurm_two_nodes.nodes
-    job = submit(slurm_two_nodes, tmp_path, "killed-ranks", [f"training.ddp_timeout={LOST_NODE_DDP_TIMEOUT_S}"])
-    wait_for_step(job, LOSE_AFTER_STEP)
-    for pid in node1.processes():
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() not in SLURM_DAEMONS:
-                os.kill(pid, signal.SIGKILL)
-    info, states = job.wait_until_done()
+    overrides = [f"training.ddp_timeout={LOST_NODE_DDP_TIMEOUT_S}"]
+    with submitted_on(slurm_two_nodes, tmp_path, "killed-ranks", overrides, runs=2) as job:
+        job.wait_for_step(LOSE_AFTER_STEP)
+        for pid in node1.processes():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() not in SLURM_DAEMONS:
+                    os.kill(pid, signal.SIGKILL)
+        info, states = job.wait_until_done()
     assert_resumed(job, info, states, nodes="node[0-1]")
     first, _ = runs_of(job.log.read_text(), job.id)
     assert re.search(r'slurm.sbatch: a node was lost \(\{"lost": \["node1 \(' + re.escape(node1.address), first), tail(
@@ -344,11 +303,11 @@ def test_preempted_job_on_two_nodes_stops_both_nodes_requeues_and_resumes(
     """Slurm's time-limit warning (SIGUSR1 to the batch shell) on a 2-node job: srun passes it to both nodes' launchers
     and ranks, which agree on a step, save a checkpoint there and exit 75; slurm.sbatch requeues the job, which
     resumes from that checkpoint on both nodes to the uninterrupted run's losses and weights."""
-    job = submit(slurm_two_nodes, tmp_path, "preempted", [])
-    wait_for_step(job, PREEMPT_AFTER_STEP)
-    signalled = slurm_two_nodes.client(["scancel", "--signal=USR1", "--batch", job.id], env=job.env)
-    assert signalled.returncode == 0, signalled.stderr
-    info, states = job.wait_until_done()
+    with submitted_on(slurm_two_nodes, tmp_path, "preempted", [], runs=2) as job:
+        job.wait_for_step(PREEMPT_AFTER_STEP)
+        signalled = slurm_two_nodes.client(["scancel", "--signal=USR1", "--batch", job.id], env=job.env)
+        assert signalled.returncode == 0, signalled.stderr
+        info, states = job.wait_until_done()
     first, _ = runs_of(job.log.read_text(), job.id)
     stops = re.findall(r"cluster.resilience: Preempted: stopped at step (\d+)", first)
     assert len(stops) == 2 and len(set(stops)) == 1, f"not both ranks stopped at one step: {stops}\n{tail(first)}"

@@ -33,7 +33,6 @@ from pathlib import Path
 import pytest
 
 from cluster.distributed import LOST_NODE_MARKER
-from observability.artifacts import METRICS_FILE
 from tests.helpers import (
     COMPARABLE_RUN,
     DISTRIBUTED_TIMEOUT_S,
@@ -51,6 +50,7 @@ from tests.helpers import (
     cores_per_node,
     describe_run,
     launch_environment,
+    logged_steps,
     make_interrupted_copy,
     netns_missing,
     netns_nodes,
@@ -211,11 +211,6 @@ LOST_NODE_TIMEOUT_S = 60
 EXIT_GRACE_S = 60  # after the timeout: the launcher ends its ranks and exits
 
 
-def logged_steps(output_dir: Path) -> int:
-    metrics = output_dir / METRICS_FILE
-    return metrics.read_text().count('"loss"') if metrics.is_file() else 0
-
-
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed_no_ssh"])
 def test_node_loss_ends_every_launcher_and_names_the_lost_node(
     base_model_dir: Path, tmp_path: Path, launcher: str
@@ -250,7 +245,7 @@ def test_node_loss_ends_every_launcher_and_names_the_lost_node(
             )
 
         deadline = time.monotonic() + DISTRIBUTED_TIMEOUT_S
-        while logged_steps(output_dir) < 2:
+        while len(logged_steps(output_dir)) < 2:
             assert all(launcher.poll() is None for launcher in launchers), f"a launcher ended early:\n{console(0)}"
             assert time.monotonic() < deadline, f"no training step in {DISTRIBUTED_TIMEOUT_S} s:\n{console(0)}"
             time.sleep(0.5)
