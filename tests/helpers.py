@@ -653,6 +653,14 @@ def runs_of(log: str, job_id: str) -> list[str]:
     return [part for part in parts if part.startswith(f"job {job_id} ")]
 
 
+def run_module(module: str, overrides: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m <module> <overrides>` from the repo root (data_pipeline.prepare, data_pipeline.inspect), output
+    captured as text; its result, whatever its exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
 def describe_run(output: str, log_dirs: list[Path], launcher: str = "launcher") -> str:
     """The tail of the launcher's output and of every `*.log` and `*.out` file in `log_dirs`."""
     parts = [f"--- {launcher} output (last {TAIL_LINES} lines) ---", tail(output)]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from data_pipeline.inspect import render_marked
 from data_pipeline.tokenize import TokenizeOptions, tokenize_dialogue
-from tests.helpers import REPO_ROOT
+from tests.helpers import run_module
 
 DIALOGUE = [
     {"role": "user", "content": "Hi"},
@@ -23,13 +21,7 @@ DIALOGUE = [
 
 def inspect(overrides: list[str]) -> str:
     """`python -m data_pipeline.inspect <overrides>`, which must succeed: its output."""
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.inspect", *overrides],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module("data_pipeline.inspect", overrides)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -17,7 +17,7 @@ import data_pipeline.prepare as prepare
 from config.sources import parse_sources
 from data_pipeline.cache import tokenizer_digest
 from data_pipeline.stats import STATS_FILE, DatasetStats
-from tests.helpers import REPO_ROOT, TOKENIZER_DIR, data_config, write_chats
+from tests.helpers import REPO_ROOT, TOKENIZER_DIR, data_config, run_module, write_chats
 
 
 def prepare_once(source: Path, cache_dir: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[Path, bool]:
@@ -83,13 +83,7 @@ def test_prepare_command_prints_the_directory_last(tmp_path: Path) -> None:
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.validation_split_percentage=0",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare", *overrides],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module("data_pipeline.prepare", overrides)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     directory = Path(lines[-1])

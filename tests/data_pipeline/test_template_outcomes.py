@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,10 +34,9 @@ from data_pipeline.tokenize import (
     tokenize_dialogue,
     tokenize_dialogues,
 )
-from embedded.paths import REPO_ROOT
 from tests.helpers import TEMPLATE_DIALOGUES as DIALOGUES
 from tests.helpers import WEATHER_TOOLS as TOOLS
-from tests.helpers import llamafactory_data, template_collection, template_tokenizer, trained_runs
+from tests.helpers import llamafactory_data, run_module, template_collection, template_tokenizer, trained_runs
 
 GPT_OSS, GRANITE33 = "openai-gpt-oss-120b", "ibm-granite-granite-3.3-2B-Instruct"
 HERMES3_TOOL_USE, COMMAND_R7B = (
@@ -225,14 +222,7 @@ def test_a_refusal_prints_one_line_and_no_traceback(granite_refusal: tuple[list[
     overrides, path = granite_refusal
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     environment.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare", *overrides],
-        cwd=REPO_ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module("data_pipeline.prepare", overrides, env=environment)
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout, result.stderr
     (error,) = [line for line in result.stderr.splitlines() if str(path) in line]
     assert error.startswith(f"{path}:1: messages[1]: the chat template does not render the tool calls")
